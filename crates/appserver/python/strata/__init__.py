@@ -1,0 +1,116 @@
+"""Helpers for applications served by Strata, compiled into the ``strata`` binary.
+
+This module is registered before the application is imported, so ``import strata`` works in
+any application Strata serves.  It holds the parts of the WSGI glue that are clearest in
+Python: the ``wsgi.file_wrapper`` class and the warm-up run inside the zygote before workers
+are forked.
+"""
+
+import io
+import sys
+
+__all__ = ["FileWrapper", "warm_up"]
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterates a file-like object in blocks and closes it."""
+
+    def __init__(self, filelike, blksize=8192):
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+
+def _django_ready():
+    if "django" not in sys.modules:
+        return False
+    from django.apps import apps
+    from django.conf import settings
+
+    return settings.configured and apps.ready
+
+
+def _warm_django(log):
+    """Loads what Django defers to the first request: the URLconf (and with it every view
+    module), the reverse map for each language, and the template loaders."""
+    from django.conf import settings
+    from django.template import engines
+    from django.urls import get_resolver
+    from django.utils import translation
+
+    resolver = get_resolver()
+    resolver.url_patterns
+    languages = [code for code, _ in settings.LANGUAGES] if settings.USE_I18N else []
+    for code in languages:
+        with translation.override(code):
+            resolver.reverse_dict
+    resolver.reverse_dict
+    for engine in engines.all():
+        inner = getattr(engine, "engine", None)
+        if inner is not None:
+            inner.template_loaders
+    log("django warmed: url resolver, %d language(s), %d template engine(s)"
+        % (len(languages), len(engines.all())))
+
+
+def _request(app, path, host, script_name):
+    path, _, query = path.partition("?")
+    status = []
+
+    def start_response(line, headers, exc_info=None):
+        status[:] = [line]
+        return lambda data: None
+
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": script_name,
+        "PATH_INFO": path[len(script_name):] if script_name and path.startswith(script_name) else path,
+        "QUERY_STRING": query,
+        "SERVER_NAME": host,
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "HTTP_HOST": host,
+        "HTTP_USER_AGENT": "strata-warmup",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
+        "wsgi.input_terminated": True,
+        "strata.warmup": True,
+    }
+    result = app(environ, start_response)
+    try:
+        for _ in result:
+            pass
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return status[0] if status else "no response"
+
+
+def warm_up(app, paths, host, script_name, log):
+    """Runs inside the zygote before any worker is forked."""
+    django = _django_ready()
+    if django:
+        _warm_django(log)
+    for path in paths:
+        log("warm-up GET %s -> %s" % (path, _request(app, path, host, script_name)))
+    if django:
+        from django.db import connections
+
+        connections.close_all()

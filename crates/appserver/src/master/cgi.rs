@@ -1,0 +1,249 @@
+//! The CGI variables of a WSGI environ, computed in the master from the request head.
+//!
+//! The worker turns each value into a native string (latin-1, as PEP 3333 says) and adds the
+//! `wsgi.*` entries; everything that depends on HTTP parsing happens here, in Rust.
+
+use http::request::Parts;
+use http::{header, HeaderName};
+use strata_core::ConnInfo;
+
+/// CGI variables as (name, raw value) pairs, in one buffer to keep allocations down.
+#[derive(Debug, Default)]
+pub struct CgiVars {
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl CgiVars {
+    fn push(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.pairs.push((key.into(), value.into()));
+    }
+
+    /// Replaces (or adds) one variable.
+    pub fn set(&mut self, key: &str, value: impl Into<Vec<u8>>) {
+        match self.pairs.iter_mut().find(|(k, _)| k == key.as_bytes()) {
+            Some(pair) => pair.1 = value.into(),
+            None => self.push(key, value),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == key.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The pairs, for encoding.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8])> {
+        self.pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
+}
+
+/// Builds the CGI variables for `parts`, mounted at `script_name`.
+pub fn build(parts: &Parts, info: Option<&ConnInfo>, script_name: &str) -> CgiVars {
+    let mut vars = CgiVars::default();
+    vars.push("REQUEST_METHOD", parts.method.as_str());
+    let path = percent_decode(parts.uri.path().as_bytes());
+    let path_info = match path.strip_prefix(script_name.as_bytes()) {
+        Some(rest) if !script_name.is_empty() && (rest.is_empty() || rest[0] == b'/') => {
+            rest.to_vec()
+        }
+        _ => path,
+    };
+    vars.push("SCRIPT_NAME", script_name);
+    vars.push("PATH_INFO", path_info);
+    vars.push("QUERY_STRING", parts.uri.query().unwrap_or(""));
+    vars.push(
+        "SERVER_PROTOCOL",
+        match parts.version {
+            http::Version::HTTP_10 => "HTTP/1.0",
+            http::Version::HTTP_2 => "HTTP/2",
+            _ => "HTTP/1.1",
+        },
+    );
+    let (server_name, server_port) = server_name_port(parts, info);
+    vars.push("SERVER_NAME", server_name);
+    vars.push("SERVER_PORT", server_port);
+    if let Some(info) = info {
+        vars.push("REMOTE_ADDR", info.remote.ip().to_string());
+        vars.push("REMOTE_PORT", info.remote.port().to_string());
+    }
+    let secure = info.is_some_and(|i| i.secure);
+    vars.push("wsgi.url_scheme", if secure { "https" } else { "http" });
+    for name in parts.headers.keys() {
+        let mut values = parts.headers.get_all(name).iter().map(|v| v.as_bytes());
+        let key = match *name {
+            header::CONTENT_TYPE => "CONTENT_TYPE".to_owned(),
+            header::CONTENT_LENGTH => "CONTENT_LENGTH".to_owned(),
+            _ => match http_key(name) {
+                Some(key) => key,
+                // Names with `_` would collide with their `-` spelling once converted; they
+                // are dropped rather than merged (a spoofing vector otherwise).
+                None => continue,
+            },
+        };
+        let separator: &[u8] = if *name == header::COOKIE {
+            b"; "
+        } else {
+            b", "
+        };
+        let mut joined = values.next().unwrap_or_default().to_vec();
+        for value in values {
+            joined.extend_from_slice(separator);
+            joined.extend_from_slice(value);
+        }
+        vars.push(key, joined);
+    }
+    vars
+}
+
+/// `HTTP_USER_AGENT` for `user-agent`; `None` for names that contain `_`.
+fn http_key(name: &HeaderName) -> Option<String> {
+    let name = name.as_str();
+    if name.contains('_') {
+        return None;
+    }
+    let mut key = String::with_capacity(5 + name.len());
+    key.push_str("HTTP_");
+    key.extend(name.chars().map(|c| {
+        if c == '-' {
+            '_'
+        } else {
+            c.to_ascii_uppercase()
+        }
+    }));
+    Some(key)
+}
+
+fn server_name_port(parts: &Parts, info: Option<&ConnInfo>) -> (String, String) {
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let default_port = match info {
+        Some(info) => info.local.port().to_string(),
+        None => "80".into(),
+    };
+    match host {
+        Some(host) => {
+            // `[::1]:8000`, `example.com:8000`, `example.com`.
+            let (name, port) = match host.rfind(':') {
+                Some(i) if !host[i..].contains(']') => {
+                    (host[..i].to_owned(), host[i + 1..].to_owned())
+                }
+                _ => (host, default_port),
+            };
+            (name, port)
+        }
+        None => match info {
+            Some(info) => (info.local.ip().to_string(), default_port),
+            None => ("localhost".into(), default_port),
+        },
+    }
+}
+
+/// Percent-decodes a path; invalid escapes are kept as they are.
+fn percent_decode(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] == b'%' && i + 2 < input.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(input[i + 1]), hex(input[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(input[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn vars_for(request: http::Request<()>, script_name: &str) -> CgiVars {
+        let info = ConnInfo {
+            remote: "10.0.0.7:5555".parse::<SocketAddr>().unwrap(),
+            local: "127.0.0.1:8000".parse::<SocketAddr>().unwrap(),
+            secure: false,
+        };
+        let (parts, ()) = request.into_parts();
+        build(&parts, Some(&info), script_name)
+    }
+
+    #[test]
+    fn decodes_path_and_splits_script_name() {
+        let request = http::Request::get("/app/caf%C3%A9%2Fx?q=%20")
+            .body(())
+            .unwrap();
+        let vars = vars_for(request, "/app");
+        assert_eq!(vars.get("SCRIPT_NAME"), Some(&b"/app"[..]));
+        assert_eq!(vars.get("PATH_INFO"), Some(&b"/caf\xc3\xa9/x"[..]));
+        assert_eq!(vars.get("QUERY_STRING"), Some(&b"q=%20"[..]));
+        let other = vars_for(http::Request::get("/application").body(()).unwrap(), "/app");
+        assert_eq!(other.get("PATH_INFO"), Some(&b"/application"[..]));
+    }
+
+    #[test]
+    fn headers_become_http_keys_and_underscores_are_dropped() {
+        let request = http::Request::post("/")
+            .header("Host", "example.com:8080")
+            .header("X-Forwarded-For", "1.1.1.1")
+            .header("X_Forwarded_For", "6.6.6.6")
+            .header("Accept", "a")
+            .header("Accept", "b")
+            .header("Cookie", "a=1")
+            .header("Cookie", "b=2")
+            .header("Content-Type", "text/plain")
+            .header("Content-Length", "3")
+            .body(())
+            .unwrap();
+        let vars = vars_for(request, "");
+        assert_eq!(vars.get("HTTP_X_FORWARDED_FOR"), Some(&b"1.1.1.1"[..]));
+        assert_eq!(vars.get("HTTP_ACCEPT"), Some(&b"a, b"[..]));
+        assert_eq!(vars.get("HTTP_COOKIE"), Some(&b"a=1; b=2"[..]));
+        assert_eq!(vars.get("CONTENT_TYPE"), Some(&b"text/plain"[..]));
+        assert_eq!(vars.get("CONTENT_LENGTH"), Some(&b"3"[..]));
+        assert_eq!(vars.get("HTTP_CONTENT_TYPE"), None);
+        assert_eq!(vars.get("SERVER_NAME"), Some(&b"example.com"[..]));
+        assert_eq!(vars.get("SERVER_PORT"), Some(&b"8080"[..]));
+        assert_eq!(vars.get("REMOTE_ADDR"), Some(&b"10.0.0.7"[..]));
+        assert_eq!(
+            vars.iter()
+                .filter(|(k, _)| k.starts_with(b"HTTP_X"))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn ipv6_host_and_missing_host() {
+        let request = http::Request::get("/")
+            .header("Host", "[::1]")
+            .body(())
+            .unwrap();
+        let vars = vars_for(request, "");
+        assert_eq!(vars.get("SERVER_NAME"), Some(&b"[::1]"[..]));
+        assert_eq!(vars.get("SERVER_PORT"), Some(&b"8000"[..]));
+        let bare = vars_for(http::Request::get("/").body(()).unwrap(), "");
+        assert_eq!(bare.get("SERVER_NAME"), Some(&b"127.0.0.1"[..]));
+    }
+
+    #[test]
+    fn bad_escapes_are_kept() {
+        assert_eq!(percent_decode(b"/a%zz%4"), b"/a%zz%4");
+        assert_eq!(percent_decode(b"%41%"), b"A%");
+    }
+}

@@ -1,0 +1,282 @@
+//! The master side of the app server: runs inside the multi-threaded tokio process, never
+//! forks (children are spawned with exec), and offers the app server as a tier service.
+
+mod body;
+mod cgi;
+mod exchange;
+mod pool;
+mod supervisor;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use serde::Serialize;
+use strata_core::metrics::{self, Counter, Histogram, StatusCounter, LATENCY_BOUNDS};
+use strata_core::{Body, HttpService};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, oneshot};
+use tower::util::BoxCloneSyncService;
+
+use crate::control::{LogSpec, ZygoteSpec};
+use crate::AppConfig;
+pub use pool::{WorkerInfo, WorkerState};
+use supervisor::{Cause, Event, Zygote};
+
+/// Why the app server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the application failed to load:\n{0}")]
+    AppLoad(String),
+    #[error("cannot start the zygote: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot create the worker socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("workers did not start: {0}")]
+    Workers(String),
+}
+
+/// App server metrics, rendered on `/metrics`.
+pub struct Metrics {
+    pub requests: StatusCounter,
+    pub latency: Histogram,
+    pub queue_wait: Histogram,
+    restarts: [Counter; 4],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: StatusCounter::default(),
+            latency: Histogram::new(LATENCY_BOUNDS),
+            queue_wait: Histogram::new(LATENCY_BOUNDS),
+            restarts: Default::default(),
+        }
+    }
+}
+
+impl Metrics {
+    fn restart(&self, cause: Cause) {
+        self.restarts[Cause::ALL.iter().position(|c| *c == cause).expect("listed")].inc();
+    }
+}
+
+/// State shared by the service, the exchanges and the supervisor.
+pub(crate) struct Shared {
+    config: AppConfig,
+    pool: pool::Pool,
+    metrics: Metrics,
+    events: mpsc::UnboundedSender<Event>,
+    generation: u32,
+}
+
+impl Shared {
+    /// A worker died or was killed: forget it and fork a replacement (once per worker).
+    fn worker_gone(&self, id: u32, cause: Cause) {
+        if self.pool.remove(id) {
+            self.metrics.restart(cause);
+            let _ = self.events.send(Event::Fork { replaces: None });
+        }
+    }
+
+    /// A worker should be replaced: fork its successor, then retire it.
+    fn recycle(&self, id: u32, cause: Cause) {
+        self.metrics.restart(cause);
+        let _ = self.events.send(Event::Fork { replaces: Some(id) });
+    }
+}
+
+/// A running app server tier.
+pub struct AppServer {
+    shared: Arc<Shared>,
+    socket_dir: PathBuf,
+}
+
+/// What `GET /status` shows of the app server.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub generation: u32,
+    pub workers: Vec<WorkerInfo>,
+    pub queue_length: usize,
+}
+
+impl AppServer {
+    /// Starts the zygote, waits until the application is warm and every worker is connected.
+    pub async fn start(config: AppConfig, log: LogSpec) -> Result<Self, StartError> {
+        let socket_dir = private_dir().map_err(|source| StartError::Socket {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+        let socket = socket_dir.join("workers.sock");
+        let listener = UnixListener::bind(&socket).map_err(|source| StartError::Socket {
+            path: socket.clone(),
+            source,
+        })?;
+        let generation = 1;
+        let spec = ZygoteSpec {
+            generation,
+            app: config.clone(),
+            socket,
+            log,
+        };
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            pool: pool::Pool::new(config.queue_length, config.queue_timeout),
+            config,
+            metrics: Metrics::default(),
+            events,
+            generation,
+        });
+        let result = async {
+            let mut zygote = Zygote::start(&spec).await?;
+            let mut next_id = 0;
+            zygote
+                .first_workers(&shared, &listener, shared.config.workers, &mut next_id)
+                .await?;
+            Ok::<_, StartError>((zygote, next_id))
+        }
+        .await;
+        let (zygote, next_id) = match result {
+            Ok(started) => started,
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&socket_dir);
+                return Err(error);
+            }
+        };
+        tracing::info!(
+            workers = shared.config.workers,
+            module = %shared.config.module,
+            "app server ready"
+        );
+        tokio::spawn(supervisor::supervise(
+            shared.clone(),
+            zygote,
+            listener,
+            events_rx,
+            next_id,
+        ));
+        Ok(Self { shared, socket_dir })
+    }
+
+    /// The app server as a tier service.
+    pub fn service(&self) -> HttpService {
+        BoxCloneSyncService::new(AppService {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Generation, workers and queue.
+    pub fn status(&self) -> Status {
+        Status {
+            generation: self.shared.generation,
+            workers: self.shared.pool.workers(),
+            queue_length: self.shared.pool.queued(),
+        }
+    }
+
+    /// Appends the app server's metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        let m = &self.shared.metrics;
+        m.requests.render(
+            out,
+            "strata_app_requests_total",
+            "Responses of the app server by status.",
+        );
+        m.latency.render(
+            out,
+            "strata_app_request_duration_seconds",
+            "Time from request arrival to the end of the response's head.",
+        );
+        m.queue_wait.render(
+            out,
+            "strata_app_queue_wait_seconds",
+            "Time requests waited for an idle worker.",
+        );
+        metrics::render_labeled(
+            out,
+            "strata_app_worker_restarts_total",
+            "Workers replaced, by cause.",
+            "counter",
+            "cause",
+            Cause::ALL
+                .iter()
+                .zip(&m.restarts)
+                .map(|(c, n)| (c.label(), n.get())),
+        );
+        let workers = self.shared.pool.workers();
+        metrics::header(out, "strata_app_workers", "Workers by state.", "gauge");
+        for state in [WorkerState::Idle, WorkerState::Busy, WorkerState::Retiring] {
+            let n = workers.iter().filter(|w| w.state == state).count();
+            let label = serde_json::to_value(state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned));
+            out.push_str(&format!(
+                "strata_app_workers{{state=\"{}\"}} {n}\n",
+                label.unwrap_or_default()
+            ));
+        }
+        metrics::header(
+            out,
+            "strata_app_queue_length",
+            "Requests waiting for a worker.",
+            "gauge",
+        );
+        out.push_str(&format!(
+            "strata_app_queue_length {}\n",
+            self.shared.pool.queued()
+        ));
+    }
+
+    /// Stops the zygote and the workers. Call after the listener has drained; `force` kills
+    /// workers that are still busy.
+    pub async fn stop(self, force: bool) {
+        let (done, wait) = oneshot::channel();
+        if self.shared.events.send(Event::Stop { force, done }).is_ok() {
+            let _ = wait.await;
+        }
+        let _ = std::fs::remove_dir_all(&self.socket_dir);
+    }
+}
+
+/// A directory only this user can enter, for the worker socket.
+fn private_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for attempt in 0..100u32 {
+        let dir = base.join(format!("strata-{}-{attempt}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free socket directory name"))
+}
+
+#[derive(Clone)]
+struct AppService {
+    shared: Arc<Shared>,
+}
+
+impl tower::Service<Request<Body>> for AppService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(exchange::run(shared, request).await) })
+    }
+}

@@ -1,0 +1,243 @@
+//! Idle workers and the bounded queue of requests waiting for one.
+//!
+//! A request only ever goes to an idle worker. When none is idle it waits in a FIFO queue of
+//! bounded length and for a bounded time; a released worker goes straight to the oldest
+//! waiter. Idle workers are reused last-in first-out, which keeps the hottest caches in use.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::BufReader;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::oneshot;
+
+/// The master's end of one worker's socket, with what the master knows about it.
+pub struct WorkerConn {
+    pub id: u32,
+    pub pid: u32,
+    pub generation: u32,
+    pub reader: BufReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+    /// Requests served so far.
+    pub served: u64,
+    /// Recycle after this many requests.
+    pub limit: u64,
+}
+
+/// A worker's state, as `/status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Idle,
+    Busy,
+    /// Serving until its replacement is ready.
+    Retiring,
+}
+
+/// One worker in `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerInfo {
+    pub id: u32,
+    pub pid: u32,
+    pub generation: u32,
+    pub state: WorkerState,
+    pub requests: u64,
+    #[serde(skip)]
+    busy: bool,
+    #[serde(skip)]
+    retiring: bool,
+}
+
+/// Why a request got no worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// The queue is at its configured length.
+    Full,
+    /// No worker became idle within the queue timeout.
+    Timeout,
+    /// The app server is shutting down.
+    Closed,
+}
+
+#[derive(Default)]
+struct State {
+    idle: Vec<WorkerConn>,
+    waiters: VecDeque<oneshot::Sender<WorkerConn>>,
+    workers: BTreeMap<u32, WorkerInfo>,
+    /// Busy workers whose replacement is ready: closed when released.
+    replaced: HashSet<u32>,
+    closed: bool,
+}
+
+/// The pool of workers of every generation.
+pub struct Pool {
+    state: Mutex<State>,
+    queue_length: usize,
+    queue_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(queue_length: usize, queue_timeout: Duration) -> Self {
+        Self {
+            state: Mutex::default(),
+            queue_length,
+            queue_timeout,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; recover the data if something ever does.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits for an idle worker.
+    pub async fn acquire(&self) -> Result<WorkerConn, Rejected> {
+        let rx = {
+            let mut state = self.lock();
+            if state.closed {
+                return Err(Rejected::Closed);
+            }
+            if let Some(worker) = state.idle.pop() {
+                mark(&mut state, worker.id, true);
+                return Ok(worker);
+            }
+            if state.waiters.len() >= self.queue_length {
+                state.waiters.retain(|tx| !tx.is_closed());
+                if state.waiters.len() >= self.queue_length {
+                    return Err(Rejected::Full);
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            state.waiters.push_back(tx);
+            rx
+        };
+        match tokio::time::timeout(self.queue_timeout, rx).await {
+            Ok(Ok(worker)) => Ok(worker),
+            Ok(Err(_)) => Err(Rejected::Closed),
+            Err(_) => Err(Rejected::Timeout),
+        }
+    }
+
+    /// Adds a newly connected worker.
+    pub fn add(&self, worker: WorkerConn) {
+        {
+            let mut state = self.lock();
+            state.workers.insert(
+                worker.id,
+                WorkerInfo {
+                    id: worker.id,
+                    pid: worker.pid,
+                    generation: worker.generation,
+                    state: WorkerState::Busy,
+                    requests: 0,
+                    busy: true,
+                    retiring: false,
+                },
+            );
+        }
+        self.release(worker);
+    }
+
+    /// Returns a worker after a complete exchange: to the oldest waiter, else to the idle set.
+    pub fn release(&self, mut worker: WorkerConn) {
+        let mut state = self.lock();
+        if let Some(info) = state.workers.get_mut(&worker.id) {
+            info.requests = worker.served;
+        }
+        if state.closed
+            || state.replaced.remove(&worker.id)
+            || !state.workers.contains_key(&worker.id)
+        {
+            state.workers.remove(&worker.id);
+            return; // Dropping the connection tells the worker to exit.
+        }
+        while let Some(waiter) = state.waiters.pop_front() {
+            match waiter.send(worker) {
+                Ok(()) => return,
+                Err(back) => worker = back,
+            }
+        }
+        mark(&mut state, worker.id, false);
+        state.idle.push(worker);
+    }
+
+    /// Marks a worker for recycling; true the first time.
+    pub fn mark_retiring(&self, id: u32) -> bool {
+        let mut state = self.lock();
+        match state.workers.get_mut(&id) {
+            Some(info) if !info.retiring => {
+                info.retiring = true;
+                info.state = WorkerState::Retiring;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Closes a worker whose replacement is ready: now if idle, else when released.
+    pub fn retire(&self, id: u32) {
+        let mut state = self.lock();
+        if let Some(i) = state.idle.iter().position(|w| w.id == id) {
+            state.idle.swap_remove(i);
+            state.workers.remove(&id);
+        } else if state.workers.contains_key(&id) {
+            state.replaced.insert(id);
+        }
+    }
+
+    /// Forgets a worker that died; true if it was known (so exactly one caller replaces it).
+    pub fn remove(&self, id: u32) -> bool {
+        let mut state = self.lock();
+        state.idle.retain(|w| w.id != id);
+        state.replaced.remove(&id);
+        state.workers.remove(&id).is_some()
+    }
+
+    /// The id of the live worker with `pid`.
+    pub fn id_of_pid(&self, pid: u32) -> Option<u32> {
+        self.lock()
+            .workers
+            .values()
+            .find(|w| w.pid == pid)
+            .map(|w| w.id)
+    }
+
+    /// Every known worker.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.lock().workers.values().cloned().collect()
+    }
+
+    /// Requests waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.lock()
+            .waiters
+            .iter()
+            .filter(|tx| !tx.is_closed())
+            .count()
+    }
+
+    /// Stops handing out workers; idle ones are closed now, busy ones when released.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.idle.clear();
+        state.waiters.clear();
+    }
+}
+
+fn mark(state: &mut State, id: u32, busy: bool) {
+    if let Some(info) = state.workers.get_mut(&id) {
+        info.busy = busy;
+        if !info.retiring {
+            info.state = if busy {
+                WorkerState::Busy
+            } else {
+                WorkerState::Idle
+            };
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The framed protocol between the master and its workers over a Unix socket.
+//!
+//! A frame is a one-byte kind, a little-endian `u32` payload length, then the payload. The
+//! master sends a request (CGI variables and the start of the body) and answers the worker's
+//! body reads; the worker answers with a head, body chunks and an end. Body reads are pulled by
+//! the worker, so no frame is ever unsolicited and a response that ends early cannot leave
+//! stray body frames in the stream.
+
+use std::io::{self, Read};
+
+/// Frame kinds. Master → worker are below 10, worker → master from 10.
+pub mod kind {
+    /// A request: sequence number, body flags, CGI variables, start of body.
+    pub const REQUEST: u8 = 1;
+    /// Body bytes answering a `READ`; an empty payload marks the end of the body.
+    pub const BODY: u8 = 2;
+    /// The request body failed (client gone, or over the size limit).
+    pub const BODY_ERROR: u8 = 3;
+    /// Worker greeting: id, generation, pid.
+    pub const HELLO: u8 = 10;
+    /// The worker wants up to `u32` more body bytes.
+    pub const READ: u8 = 11;
+    /// Response status, reason and headers.
+    pub const HEAD: u8 = 12;
+    /// Response body bytes.
+    pub const CHUNK: u8 = 13;
+    /// The response is complete; the worker is idle.
+    pub const END: u8 = 14;
+    /// The application failed after the head was sent; the response must be cut short. The
+    /// worker is idle.
+    pub const ABORT: u8 = 15;
+}
+
+/// Frames larger than this are a protocol error.
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Bytes a worker asks for per body read.
+pub const READ_SIZE: u32 = 64 * 1024;
+
+/// Body flag: the request frame carries the whole body.
+pub const BODY_COMPLETE: u8 = 1;
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("truncated frame payload")]
+    Truncated,
+    #[error("unexpected frame kind {0}")]
+    UnexpectedKind(u8),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Builds frames into one buffer, so a whole exchange can go out in one write.
+#[derive(Debug, Default)]
+pub struct Encoder {
+    buf: Vec<u8>,
+    frame_start: usize,
+}
+
+impl Encoder {
+    /// An empty encoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts a frame of `kind`; its length is filled in by [`Encoder::finish`].
+    pub fn begin(&mut self, kind: u8) -> &mut Self {
+        self.frame_start = self.buf.len();
+        self.buf.push(kind);
+        self.buf.extend_from_slice(&[0; 4]);
+        self
+    }
+
+    /// Completes the frame started by [`Encoder::begin`].
+    pub fn finish(&mut self) {
+        let len = (self.buf.len() - self.frame_start - 5) as u32;
+        self.buf[self.frame_start + 1..self.frame_start + 5].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Appends a whole frame.
+    pub fn frame(&mut self, kind: u8, payload: &[u8]) {
+        self.begin(kind).raw(payload).finish();
+    }
+
+    pub fn u8(&mut self, value: u8) -> &mut Self {
+        self.buf.push(value);
+        self
+    }
+
+    pub fn u16(&mut self, value: u16) -> &mut Self {
+        self.buf.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+
+    pub fn u32(&mut self, value: u32) -> &mut Self {
+        self.buf.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+
+    /// Bytes with a `u16` length prefix (names).
+    pub fn short(&mut self, bytes: &[u8]) -> &mut Self {
+        let len = bytes.len().min(u16::MAX as usize);
+        self.u16(len as u16).raw(&bytes[..len])
+    }
+
+    /// Bytes with a `u32` length prefix (values).
+    pub fn long(&mut self, bytes: &[u8]) -> &mut Self {
+        self.u32(bytes.len() as u32).raw(bytes)
+    }
+
+    /// Bytes without a prefix.
+    pub fn raw(&mut self, bytes: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(bytes);
+        self
+    }
+
+    /// The encoded bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Empties the buffer, keeping its capacity.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
+
+    /// Takes the encoded bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// Reads fields from a frame payload.
+#[derive(Debug)]
+pub struct Decoder<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Decoder<'a> {
+    pub fn new(payload: &'a [u8]) -> Self {
+        Self { rest: payload }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if self.rest.len() < n {
+            return Err(ProtoError::Truncated);
+        }
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(head)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+
+    pub fn u16(&mut self) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+
+    pub fn u32(&mut self) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    pub fn short(&mut self) -> Result<&'a [u8], ProtoError> {
+        let len = self.u16()? as usize;
+        self.take(len)
+    }
+
+    pub fn long(&mut self) -> Result<&'a [u8], ProtoError> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+
+    /// Whatever is left of the payload.
+    pub fn rest(self) -> &'a [u8] {
+        self.rest
+    }
+}
+
+/// Parses a frame header into kind and payload length.
+pub fn parse_header(header: [u8; 5]) -> Result<(u8, usize), ProtoError> {
+    let len = u32::from_le_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtoError::TooLarge(len));
+    }
+    Ok((header[0], len))
+}
+
+/// Reads one frame, blocking; `Ok(None)` on a clean end of stream.
+pub fn read_frame(reader: &mut impl Read, payload: &mut Vec<u8>) -> Result<Option<u8>, ProtoError> {
+    let mut header = [0u8; 5];
+    match reader.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let (kind, len) = parse_header(header)?;
+    payload.clear();
+    payload.resize(len, 0);
+    reader.read_exact(payload)?;
+    Ok(Some(kind))
+}
+
+/// A request as the worker receives it.
+#[derive(Debug)]
+pub struct RequestFrame<'a> {
+    pub seq: u32,
+    pub body_complete: bool,
+    pub vars: Vec<(&'a [u8], &'a [u8])>,
+    pub body: &'a [u8],
+}
+
+/// Encodes a request frame.
+pub fn encode_request<'a>(
+    enc: &mut Encoder,
+    seq: u32,
+    body_complete: bool,
+    vars: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])>,
+    body: &[u8],
+) {
+    enc.begin(kind::REQUEST)
+        .u32(seq)
+        .u8(if body_complete { BODY_COMPLETE } else { 0 })
+        .u32(vars.len() as u32);
+    for (key, value) in vars {
+        enc.short(key).long(value);
+    }
+    enc.raw(body).finish();
+}
+
+/// Decodes a request frame's payload.
+pub fn decode_request(payload: &[u8]) -> Result<RequestFrame<'_>, ProtoError> {
+    let mut dec = Decoder::new(payload);
+    let seq = dec.u32()?;
+    let body_complete = dec.u8()? & BODY_COMPLETE != 0;
+    let count = dec.u32()? as usize;
+    let mut vars = Vec::with_capacity(count.min(256));
+    for _ in 0..count {
+        vars.push((dec.short()?, dec.long()?));
+    }
+    Ok(RequestFrame {
+        seq,
+        body_complete,
+        vars,
+        body: dec.rest(),
+    })
+}
+
+/// A response head as the master receives it.
+#[derive(Debug)]
+pub struct HeadFrame<'a> {
+    pub status: u16,
+    pub reason: &'a [u8],
+    pub headers: Vec<(&'a [u8], &'a [u8])>,
+}
+
+/// Encodes a response head frame.
+pub fn encode_head<'a>(
+    enc: &mut Encoder,
+    status: u16,
+    reason: &[u8],
+    headers: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])>,
+) {
+    enc.begin(kind::HEAD)
+        .u16(status)
+        .short(reason)
+        .u32(headers.len() as u32);
+    for (name, value) in headers {
+        enc.short(name).long(value);
+    }
+    enc.finish();
+}
+
+/// Decodes a response head frame's payload.
+pub fn decode_head(payload: &[u8]) -> Result<HeadFrame<'_>, ProtoError> {
+    let mut dec = Decoder::new(payload);
+    let status = dec.u16()?;
+    let reason = dec.short()?;
+    let count = dec.u32()? as usize;
+    let mut headers = Vec::with_capacity(count.min(256));
+    for _ in 0..count {
+        headers.push((dec.short()?, dec.long()?));
+    }
+    Ok(HeadFrame {
+        status,
+        reason,
+        headers,
+    })
+}
+
+/// Encodes a worker greeting.
+pub fn encode_hello(enc: &mut Encoder, id: u32, generation: u32, pid: u32) {
+    enc.begin(kind::HELLO)
+        .u32(id)
+        .u32(generation)
+        .u32(pid)
+        .finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_frame(bytes: &[u8]) -> (u8, Vec<u8>) {
+        let mut payload = Vec::new();
+        let kind = read_frame(&mut &bytes[..], &mut payload).unwrap().unwrap();
+        (kind, payload)
+    }
+
+    #[test]
+    fn request_round_trips() {
+        let mut enc = Encoder::new();
+        let vars = [
+            (&b"REQUEST_METHOD"[..], &b"POST"[..]),
+            (b"PATH_INFO", b"/a b"),
+        ];
+        encode_request(&mut enc, 7, true, vars.iter().copied(), b"body");
+        let (kind, payload) = one_frame(enc.bytes());
+        assert_eq!(kind, kind::REQUEST);
+        let request = decode_request(&payload).unwrap();
+        assert_eq!(request.seq, 7);
+        assert!(request.body_complete);
+        assert_eq!(request.vars, vars);
+        assert_eq!(request.body, b"body");
+    }
+
+    #[test]
+    fn head_round_trips() {
+        let mut enc = Encoder::new();
+        let headers = [(&b"Content-Type"[..], &b"text/plain"[..])];
+        encode_head(&mut enc, 404, b"Not Found", headers.iter().copied());
+        enc.frame(kind::END, b"");
+        let (kind, payload) = one_frame(enc.bytes());
+        assert_eq!(kind, kind::HEAD);
+        let head = decode_head(&payload).unwrap();
+        assert_eq!((head.status, head.reason), (404, &b"Not Found"[..]));
+        assert_eq!(head.headers, headers);
+    }
+
+    #[test]
+    fn truncated_and_oversized_frames_are_errors() {
+        assert!(matches!(decode_head(&[1, 0]), Err(ProtoError::Truncated)));
+        let mut header = [kind::CHUNK, 0, 0, 0, 0];
+        header[1..].copy_from_slice(&(MAX_FRAME as u32 + 1).to_le_bytes());
+        assert!(matches!(parse_header(header), Err(ProtoError::TooLarge(_))));
+        let mut payload = Vec::new();
+        assert!(read_frame(&mut &[][..], &mut payload).unwrap().is_none());
+        assert!(read_frame(&mut &[kind::END, 9, 0, 0, 0, 1][..], &mut payload).is_err());
+    }
+}

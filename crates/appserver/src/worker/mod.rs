@@ -1,0 +1,97 @@
+//! A worker: forked from the zygote, it connects to the master and serves one request at a
+//! time through the WSGI application, until the master closes its socket.
+
+mod io;
+mod wsgi;
+
+use std::cell::RefCell;
+use std::io::{BufReader, BufWriter, Write};
+use std::os::unix::net::UnixStream;
+use std::rc::Rc;
+
+use pyo3::prelude::*;
+
+use crate::control::ZygoteSpec;
+use crate::proctitle;
+use crate::proto::{self, kind, Encoder};
+
+/// The worker's connection to the master, shared by the objects the application is given
+/// (`wsgi.input` pulls body bytes, `write()` pushes response bytes).
+pub(crate) struct Conn {
+    reader: BufReader<UnixStream>,
+    writer: BufWriter<UnixStream>,
+    /// Sequence number of the request being served; stale `wsgi.input` objects read nothing.
+    seq: u32,
+    enc: Encoder,
+}
+
+impl Conn {
+    /// Writes the frames encoded so far into the buffered writer.
+    fn put(&mut self) -> std::io::Result<()> {
+        let Self { writer, enc, .. } = self;
+        writer.write_all(enc.bytes())?;
+        enc.clear();
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.put()?;
+        self.writer.flush()
+    }
+}
+
+pub(crate) type SharedConn = Rc<RefCell<Conn>>;
+
+/// Runs the worker until the master goes away; never returns.
+pub fn run(py: Python<'_>, spec: &ZygoteSpec, id: u32, app: &Bound<'_, PyAny>) -> ! {
+    proctitle::set(&format!("strata worker id={id} gen={}", spec.generation));
+    let code = match serve(py, spec, id, app) {
+        Ok(()) => 0,
+        Err(error) => {
+            tracing::error!(worker = id, %error, "worker stopped");
+            1
+        }
+    };
+    exit(py, code)
+}
+
+fn serve(
+    py: Python<'_>,
+    spec: &ZygoteSpec,
+    id: u32,
+    app: &Bound<'_, PyAny>,
+) -> Result<(), proto::ProtoError> {
+    py.import("gc")
+        .and_then(|gc| gc.call_method0("enable"))
+        .map_err(|err| std::io::Error::other(err.to_string()))?;
+    let stream = UnixStream::connect(&spec.socket)?;
+    let mut conn = Conn {
+        reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?),
+        writer: BufWriter::with_capacity(64 * 1024, stream),
+        seq: 0,
+        enc: Encoder::new(),
+    };
+    proto::encode_hello(&mut conn.enc, id, spec.generation, std::process::id());
+    conn.flush()?;
+    let conn = Rc::new(RefCell::new(conn));
+    let wsgi = wsgi::Wsgi::new(py, spec, id, conn.clone())
+        .map_err(|err| std::io::Error::other(err.to_string()))?;
+    let mut payload = Vec::new();
+    loop {
+        let frame = proto::read_frame(&mut conn.borrow_mut().reader, &mut payload)?;
+        match frame {
+            None => return Ok(()),
+            Some(kind::REQUEST) => wsgi.handle(py, app, &payload)?,
+            Some(other) => return Err(proto::ProtoError::UnexpectedKind(other)),
+        }
+    }
+}
+
+/// Leaves the process the way `os._exit` does: no interpreter teardown, no atexit handlers
+/// inherited from the zygote.
+fn exit(py: Python<'_>, code: i32) -> ! {
+    let _ = py
+        .import("os")
+        .and_then(|os| os.call_method1("_exit", (code,)));
+    std::process::exit(code)
+}

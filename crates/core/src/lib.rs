@@ -1,0 +1,18 @@
+//! What every Strata tier shares.
+//!
+//! # Layout
+//! - [`seam`]: the tier service seam (`Request<Body>` → `Response<Body>`), bodies, connection info.
+//! - [`shutdown`]: shutdown passed as a value to every `run()`.
+//! - [`metrics`]: lock-free counters and histograms rendered in Prometheus text format.
+//! - [`duration`]: human durations (`"30s"`, `"250ms"`) for configuration files.
+//!
+//! This crate never depends on a tier; tiers depend on it.
+
+pub mod duration;
+pub mod logging;
+pub mod metrics;
+pub mod seam;
+pub mod shutdown;
+
+pub use seam::{Body, BodyTooLarge, BoxError, ConnInfo, HttpService};
+pub use shutdown::Shutdown;

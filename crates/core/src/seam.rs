@@ -1,0 +1,87 @@
+//! The seam between tiers.
+//!
+//! Every HTTP tier is a `tower::Service<Request<Body>>` answering `Response<Body>`. Tiers never
+//! fail at the seam: a tier turns its own failures into responses (502, 503, 504), so the error
+//! type is `Infallible`. Co-located tiers call each other through this type directly; split
+//! across hosts, the next tier is an HTTP client service of the same type.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use tower::util::BoxCloneSyncService;
+
+/// An error carried by a body or a tier.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type that crosses tiers, in both directions.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A tier as the next tier (or the listener) sees it.
+pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// Where a request came from, inserted into request extensions by the listener.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// The local address the connection was accepted on.
+    pub local: SocketAddr,
+    /// Whether the connection was TLS (`wsgi.url_scheme` = `https`).
+    pub secure: bool,
+}
+
+/// The error a request body yields once it passes the configured size limit; the tier that
+/// reads the body answers 413.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTooLarge {
+    /// The limit that was passed, in bytes.
+    pub limit: u64,
+}
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request body is larger than {} bytes", self.limit)
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+/// A body holding `bytes` whole.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A short plain-text response for an error a tier produces itself.
+pub fn status_response(status: StatusCode, message: &str) -> Response<Body> {
+    let text = format!("{} {}\n", status.as_u16(), message);
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn status_response_has_code_and_text() {
+        let response = status_response(StatusCode::SERVICE_UNAVAILABLE, "queue full");
+        assert_eq!(response.status(), 503);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"503 queue full\n");
+    }
+}

@@ -1,0 +1,54 @@
+//! Listener configuration: the `[lb]` section.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The `[lb]` section of `strata.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LbConfig {
+    /// Address the HTTP listener binds.
+    pub bind: SocketAddr,
+    /// Largest request head (request line and headers) in bytes; larger heads get 431.
+    pub max_header_bytes: usize,
+    /// Largest number of request headers; more get 431.
+    pub max_headers: usize,
+    /// Largest request body in bytes; larger bodies get 413.
+    pub max_body_bytes: u64,
+    /// Time a client has to send a complete request head.
+    #[serde(with = "strata_core::duration")]
+    pub header_read_timeout: Duration,
+    /// Whether client connections are kept alive between requests.
+    pub keepalive: bool,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: 100 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            keepalive: true,
+        }
+    }
+}
+
+impl LbConfig {
+    /// Checks values serde cannot, naming the key at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_header_bytes < 8192 {
+            return Err(format!(
+                "lb.max_header_bytes = {}: must be at least 8192",
+                self.max_header_bytes
+            ));
+        }
+        if self.max_headers == 0 {
+            return Err("lb.max_headers = 0: must be at least 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,93 @@
+//! The admin listener: `GET /status` (JSON), `GET /metrics` (Prometheus text), `GET /healthz`.
+//!
+//! It listens on loopback by default; elsewhere every request must carry
+//! `Authorization: Bearer <admin.token>`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use strata_appserver::AppServer;
+use strata_core::seam::{full, status_response};
+use strata_core::{Body, Shutdown};
+use strata_lb::LbConfig;
+use tokio::net::TcpListener;
+use tower::util::BoxCloneSyncService;
+
+use crate::config::Config;
+
+/// Serves the admin API until shutdown.
+pub async fn serve(listener: TcpListener, app: Arc<AppServer>, config: Config, shutdown: Shutdown) {
+    let started = Instant::now();
+    let token = config.admin.token.clone().map(|t| format!("Bearer {t}"));
+    let tiers = config.tiers.clone();
+    let service = tower::service_fn(move |request: Request<Body>| {
+        let app = app.clone();
+        let token = token.clone();
+        let tiers = tiers.clone();
+        async move {
+            let authorized = token.as_deref().is_none_or(|expected| {
+                request
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .map(|v| v.as_bytes())
+                    == Some(expected.as_bytes())
+            });
+            if !authorized {
+                return Ok::<_, Infallible>(status_response(
+                    StatusCode::UNAUTHORIZED,
+                    "admin token required",
+                ));
+            }
+            Ok(route(&request, &app, &tiers, started))
+        }
+    });
+    let limits = LbConfig {
+        bind: config.admin.bind,
+        ..LbConfig::default()
+    };
+    strata_lb::serve(
+        listener,
+        BoxCloneSyncService::new(service),
+        limits,
+        shutdown,
+    )
+    .await;
+}
+
+fn route(
+    request: &Request<Body>,
+    app: &AppServer,
+    tiers: &[String],
+    started: Instant,
+) -> Response<Body> {
+    match (request.method().as_str(), request.uri().path()) {
+        ("GET", "/status") => {
+            let status = serde_json::json!({
+                "tiers": tiers,
+                "uptime_seconds": started.elapsed().as_secs(),
+                "app": app.status(),
+            });
+            typed(status.to_string(), "application/json")
+        }
+        ("GET", "/metrics") => {
+            let mut out = String::new();
+            app.render_metrics(&mut out);
+            typed(out, "text/plain; version=0.0.4")
+        }
+        ("GET", "/healthz") => typed("ok\n".into(), "text/plain"),
+        (_, "/status" | "/metrics" | "/healthz") => {
+            status_response(StatusCode::METHOD_NOT_ALLOWED, "use GET")
+        }
+        _ => status_response(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
+}
+
+fn typed(body: String, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

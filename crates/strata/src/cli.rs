@@ -1,0 +1,101 @@
+//! The command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Overrides};
+
+/// The whole production stack of a Django site in one binary.
+#[derive(Debug, Parser)]
+#[command(name = "strata", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the selected tiers (all of them by default).
+    Run(RunArgs),
+    /// Validate the configuration and print what is wrong with it.
+    Check(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// Configuration file (default: ./strata.toml if it exists).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Tiers this node runs, comma-separated (lb,app).
+    #[arg(long, value_delimiter = ',')]
+    tiers: Option<Vec<String>>,
+    /// Address of the HTTP listener.
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// WSGI application as module:callable.
+    #[arg(long)]
+    app: Option<String>,
+    /// Directory the application runs in.
+    #[arg(long)]
+    chdir: Option<PathBuf>,
+    /// Virtualenv whose packages the application uses.
+    #[arg(long)]
+    virtualenv: Option<PathBuf>,
+    /// Number of worker processes.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Address of the admin listener.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check(args) => match config::load(args.config.as_deref(), &Overrides::default()) {
+            Ok(_) => {
+                println!("configuration ok");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("strata: invalid configuration: {error}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Run(args) => {
+            let overrides = Overrides {
+                tiers: args.tiers,
+                bind: args.bind,
+                app: args.app,
+                chdir: args.chdir,
+                virtualenv: args.virtualenv,
+                workers: args.workers,
+                admin: args.admin,
+            };
+            let config = match config::load(args.config.config.as_deref(), &overrides) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("strata: invalid configuration: {error}");
+                    return ExitCode::from(64);
+                }
+            };
+            match crate::node::run(config) {
+                Ok(code) => code,
+                Err(error) => {
+                    eprintln!("strata: {error:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
