@@ -137,7 +137,10 @@ pub fn warm_up(py: Python<'_>, spec: &ZygoteSpec, app: &Bound<'_, PyAny>) -> Res
 pub fn format_error(py: Python<'_>, err: &PyErr) -> String {
     let formatted = py.import("traceback").and_then(|traceback| {
         traceback
-            .call_method1("format_exception", (err.value(py),))?
+            .call_method1(
+                "format_exception",
+                (err.get_type(py), err.value(py), err.traceback(py)),
+            )?
             .extract::<Vec<String>>()
     });
     match formatted {

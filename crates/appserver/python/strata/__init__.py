@@ -50,7 +50,11 @@ def _warm_django(log):
 
     resolver = get_resolver()
     resolver.url_patterns
-    languages = [code for code, _ in settings.LANGUAGES] if settings.USE_I18N else []
+    # The reverse map is built per active language; only LocaleMiddleware switches languages.
+    if settings.USE_I18N and "django.middleware.locale.LocaleMiddleware" in settings.MIDDLEWARE:
+        languages = [code for code, _ in settings.LANGUAGES]
+    else:
+        languages = [settings.LANGUAGE_CODE]
     for code in languages:
         with translation.override(code):
             resolver.reverse_dict

@@ -1,0 +1,27 @@
+"""An application that misbehaves on request: crashes, hangs, leaks."""
+
+import ctypes
+import os
+import time
+from urllib.parse import parse_qs
+
+HELD = []
+
+
+def application(environ, start_response):
+    path = environ["PATH_INFO"]
+    query = {k: v[0] for k, v in parse_qs(environ["QUERY_STRING"]).items()}
+    if path == "/exit":
+        os._exit(3)
+    if path == "/segfault":
+        ctypes.string_at(0)
+    if path == "/sleep":
+        stuck_in_sleep(float(query.get("s", "1")))
+    if path == "/grow":
+        HELD.append(bytearray(int(query.get("mb", "10")) * 1024 * 1024))
+    start_response("200 OK", [("Content-Type", "text/plain"), ("X-Pid", str(os.getpid()))])
+    return [str(os.getpid()).encode()]
+
+
+def stuck_in_sleep(seconds):
+    time.sleep(seconds)

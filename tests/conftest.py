@@ -1,0 +1,154 @@
+"""Fixtures that run the real `strata` binary against real applications.
+
+Every test starts its own server on free ports and stops it afterwards; the log of a server
+is printed when its test fails.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+APPS = ROOT / "tests" / "apps"
+EXAMPLE = ROOT / "example"
+VENV = Path(sys.prefix)
+STRATA = Path(os.environ.get("STRATA_BIN", ROOT / "target" / "debug" / "strata"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port, timeout, process=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+class Strata:
+    """One running `strata run`."""
+
+    def __init__(self, tmp_path, args, env=None, config=None, wait=True, cwd=None):
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.log_path = tmp_path / f"strata-{self.port}.log"
+        command = [str(STRATA), "run", "--bind", f"127.0.0.1:{self.port}",
+                   "--admin", f"127.0.0.1:{self.admin_port}"]
+        if config is not None:
+            config_path = tmp_path / f"strata-{self.port}.toml"
+            config_path.write_text(config)
+            command += ["--config", str(config_path)]
+        command += list(args)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+        full_env.update(env or {})
+        self.log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            command, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env,
+            cwd=cwd or tmp_path,
+        )
+        if wait and not wait_for_port(self.port, 60, self.process):
+            raise AssertionError(f"strata did not start:\n{self.log()}")
+
+    def url(self, path="/"):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def admin(self, path):
+        return requests.get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10)
+
+    def status(self):
+        return self.admin("/status").json()
+
+    def worker_pids(self):
+        return sorted(w["pid"] for w in self.status()["app"]["workers"])
+
+    def log(self):
+        if not self.log_file.closed:
+            self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig):
+        self.process.send_signal(sig)
+
+    def wait(self, timeout=30):
+        return self.process.wait(timeout=timeout)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+
+
+@pytest.fixture
+def strata(tmp_path, request):
+    """Starts `strata run` with the given arguments; stops every server after the test."""
+    started = []
+
+    def start(*args, **kwargs):
+        server = Strata(tmp_path, args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for server in started:
+            print(f"--- log of strata on port {server.port} ---\n{server.log()}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, "rep_" + report.when, report)
+    return report
+
+
+def app(name, *extra):
+    """Arguments that serve `tests/apps/<name>.py` from this interpreter's virtualenv."""
+    return ["--app", name, "--chdir", str(APPS), "--virtualenv", str(VENV), *extra]
+
+
+@pytest.fixture(scope="session")
+def example_db(tmp_path_factory):
+    """A migrated copy of the example site's SQLite database."""
+    path = tmp_path_factory.mktemp("example") / "db.sqlite3"
+    env = dict(os.environ, EXAMPLE_DB=str(path))
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=EXAMPLE, env=env, check=True)
+    return path
+
+
+@pytest.fixture
+def example(strata, example_db, tmp_path):
+    """Starts the example Django site on a private copy of the database."""
+
+    def start(*extra, env=None, **kwargs):
+        db = tmp_path / "db.sqlite3"
+        shutil.copy(example_db, db)
+        full_env = {"EXAMPLE_DB": str(db), **(env or {})}
+        return strata("--app", "mysite.wsgi:application", "--chdir", str(EXAMPLE),
+                      "--virtualenv", str(VENV), *extra, env=full_env, **kwargs)
+
+    return start

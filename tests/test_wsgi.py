@@ -1,0 +1,188 @@
+"""PEP 3333 compliance, checked by `wsgiref.validate` inside the application."""
+
+import json
+import os
+import socket
+
+import pytest
+import requests
+
+from conftest import app
+
+
+def probe(strata, tmp_path, *extra, **env):
+    env.setdefault("PROBE_CLOSE_LOG", str(tmp_path / "closed.log"))
+    return strata(*app("probe", *extra), env=env)
+
+
+def no_violations(server):
+    log = server.log()
+    assert "AssertionError" not in log and "Warning" not in log, log
+
+
+def test_environ_get_with_and_without_query(strata, tmp_path):
+    server = probe(strata, tmp_path)
+    view = requests.get(server.url("/environ?a=1&b=%20"), headers={"X-Custom": "yes"}).json()
+    assert view["REQUEST_METHOD"] == "GET"
+    assert view["QUERY_STRING"] == "a=1&b=%20"
+    assert view["PATH_INFO"] == "/environ"
+    assert view["SCRIPT_NAME"] == ""
+    assert view["SERVER_NAME"] == "127.0.0.1"
+    assert view["SERVER_PORT"] == str(server.port)
+    assert view["SERVER_PROTOCOL"] == "HTTP/1.1"
+    assert view["REMOTE_ADDR"] == "127.0.0.1"
+    assert view["wsgi.url_scheme"] == "http"
+    assert view["wsgi.version"] == [1, 0]
+    assert view["wsgi.multiprocess"] is True and view["wsgi.multithread"] is False
+    assert view["http"]["HTTP_X_CUSTOM"] == "yes"
+    bare = requests.get(server.url("/environ")).json()
+    assert bare["QUERY_STRING"] == ""
+    no_violations(server)
+
+
+def test_path_info_is_decoded_latin1_and_script_name_mounts(strata, tmp_path):
+    server = probe(strata, tmp_path)
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GET /environ%2Fx/caf%C3%A9 HTTP/1.1\r\nHost: example.org:81\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    view = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    # Bytes as code points, per PEP 3333: UTF-8 é arrives as two latin-1 characters.
+    assert view["PATH_INFO"] == "/environ/x/caf\u00c3\u00a9"
+    assert view["SERVER_NAME"] == "example.org" and view["SERVER_PORT"] == "81"
+
+
+def test_script_name(strata, tmp_path):
+    server = strata(*app("probe"), config='[app]\nscript_name = "/mount"\n')
+    view = requests.get(server.url("/mount/environ")).json()
+    assert (view["SCRIPT_NAME"], view["PATH_INFO"]) == ("/mount", "/environ")
+    no_violations(server)
+
+
+def test_headers_with_underscores_are_dropped(strata, tmp_path):
+    server = probe(strata, tmp_path)
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GET /environ HTTP/1.1\r\nHost: x\r\nX-User: real\r\nX_User: spoofed\r\n"
+                  b"Connection: close\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    view = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    assert view["http"]["HTTP_X_USER"] == "real"
+
+
+def test_post_bodies_content_length_and_chunked(strata, tmp_path):
+    server = probe(strata, tmp_path)
+    payload = os.urandom(300_000)
+    assert requests.post(server.url("/echo"), data=payload).content == payload
+    # A generator body makes requests send Transfer-Encoding: chunked.
+    chunks = [payload[i:i + 7000] for i in range(0, len(payload), 7000)]
+    response = requests.post(server.url("/echo-size?777"), data=iter(chunks))
+    assert response.content == payload
+    no_violations(server)
+
+
+def test_streamed_body_larger_than_the_buffer(strata, tmp_path):
+    server = strata(*app("probe"), config="[app]\nbuffer_body_bytes = 4096\n")
+    payload = os.urandom(2_000_000)
+    chunks = [payload[i:i + 65536] for i in range(0, len(payload), 65536)]
+    assert requests.post(server.url("/echo-size?10000"), data=iter(chunks)).content == payload
+    assert requests.post(server.url("/echo"), data=payload).content == payload
+    no_violations(server)
+
+
+def test_readline_readlines_and_iteration(strata, tmp_path):
+    server = probe(strata, tmp_path)
+    body = b"first line\nsecond\nthird\nfourth"
+    first, second, rest = requests.post(server.url("/lines"), data=body).json()
+    assert first == "first line\n"
+    assert second == "sec"
+    assert rest == ["ond\n", "third\n", "fourth"]
+    assert requests.post(server.url("/iterate"), data=body).json() == [
+        "first line\n", "second\n", "third\n", "fourth"]
+    no_violations(server)
+
+
+def test_streaming_generator_write_and_close(strata, tmp_path):
+    server = probe(strata, tmp_path)
+    response = requests.get(server.url("/stream"))
+    assert response.text == "one\ntwo\nthree\n"
+    assert requests.get(server.url("/generator")).text == "".join(f"chunk {i}\n" for i in range(5))
+    assert requests.get(server.url("/write")).text == "written and returned"
+    assert (tmp_path / "closed.log").read_text().splitlines() == ["stream"]
+    no_violations(server)
+
+
+def test_file_wrapper(strata, tmp_path):
+    data = os.urandom(1_000_000)
+    (tmp_path / "blob").write_bytes(data)
+    server = strata(*app("probe"), env={"PROBE_FILE": str(tmp_path / "blob")})
+    response = requests.get(server.url("/file"))
+    assert response.content == data
+    no_violations(server)
+
+
+def test_exc_info_replaces_unsent_response(strata, tmp_path):
+    server = probe(strata, tmp_path)
+    response = requests.get(server.url("/exc-info"))
+    assert response.status_code == 500
+    assert response.text == "recovered with exc_info"
+    no_violations(server)
+
+
+def test_head_has_headers_and_no_body(strata, tmp_path):
+    server = probe(strata, tmp_path)
+    response = requests.head(server.url("/head"))
+    assert response.status_code == 200
+    assert response.content == b""
+    assert response.headers["Content-Length"] == str(len(b"body of a HEAD"))
+    assert (tmp_path / "closed.log").read_text().splitlines() == ["head"]
+    assert requests.get(server.url("/head")).text == "body of a GET"
+    no_violations(server)
+
+
+def test_statuses_pass_through(strata, tmp_path):
+    server = probe(strata, tmp_path)
+    assert requests.get(server.url("/empty")).status_code == 204
+    assert requests.get(server.url("/status")).status_code == 418
+    assert requests.get(server.url("/nowhere")).status_code == 404
+    no_violations(server)
+
+
+def test_invalid_responses_become_500_and_are_logged(strata, tmp_path):
+    server = strata(*app("unvalidated"))
+    for path in ["/bad-header", "/bad-status", "/str-body", "/no-start", "/raise"]:
+        response = requests.get(server.url(path))
+        assert response.status_code == 500, path
+        assert "X-Injected" not in response.headers
+    log = server.log()
+    assert "invalid value for response header" in log
+    assert "invalid status" in log
+    assert "must be bytes" in log
+    assert "RuntimeError: raised before start_response" in log
+    # The worker survived all of it.
+    assert requests.get(server.url("/hop-by-hop")).text == "hop"
+
+
+def test_hop_by_hop_headers_are_dropped(strata, tmp_path):
+    server = strata(*app("unvalidated"))
+    session = requests.Session()
+    first = session.get(server.url("/hop-by-hop"))
+    assert "close" not in first.headers.get("Connection", "")
+    assert session.get(server.url("/hop-by-hop")).text == "hop"
+
+
+def test_failure_mid_response_cuts_the_response(strata, tmp_path):
+    server = strata(*app("unvalidated"))
+    # A response whose application failed must not end cleanly.
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        requests.get(server.url("/raise-midway"))
+    assert "RuntimeError: raised mid-response" in server.log()
+    assert requests.get(server.url("/hop-by-hop")).text == "hop"
+
+
+def test_wsgi_errors_go_to_the_log(strata, tmp_path):
+    server = strata(*app("unvalidated"))
+    assert requests.get(server.url("/errors")).text == "logged"
+    assert "a line for the log from wsgi.errors" in server.log()
