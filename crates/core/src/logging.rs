@@ -1,6 +1,8 @@
 //! Log setup shared by every Strata process (master, zygote, workers): human-readable or JSON
 //! lines on standard error.
 
+use std::io::IsTerminal;
+
 use tracing::level_filters::LevelFilter;
 
 /// Installs the global subscriber; later calls do nothing.
@@ -9,7 +11,8 @@ pub fn init(level: &str, json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if json {
         builder.json().try_init()
     } else {

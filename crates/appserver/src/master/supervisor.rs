@@ -267,7 +267,8 @@ pub async fn supervise(
                         tracing::warn!(worker = id, pid, %status, "worker exited unexpectedly");
                         shared.worker_gone(id, Cause::Crash);
                     }
-                    None => tracing::debug!(pid, %status, "worker exited"),
+                    None if status == "exit code 0" => tracing::debug!(pid, %status, "worker exited"),
+                    None => tracing::warn!(pid, %status, "worker exited"),
                 },
                 Some(FromZygote::Forked { id, pid }) => tracing::debug!(worker = id, pid, "worker forked"),
                 Some(other) => tracing::debug!(?other, "zygote message"),

@@ -1,0 +1,150 @@
+"""Workers crash, hang, leak and get recycled; the server loses nothing else."""
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from conftest import app
+
+
+def metric(server, name):
+    for line in server.admin("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_until(predicate, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_crash_fails_only_that_request_and_is_replaced(strata):
+    server = strata(*app("lifecycle", "--workers", "2"))
+    before = server.worker_pids()
+    with ThreadPoolExecutor(4) as pool:
+        slow = pool.submit(requests.get, server.url("/sleep?s=1"))
+        time.sleep(0.2)
+        crashed = requests.get(server.url("/exit"))
+        assert crashed.status_code == 502
+        assert slow.result().status_code == 200
+    segv = requests.get(server.url("/segfault"))
+    assert segv.status_code == 502
+    assert wait_until(lambda: len(server.worker_pids()) == 2)
+    after = server.worker_pids()
+    assert len(set(after) & set(before)) <= 1
+    assert metric(server, 'strata_app_worker_restarts_total{cause="crash"}') == 2
+    for _ in range(10):
+        assert requests.get(server.url("/")).status_code == 200
+    assert "killed by SIGSEGV" in server.log()
+
+
+def test_timeout_logs_stack_kills_and_replaces(strata):
+    server = strata(*app("lifecycle", "--workers", "1"), config='[app]\ntimeout = "1s"\n')
+    pid = server.worker_pids()[0]
+    started = time.monotonic()
+    response = requests.get(server.url("/sleep?s=30"))
+    assert response.status_code == 504
+    assert time.monotonic() - started < 5
+    assert wait_until(lambda: server.worker_pids() and server.worker_pids()[0] != pid)
+    assert requests.get(server.url("/")).status_code == 200
+    log = server.log()
+    assert "stuck_in_sleep" in log and "lifecycle.py" in log, log
+    assert metric(server, 'strata_app_worker_restarts_total{cause="timeout"}') == 1
+
+
+def test_max_requests_recycles_without_failures(strata):
+    server = strata(*app("lifecycle", "--workers", "2"),
+                    config="[app]\nmax_requests = 20\nmax_requests_jitter = 5\n")
+    first = set(server.worker_pids())
+    session = requests.Session()
+    pids = set()
+    for _ in range(150):
+        response = session.get(server.url("/"))
+        assert response.status_code == 200
+        pids.add(int(response.text))
+    assert len(pids) >= 5, pids
+    assert wait_until(lambda: len(server.worker_pids()) == 2)
+    # Every worker that served was retired at its limit; none served past it.
+    assert all(w["requests"] <= 25 for w in server.status()["app"]["workers"])
+    assert first - set(server.worker_pids()), "the worker that served was recycled"
+    assert metric(server, 'strata_app_worker_restarts_total{cause="max_requests"}') >= 4
+
+
+def test_memory_limit_recycles(strata):
+    server = strata(*app("lifecycle", "--workers", "1"), config="[app]\nmax_rss_mb = 150\n")
+    pid = server.worker_pids()[0]
+    for _ in range(4):
+        assert requests.get(server.url("/grow?mb=60")).status_code == 200
+    assert wait_until(lambda: server.worker_pids() and server.worker_pids()[0] != pid)
+    assert metric(server, 'strata_app_worker_restarts_total{cause="memory"}') == 1
+    assert requests.get(server.url("/")).status_code == 200
+
+
+def test_queue_full_and_queue_timeout_are_503(strata):
+    server = strata(*app("lifecycle", "--workers", "1"),
+                    config='[app]\nqueue_length = 1\nqueue_timeout = "1s"\n')
+    with ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(requests.get, server.url("/sleep?s=3"))
+        time.sleep(0.3)
+        waiting = pool.submit(requests.get, server.url("/"))
+        time.sleep(0.3)
+        full = requests.get(server.url("/"))
+        assert full.status_code == 503
+        assert "queue is full" in full.text
+        timed_out = waiting.result()
+        assert timed_out.status_code == 503
+        assert "within 1s" in timed_out.text
+        assert busy.result().status_code == 200
+    assert requests.get(server.url("/")).status_code == 200
+
+
+def test_keepalive_does_not_pin_a_worker(strata):
+    server = strata(*app("lifecycle", "--workers", "1"))
+    clients = [requests.Session() for _ in range(3)]
+    for _ in range(5):
+        for client in clients:
+            assert client.get(server.url("/"), timeout=5).status_code == 200
+
+
+def test_sigterm_finishes_in_flight_requests(strata):
+    server = strata(*app("lifecycle", "--workers", "2"))
+    result = {}
+
+    def slow():
+        result["response"] = requests.get(server.url("/sleep?s=2"))
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.5)
+    server.signal(signal.SIGTERM)
+    thread.join()
+    assert result["response"].status_code == 200
+    assert server.wait() == 0
+
+
+def test_second_sigint_stops_at_once(strata):
+    server = strata(*app("lifecycle", "--workers", "1"))
+    def stuck():
+        try:
+            requests.get(server.url("/sleep?s=30"))
+        except requests.ConnectionError:
+            pass  # Expected: the server stops without answering.
+
+    thread = threading.Thread(target=stuck, daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    server.signal(signal.SIGINT)
+    time.sleep(0.3)
+    assert server.process.poll() is None, "one SIGINT waits for in-flight requests"
+    server.signal(signal.SIGINT)
+    assert server.wait(timeout=10) != 0
+    assert time.monotonic() - started < 5
