@@ -1,0 +1,42 @@
+# Strata: `make run` serves the example Django site; `make test` runs every test.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CARGO  ?= cargo
+
+.PHONY: run test lint bench build venv clean
+
+## run: build, prepare the example site, serve it on http://127.0.0.1:8000/ (admin on :9000)
+run: venv build
+	cd example && ../$(PY) manage.py migrate -v0
+	target/release/strata run --config config/strata.toml
+
+## test: Rust unit tests, then end-to-end tests of the real binary against real applications
+test: venv
+	$(CARGO) build --locked
+	$(CARGO) test --workspace --locked
+	$(PY) -m pytest tests -q
+
+## lint: formatting and clippy, warnings denied
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## bench: Strata against Gunicorn and Granian, side by side (installs them into .bench-venv)
+bench: build
+	bash benches/appserver.sh
+
+build:
+	$(CARGO) build --release --locked
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: tests/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV) example/db.sqlite3

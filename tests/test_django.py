@@ -1,0 +1,97 @@
+"""The bundled example Django site, served the way `make run` serves it."""
+
+import hashlib
+import os
+import re
+import time
+
+import requests
+
+
+def csrf_token(html):
+    return re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', html).group(1)
+
+
+def test_anonymous_page_is_cacheable(example):
+    server = example()
+    response = requests.get(server.url("/"))
+    assert response.status_code == 200
+    assert "Article 20" in response.text
+    assert "public" in response.headers["Cache-Control"]
+    assert "Set-Cookie" not in response.headers
+    assert requests.get(server.url("/static/site.css")).status_code == 200
+
+
+def test_form_with_csrf(example):
+    server = example()
+    session = requests.Session()
+    page = session.get(server.url("/articles/1/"))
+    token = csrf_token(page.text)
+    posted = session.post(server.url("/articles/1/"),
+                          data={"csrfmiddlewaretoken": token, "author": "ada", "text": "Nice"},
+                          headers={"Referer": server.url("/articles/1/")})
+    assert posted.status_code == 200 and posted.history[0].status_code == 302
+    assert "<b>ada</b>: Nice" in posted.text
+    forged = requests.post(server.url("/articles/1/"), data={"author": "eve", "text": "x"})
+    assert forged.status_code == 403
+
+
+def test_login_and_personal_page(example):
+    server = example()
+    anonymous = requests.get(server.url("/me/"), allow_redirects=False)
+    assert anonymous.status_code == 302 and "/accounts/login/" in anonymous.headers["Location"]
+    session = requests.Session()
+    token = csrf_token(session.get(server.url("/accounts/login/")).text)
+    response = session.post(server.url("/accounts/login/"),
+                            data={"csrfmiddlewaretoken": token, "username": "demo",
+                                  "password": "demo", "next": "/me/"},
+                            headers={"Referer": server.url("/accounts/login/")})
+    assert response.status_code == 200
+    assert "Hello, demo" in response.text
+    assert "private" in response.headers.get("Cache-Control", "") or "Cookie" in response.headers.get("Vary", "")
+
+
+def test_broken_and_slow_views(example):
+    server = example()
+    assert requests.get(server.url("/boom/")).status_code == 500
+    assert "RuntimeError: boom" in server.log()
+    started = time.monotonic()
+    assert "slept 0.5s" in requests.get(server.url("/slow/?seconds=0.5")).text
+    assert time.monotonic() - started >= 0.5
+
+
+def test_streaming_view_arrives_piece_by_piece(example):
+    server = example()
+    started = time.monotonic()
+    arrivals = []
+    with requests.get(server.url("/stream/?count=4&delay=0.3"), stream=True) as response:
+        for line in response.iter_lines():
+            arrivals.append((time.monotonic() - started, line))
+    assert [line for _, line in arrivals] == [b"line 0", b"line 1", b"line 2", b"line 3"]
+    # The first line arrives long before the last one is produced: nothing is buffered whole.
+    assert arrivals[0][0] < 0.6 and arrivals[-1][0] >= 0.9
+
+
+def test_upload_and_download(example, tmp_path):
+    blob = os.urandom(3 * 1024 * 1024)
+    (tmp_path / "big.bin").write_bytes(blob)
+    server = example(env={"EXAMPLE_DOWNLOADS": str(tmp_path)})
+    session = requests.Session()
+    token = csrf_token(session.get(server.url("/upload/")).text)
+    response = session.post(server.url("/upload/"), data={"csrfmiddlewaretoken": token},
+                            files={"file": ("big.bin", blob)},
+                            headers={"Referer": server.url("/upload/")})
+    assert f"{len(blob)} bytes, sha256 {hashlib.sha256(blob).hexdigest()}" in response.text
+    download = requests.get(server.url("/download/big.bin"))
+    assert download.content == blob
+    assert "attachment" in download.headers["Content-Disposition"]
+    assert requests.get(server.url("/download/..%2Fdb.sqlite3")).status_code == 404
+
+
+def test_workers_start_warm(example):
+    server = example("--workers", "2")
+    log = server.log()
+    assert "django warmed: url resolver" in log
+    # The URLconf was imported in the zygote: the first request needs no import.
+    for _ in range(3):
+        assert requests.get(server.url("/articles/2/")).status_code == 200
