@@ -148,3 +148,18 @@ def test_second_sigint_stops_at_once(strata):
     server.signal(signal.SIGINT)
     assert server.wait(timeout=10) != 0
     assert time.monotonic() - started < 5
+
+
+def test_workers_dying_at_start_are_replaced_and_throttled(strata, tmp_path):
+    flag = tmp_path / "die"
+    server = strata(*app("lifecycle", "--workers", "2"), env={"LIFECYCLE_DIE_FLAG": str(flag)})
+    flag.write_text("")
+    assert requests.get(server.url("/exit")).status_code == 502
+    time.sleep(3)
+    # Every fork dies at once; without a throttle this would be hundreds of forks.
+    restarts = metric(server, 'strata_app_worker_restarts_total{cause="crash"}')
+    assert 5 <= restarts <= 12, restarts
+    assert "delaying the next fork" in server.log()
+    assert requests.get(server.url("/")).status_code == 200, "the other worker still serves"
+    flag.unlink()
+    assert wait_until(lambda: len(server.worker_pids()) == 2)

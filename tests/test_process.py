@@ -52,11 +52,16 @@ def test_nothing_listens_before_the_app_is_warm(strata):
     raise AssertionError(server.log())
 
 
-def test_import_failure_exits_with_the_traceback(tmp_path):
-    result = subprocess.run(
+def run_to_exit(cwd, *args):
+    """Runs `strata run` that is expected to exit by itself."""
+    return subprocess.run(
         [str(STRATA), "run", "--bind", f"127.0.0.1:{free_port()}", "--admin",
-         f"127.0.0.1:{free_port()}", *app("broken_import")],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+         f"127.0.0.1:{free_port()}", *args],
+        capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_import_failure_exits_with_the_traceback(tmp_path):
+    result = run_to_exit(tmp_path, *app("broken_import"))
     assert result.returncode != 0
     assert "cannot import the application module `broken_import`" in result.stderr
     assert "ModuleNotFoundError: No module named 'module_that_does_not_exist'" in result.stderr
@@ -65,10 +70,7 @@ def test_import_failure_exits_with_the_traceback(tmp_path):
 
 
 def test_missing_callable_is_reported(tmp_path):
-    result = subprocess.run(
-        [str(STRATA), "run", "--bind", f"127.0.0.1:{free_port()}", "--admin",
-         f"127.0.0.1:{free_port()}", *app("hello:nope")],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = run_to_exit(tmp_path, *app("hello:nope"))
     assert result.returncode != 0
     assert "has no callable `nope`" in result.stderr
 

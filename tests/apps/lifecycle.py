@@ -25,3 +25,12 @@ def application(environ, start_response):
 
 def stuck_in_sleep(seconds):
     time.sleep(seconds)
+
+
+def _die_after_fork_when_flagged():
+    flag = os.environ.get("LIFECYCLE_DIE_FLAG")
+    if flag and os.path.exists(flag):
+        os._exit(7)
+
+
+os.register_at_fork(after_in_child=_die_after_fork_when_flagged)

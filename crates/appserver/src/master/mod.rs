@@ -83,14 +83,20 @@ impl Shared {
     fn worker_gone(&self, id: u32, cause: Cause) {
         if self.pool.remove(id) {
             self.metrics.restart(cause);
-            let _ = self.events.send(Event::Fork { replaces: None });
+            let _ = self.events.send(Event::Fork {
+                replaces: None,
+                after_crash: cause == Cause::Crash,
+            });
         }
     }
 
     /// A worker should be replaced: fork its successor, then retire it.
     fn recycle(&self, id: u32, cause: Cause) {
         self.metrics.restart(cause);
-        let _ = self.events.send(Event::Fork { replaces: Some(id) });
+        let _ = self.events.send(Event::Fork {
+            replaces: Some(id),
+            after_crash: false,
+        });
     }
 }
 

@@ -53,8 +53,11 @@ impl Cause {
 
 /// Requests to the supervisor.
 pub enum Event {
-    /// Fork a worker; once it is ready, retire `replaces`.
-    Fork { replaces: Option<u32> },
+    /// Fork a worker; once it is ready, retire `replaces`. Forks after crashes are throttled.
+    Fork {
+        replaces: Option<u32>,
+        after_crash: bool,
+    },
     /// A worker connected and said hello.
     Connected(WorkerConn),
     /// Stop the zygote and every worker; `force` kills busy workers too.
@@ -232,14 +235,27 @@ pub async fn supervise(
     mut events: mpsc::UnboundedReceiver<Event>,
     mut next_id: u32,
 ) {
-    // Forks in flight: worker id → the worker it replaces.
+    // Forks in flight: worker id → the worker it replaces; and pid → id once forked.
     let mut pending: HashMap<u32, Option<u32>> = HashMap::new();
+    let mut forked: HashMap<u32, u32> = HashMap::new();
     let mut zygote_alive = true;
     let mut rss_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut crashes = CrashThrottle::default();
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(Event::Fork { replaces }) => {
+                Some(Event::Fork { replaces, after_crash }) => {
+                    if after_crash {
+                        if let Some(delay) = crashes.delay() {
+                            tracing::warn!(?delay, "workers keep crashing; delaying the next fork");
+                            let events = shared.events.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = events.send(Event::Fork { replaces, after_crash: false });
+                            });
+                            continue;
+                        }
+                    }
                     next_id += 1;
                     pending.insert(next_id, replaces);
                     if !zygote_alive || zygote.send(&ToZygote::Fork { id: next_id }).await.is_err() {
@@ -247,6 +263,7 @@ pub async fn supervise(
                     }
                 }
                 Some(Event::Connected(worker)) => {
+                    forked.remove(&worker.pid);
                     let replaces = pending.remove(&worker.id).flatten();
                     tracing::info!(worker = worker.id, pid = worker.pid, "worker ready");
                     shared.pool.add(worker);
@@ -267,10 +284,25 @@ pub async fn supervise(
                         tracing::warn!(worker = id, pid, %status, "worker exited unexpectedly");
                         shared.worker_gone(id, Cause::Crash);
                     }
-                    None if status == "exit code 0" => tracing::debug!(pid, %status, "worker exited"),
-                    None => tracing::warn!(pid, %status, "worker exited"),
+                    None => match forked.remove(&pid) {
+                        // It died between fork and hello: nobody else will replace it.
+                        Some(id) => {
+                            tracing::warn!(worker = id, pid, %status, "worker exited before it was ready");
+                            let replaces = pending.remove(&id).flatten();
+                            shared.metrics.restart(Cause::Crash);
+                            let _ = shared.events.send(Event::Fork { replaces, after_crash: true });
+                        }
+                        None if status == "exit code 0" => tracing::debug!(pid, %status, "worker exited"),
+                        None => tracing::warn!(pid, %status, "worker exited"),
+                    },
                 },
-                Some(FromZygote::Forked { id, pid }) => tracing::debug!(worker = id, pid, "worker forked"),
+                Some(FromZygote::Forked { id, pid }) => {
+                    tracing::debug!(worker = id, pid, "worker forked");
+                    // The worker may have said hello already; then it is not in flight.
+                    if pending.contains_key(&id) {
+                        forked.insert(pid, id);
+                    }
+                }
                 Some(other) => tracing::debug!(?other, "zygote message"),
                 None => {
                     zygote_alive = false;
@@ -293,6 +325,26 @@ pub async fn supervise(
             },
             _ = rss_tick.tick(), if shared.config.max_rss_mb > 0 => check_memory(&shared),
         }
+    }
+}
+
+/// Slows re-forking when workers crash in a loop (a bad deploy, a poisoned request), so the
+/// zygote does not spin: five crashes within ten seconds delay each further fork by a second.
+#[derive(Default)]
+struct CrashThrottle {
+    recent: std::collections::VecDeque<tokio::time::Instant>,
+}
+
+impl CrashThrottle {
+    const WINDOW: Duration = Duration::from_secs(10);
+    const BURST: usize = 5;
+
+    fn delay(&mut self) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        self.recent
+            .retain(|at| now.duration_since(*at) < Self::WINDOW);
+        self.recent.push_back(now);
+        (self.recent.len() > Self::BURST).then_some(Duration::from_secs(1))
     }
 }
 
@@ -342,5 +394,33 @@ async fn stop(shared: &Shared, zygote: &mut Zygote, force: bool) {
     {
         tracing::warn!("the zygote did not exit in time; killing it");
         let _ = zygote.child.kill().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_throttle_delays_after_a_burst() {
+        let mut throttle = CrashThrottle::default();
+        for _ in 0..CrashThrottle::BURST {
+            assert_eq!(throttle.delay(), None);
+        }
+        assert_eq!(throttle.delay(), Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn request_limit_adds_jitter_within_bounds() {
+        let mut config = crate::AppConfig::default();
+        assert_eq!(request_limit(&config, 1), u64::MAX);
+        config.max_requests = 100;
+        config.max_requests_jitter = 10;
+        let limits: Vec<u64> = (0..50).map(|id| request_limit(&config, id)).collect();
+        assert!(limits.iter().all(|l| (100..=110).contains(l)));
+        assert!(
+            limits.iter().any(|l| *l != limits[0]),
+            "jitter varies between workers"
+        );
     }
 }
