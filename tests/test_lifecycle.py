@@ -1,6 +1,7 @@
 """Workers crash, hang, leak and get recycled; the server loses nothing else."""
 
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -163,3 +164,27 @@ def test_workers_dying_at_start_are_replaced_and_throttled(strata, tmp_path):
     assert requests.get(server.url("/")).status_code == 200, "the other worker still serves"
     flag.unlink()
     assert wait_until(lambda: len(server.worker_pids()) == 2)
+
+
+def test_clients_that_leave_do_not_cost_a_worker(strata):
+    server = strata(*app("lifecycle", "--workers", "1"))
+    pid = server.worker_pids()[0]
+    # Leave while the application is still working on the request.
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GET /sleep?s=0.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(1.0)
+    # Leave in the middle of a long streamed response.
+    with requests.get(server.url("/stream?count=200&delay=0.01"), stream=True) as response:
+        next(response.iter_content(16))
+    # Leave while waiting in the queue behind a busy worker.
+    busy = threading.Thread(target=lambda: requests.get(server.url("/sleep?s=1")))
+    busy.start()
+    time.sleep(0.2)
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.2)
+    busy.join()
+    time.sleep(0.5)
+    assert server.worker_pids() == [pid]
+    assert metric(server, 'strata_app_worker_restarts_total{cause="crash"}') == 0
+    assert requests.get(server.url("/")).text == str(pid)

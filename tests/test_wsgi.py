@@ -1,8 +1,8 @@
 """PEP 3333 compliance, checked by `wsgiref.validate` inside the application."""
 
+import http.client
 import json
 import os
-import socket
 
 import pytest
 import requests
@@ -13,6 +13,18 @@ from conftest import app
 def probe(strata, tmp_path, *extra, **env):
     env.setdefault("PROBE_CLOSE_LOG", str(tmp_path / "closed.log"))
     return strata(*app("probe", *extra), env=env)
+
+
+def raw_get(server, path, headers):
+    """A GET with the path and headers exactly as given (no client normalisation)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.putrequest("GET", path, skip_host=True, skip_accept_encoding=True)
+    for name, value in headers:
+        conn.putheader(name, value)
+    conn.endheaders()
+    body = conn.getresponse().read()
+    conn.close()
+    return json.loads(body)
 
 
 def no_violations(server):
@@ -42,12 +54,7 @@ def test_environ_get_with_and_without_query(strata, tmp_path):
 
 def test_path_info_is_decoded_latin1_and_script_name_mounts(strata, tmp_path):
     server = probe(strata, tmp_path)
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(b"GET /environ%2Fx/caf%C3%A9 HTTP/1.1\r\nHost: example.org:81\r\nConnection: close\r\n\r\n")
-        raw = b""
-        while chunk := s.recv(65536):
-            raw += chunk
-    view = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    view = raw_get(server, "/environ%2Fx/caf%C3%A9", [("Host", "example.org:81")])
     # Bytes as code points, per PEP 3333: UTF-8 é arrives as two latin-1 characters.
     assert view["PATH_INFO"] == "/environ/x/caf\u00c3\u00a9"
     assert view["SERVER_NAME"] == "example.org" and view["SERVER_PORT"] == "81"
@@ -62,13 +69,7 @@ def test_script_name(strata, tmp_path):
 
 def test_headers_with_underscores_are_dropped(strata, tmp_path):
     server = probe(strata, tmp_path)
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(b"GET /environ HTTP/1.1\r\nHost: x\r\nX-User: real\r\nX_User: spoofed\r\n"
-                  b"Connection: close\r\n\r\n")
-        raw = b""
-        while chunk := s.recv(65536):
-            raw += chunk
-    view = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    view = raw_get(server, "/environ", [("Host", "x"), ("X-User", "real"), ("X_User", "spoofed")])
     assert view["http"]["HTTP_X_USER"] == "real"
 
 

@@ -17,10 +17,19 @@ def application(environ, start_response):
         ctypes.string_at(0)
     if path == "/sleep":
         stuck_in_sleep(float(query.get("s", "1")))
+    if path == "/stream":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return slow_lines(int(query.get("count", "10")), float(query.get("delay", "0.1")))
     if path == "/grow":
         HELD.append(bytearray(int(query.get("mb", "10")) * 1024 * 1024))
     start_response("200 OK", [("Content-Type", "text/plain"), ("X-Pid", str(os.getpid()))])
     return [str(os.getpid()).encode()]
+
+
+def slow_lines(count, delay):
+    for i in range(count):
+        yield b"line %d\n" % i
+        time.sleep(delay)
 
 
 def stuck_in_sleep(seconds):

@@ -3,23 +3,23 @@
 //!
 //! Failures map to responses here and nowhere else: queue full or timed out → 503, worker died
 //! → 502, worker stuck past the timeout → 504 (after its Python stack is dumped), body over the
-//! limit → 413.
+//! limit → 413. A client that leaves mid-exchange costs nothing: the [`Lease`] finishes the
+//! exchange with the worker on its own.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use strata_core::seam::{full, status_response};
+use strata_core::seam::{empty, full, status_response};
 use strata_core::{Body, BodyTooLarge, BoxError, ConnInfo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::body::ChannelBody;
 use super::cgi;
 use super::pool::{Rejected, WorkerConn};
-use super::supervisor::Cause;
+use super::supervisor::{kill_stuck, Cause};
 use super::Shared;
 use crate::proto::{self, kind, Encoder, ProtoError};
 
@@ -32,13 +32,85 @@ enum Failure {
 }
 
 /// The request body still to be sent to the worker, if it was not read whole.
-struct PendingBody(Option<Body>);
+#[derive(Default)]
+struct PendingBody {
+    body: Option<Body>,
+    /// The client is gone: body reads fail instead of ending early, so the application does
+    /// not act on a truncated body.
+    abandoned: bool,
+}
+
+/// A worker lent to one exchange. Dropped before the exchange completed (the client went
+/// away and the response future was dropped), it finishes the exchange in a task of its own:
+/// the worker is drained and given back, or replaced if the stream cannot be trusted.
+struct Lease {
+    shared: Arc<Shared>,
+    worker: Option<WorkerConn>,
+    deadline: Instant,
+    /// A request frame may be half written: the stream cannot be resynchronised.
+    writing: bool,
+}
+
+impl Lease {
+    fn worker(&mut self) -> &mut WorkerConn {
+        self.worker
+            .as_mut()
+            .expect("a lease holds its worker until taken")
+    }
+
+    fn take(mut self) -> WorkerConn {
+        self.worker
+            .take()
+            .expect("a lease holds its worker until taken")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(worker) = self.worker.take() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        if self.writing {
+            tracing::debug!(
+                worker = worker.id,
+                "request abandoned mid-write; replacing the worker"
+            );
+            kill_stuck(worker.pid);
+            return shared.worker_gone(worker.id, Cause::Crash);
+        }
+        let deadline = self.deadline;
+        tokio::spawn(async move {
+            let mut rest = PendingBody {
+                body: None,
+                abandoned: true,
+            };
+            let mut worker = worker;
+            let mut payload = Vec::new();
+            loop {
+                match next_frame(&mut worker, &mut payload, &mut rest, deadline).await {
+                    Ok(kind::END | kind::ABORT) => return finish(&shared, worker),
+                    Ok(kind::HEAD | kind::CHUNK) => {}
+                    Ok(other) => {
+                        return lose(
+                            &shared,
+                            worker,
+                            Failure::Died(ProtoError::UnexpectedKind(other)),
+                        )
+                    }
+                    Err(failure) => return lose(&shared, worker, failure),
+                }
+            }
+        });
+    }
+}
 
 /// Serves one request.
 pub async fn run(shared: Arc<Shared>, request: Request<Body>) -> Response<Body> {
     let started = Instant::now();
     let response = serve(&shared, request, started).await;
     shared.metrics.requests.inc(response.status().as_u16());
+    shared.metrics.latency.observe(started.elapsed());
     response
 }
 
@@ -49,7 +121,7 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>, started: Instant) -
         parts.extensions.get::<ConnInfo>(),
         &shared.config.script_name,
     );
-    let (start, complete, rest) = match read_start(body, shared.config.buffer_body_bytes).await {
+    let (start, complete, body) = match read_start(body, shared.config.buffer_body_bytes).await {
         Ok(read) => read,
         Err(error) if error.is::<BodyTooLarge>() => {
             return status_response(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string())
@@ -62,28 +134,42 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>, started: Instant) -
         // A chunked body read whole: give frameworks that rely on it a length.
         vars.set("CONTENT_LENGTH", start.len().to_string());
     }
+    let mut rest = PendingBody {
+        body,
+        abandoned: false,
+    };
     let mut enc = Encoder::new();
-    let mut rest = PendingBody(rest);
+    let deadline = started + shared.config.timeout;
     for _attempt in 0..3 {
         let waited = Instant::now();
-        let mut worker = match shared.pool.acquire().await {
+        let worker = match shared.pool.acquire().await {
             Ok(worker) => worker,
             Err(rejected) => return rejected_response(shared, rejected),
         };
         shared.metrics.queue_wait.observe(waited.elapsed());
-        let seq = worker.served as u32;
         enc.clear();
-        proto::encode_request(&mut enc, seq, complete, vars.iter(), &start);
-        if let Err(error) = worker.writer.write_all(enc.bytes()).await {
+        proto::encode_request(
+            &mut enc,
+            worker.served as u32,
+            complete,
+            vars.iter(),
+            &start,
+        );
+        let mut lease = Lease {
+            shared: shared.clone(),
+            worker: Some(worker),
+            deadline,
+            writing: true,
+        };
+        if let Err(error) = lease.worker().send(enc.bytes()).await {
             // The worker died while idle and never saw this request: try another one.
+            let worker = lease.take();
             tracing::warn!(worker = worker.id, %error, "worker gone before the request was sent");
             shared.worker_gone(worker.id, Cause::Crash);
             continue;
         }
-        let deadline = started + shared.config.timeout;
-        let response = relay(shared, worker, &mut rest, deadline, &parts.method).await;
-        shared.metrics.latency.observe(started.elapsed());
-        return response;
+        lease.writing = false;
+        return relay(shared, lease, &mut rest, &parts.method).await;
     }
     status_response(StatusCode::BAD_GATEWAY, "no worker could take the request")
 }
@@ -131,92 +217,77 @@ fn rejected_response(shared: &Shared, rejected: Rejected) -> Response<Body> {
 /// rest of the exchange feeds.
 async fn relay(
     shared: &Arc<Shared>,
-    mut worker: WorkerConn,
+    mut lease: Lease,
     rest: &mut PendingBody,
-    deadline: Instant,
     method: &http::Method,
 ) -> Response<Body> {
     let mut payload = Vec::new();
-    match next_frame(&mut worker, &mut payload, rest, deadline).await {
-        Ok(kind::HEAD) => {}
-        Ok(other) => {
-            let error = ProtoError::UnexpectedKind(other);
-            return failed(shared, worker, Failure::Died(error), method);
-        }
-        Err(failure) => return failed(shared, worker, failure, method),
-    }
-    let mut response = match build_response(&payload) {
+    let deadline = lease.deadline;
+    let first = next_frame(lease.worker(), &mut payload, rest, deadline).await;
+    let mut response = match first.and_then(|kind| head_response(kind, &payload)) {
         Ok(response) => response,
-        Err(error) => {
-            return failed(shared, worker, Failure::Died(error), method);
-        }
+        Err(failure) => return failed(shared, lease.take(), failure, method),
     };
     // Fast path: the whole body is already buffered (most pages): no task, no channel.
     let mut chunks = Vec::new();
     loop {
-        match buffered_frame(&mut worker, &mut payload) {
+        match lease.worker().buffered_frame(&mut payload) {
             Some(kind::CHUNK) => chunks.push(Bytes::copy_from_slice(&payload)),
             Some(kind::END) => {
-                finish(shared, worker);
-                let body = match chunks.len() {
-                    0 => strata_core::seam::empty(),
+                finish(shared, lease.take());
+                *response.body_mut() = match chunks.len() {
+                    0 => empty(),
                     1 => full(chunks.pop().expect("one chunk")),
                     _ => full(chunks.concat()),
                 };
-                *response.body_mut() = body;
                 return response;
             }
             Some(other) => {
-                let error = ProtoError::UnexpectedKind(other);
-                return failed(shared, worker, Failure::Died(error), method);
+                let failure = Failure::Died(ProtoError::UnexpectedKind(other));
+                return failed(shared, lease.take(), failure, method);
             }
             None => break,
         }
     }
     let (tx, rx) = mpsc::channel(16);
     *response.body_mut() = ChannelBody::new(chunks, rx).boxed_unsync();
-    let shared = shared.clone();
-    let rest = PendingBody(rest.0.take());
-    tokio::spawn(stream(shared, worker, rest, deadline, tx));
+    let rest = std::mem::take(rest);
+    tokio::spawn(stream(lease, rest, tx));
     response
 }
 
 /// Relays body chunks after the head until the worker ends the response.
 async fn stream(
-    shared: Arc<Shared>,
-    mut worker: WorkerConn,
+    mut lease: Lease,
     mut rest: PendingBody,
-    deadline: Instant,
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
 ) {
     let mut payload = Vec::new();
-    let mut client_gone = false;
+    let deadline = lease.deadline;
+    let shared = lease.shared.clone();
     loop {
-        match next_frame(&mut worker, &mut payload, &mut rest, deadline).await {
+        let frame = next_frame(lease.worker(), &mut payload, &mut rest, deadline).await;
+        match frame {
             Ok(kind::CHUNK) => {
-                // A client that went away still lets the worker finish; its bytes are dropped.
-                if !client_gone && tx.send(Ok(Bytes::copy_from_slice(&payload))).await.is_err() {
-                    client_gone = true;
+                if tx.send(Ok(Bytes::copy_from_slice(&payload))).await.is_err() {
+                    return; // The client left; dropping the lease drains the rest.
                 }
             }
-            Ok(kind::END) => return finish(&shared, worker),
+            Ok(kind::END) => return finish(&shared, lease.take()),
             Ok(kind::ABORT) => {
                 let _ = tx
                     .send(Err("the application failed mid-response".into()))
                     .await;
-                return finish(&shared, worker);
+                return finish(&shared, lease.take());
             }
             Ok(other) => {
                 let _ = tx.send(Err("worker protocol error".into())).await;
-                return lose(
-                    &shared,
-                    worker,
-                    Failure::Died(ProtoError::UnexpectedKind(other)),
-                );
+                let failure = Failure::Died(ProtoError::UnexpectedKind(other));
+                return lose(&shared, lease.take(), failure);
             }
             Err(failure) => {
                 let _ = tx.send(Err("the worker stopped mid-response".into())).await;
-                return lose(&shared, worker, failure);
+                return lose(&shared, lease.take(), failure);
             }
         }
     }
@@ -230,7 +301,7 @@ async fn next_frame(
     deadline: Instant,
 ) -> Result<u8, Failure> {
     loop {
-        let kind = tokio::time::timeout_at(deadline, read_frame(worker, payload))
+        let kind = tokio::time::timeout_at(deadline, worker.read_frame(payload))
             .await
             .map_err(|_| Failure::TimedOut)?
             .map_err(Failure::Died)?;
@@ -238,72 +309,66 @@ async fn next_frame(
             return Ok(kind);
         }
         let mut enc = Encoder::new();
-        let mut ended = false;
-        match rest.0.as_mut() {
-            None => enc.frame(kind::BODY, b""),
-            Some(body) => loop {
-                match tokio::time::timeout_at(deadline, body.frame()).await {
-                    Err(_) => return Err(Failure::TimedOut),
-                    Ok(None) => {
-                        ended = true;
-                        enc.frame(kind::BODY, b"");
-                        break;
-                    }
-                    // Trailers and empty frames carry nothing for `wsgi.input`: read on.
-                    Ok(Some(Ok(frame))) => match frame.into_data() {
-                        Ok(data) if !data.is_empty() => {
-                            enc.frame(kind::BODY, &data);
-                            break;
-                        }
-                        _ => continue,
-                    },
-                    Ok(Some(Err(error))) => {
-                        ended = true;
-                        enc.frame(kind::BODY_ERROR, error.to_string().as_bytes());
-                        break;
-                    }
-                }
-            },
-        }
-        if ended {
-            rest.0 = None;
-        }
+        body_reply(&mut enc, rest, deadline).await?;
         worker
-            .writer
-            .write_all(enc.bytes())
+            .send(enc.bytes())
             .await
             .map_err(|e| Failure::Died(e.into()))?;
     }
 }
 
-async fn read_frame(worker: &mut WorkerConn, payload: &mut Vec<u8>) -> Result<u8, ProtoError> {
-    let mut header = [0u8; 5];
-    worker.reader.read_exact(&mut header).await?;
-    let (kind, len) = proto::parse_header(header)?;
-    payload.clear();
-    payload.resize(len, 0);
-    worker.reader.read_exact(payload).await?;
-    Ok(kind)
+/// Encodes the answer to a worker's body read: the next bytes, the end, or an error.
+async fn body_reply(
+    enc: &mut Encoder,
+    rest: &mut PendingBody,
+    deadline: Instant,
+) -> Result<(), Failure> {
+    if rest.abandoned {
+        enc.frame(kind::BODY_ERROR, b"the client disconnected");
+        return Ok(());
+    }
+    let Some(body) = rest.body.as_mut() else {
+        enc.frame(kind::BODY, b"");
+        return Ok(());
+    };
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(Failure::TimedOut),
+            Ok(None) => {
+                rest.body = None;
+                enc.frame(kind::BODY, b"");
+                return Ok(());
+            }
+            // Trailers and empty frames carry nothing for `wsgi.input`: read on.
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => {
+                    enc.frame(kind::BODY, &data);
+                    return Ok(());
+                }
+                _ => continue,
+            },
+            Ok(Some(Err(error))) => {
+                rest.body = None;
+                rest.abandoned = true;
+                enc.frame(kind::BODY_ERROR, error.to_string().as_bytes());
+                return Ok(());
+            }
+        }
+    }
 }
 
-/// Takes a frame that is already whole in the read buffer, without waiting.
-fn buffered_frame(worker: &mut WorkerConn, payload: &mut Vec<u8>) -> Option<u8> {
-    let buffer = worker.reader.buffer();
-    let header: [u8; 5] = buffer.get(..5)?.try_into().ok()?;
-    let (kind, len) = proto::parse_header(header).ok()?;
-    let frame = buffer.get(5..5 + len)?;
-    payload.clear();
-    payload.extend_from_slice(frame);
-    tokio::io::AsyncBufRead::consume(std::pin::Pin::new(&mut worker.reader), 5 + len);
-    Some(kind)
-}
-
-fn build_response(head: &[u8]) -> Result<Response<Body>, ProtoError> {
-    let head = proto::decode_head(head)?;
-    let status = StatusCode::from_u16(head.status).map_err(|_| ProtoError::Truncated)?;
-    let mut response = Response::new(strata_core::seam::empty());
+/// The response for a `HEAD` frame; any other first frame means the worker is broken.
+fn head_response(kind: u8, payload: &[u8]) -> Result<Response<Body>, Failure> {
+    if kind != kind::HEAD {
+        return Err(Failure::Died(ProtoError::UnexpectedKind(kind)));
+    }
+    let head = proto::decode_head(payload).map_err(Failure::Died)?;
+    let status =
+        StatusCode::from_u16(head.status).map_err(|_| Failure::Died(ProtoError::Truncated))?;
+    let mut response = Response::new(empty());
     *response.status_mut() = status;
     let headers = response.headers_mut();
+    headers.reserve(head.headers.len());
     for (name, value) in head.headers {
         match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
             (Ok(name), Ok(value)) => {
@@ -358,7 +423,7 @@ fn failed(
 fn lose(shared: &Shared, worker: WorkerConn, failure: Failure) {
     let cause = match failure {
         Failure::TimedOut => {
-            super::supervisor::kill_stuck(worker.pid);
+            kill_stuck(worker.pid);
             Cause::Timeout
         }
         Failure::Died(_) => Cause::Crash,

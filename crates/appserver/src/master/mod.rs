@@ -3,6 +3,7 @@
 
 mod body;
 mod cgi;
+mod conn;
 mod exchange;
 mod pool;
 mod supervisor;

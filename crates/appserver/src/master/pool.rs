@@ -9,22 +9,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::io::BufReader;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 
-/// The master's end of one worker's socket, with what the master knows about it.
-pub struct WorkerConn {
-    pub id: u32,
-    pub pid: u32,
-    pub generation: u32,
-    pub reader: BufReader<OwnedReadHalf>,
-    pub writer: OwnedWriteHalf,
-    /// Requests served so far.
-    pub served: u64,
-    /// Recycle after this many requests.
-    pub limit: u64,
-}
+pub use super::conn::WorkerConn;
 
 /// A worker's state, as `/status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -115,11 +102,18 @@ impl Pool {
             state.waiters.push_back(tx);
             rx
         };
-        match tokio::time::timeout(self.queue_timeout, rx).await {
+        let mut waiter = Waiter {
+            pool: self,
+            rx: Some(rx),
+        };
+        let rx = waiter.rx.as_mut().expect("set above");
+        let result = match tokio::time::timeout(self.queue_timeout, rx).await {
             Ok(Ok(worker)) => Ok(worker),
             Ok(Err(_)) => Err(Rejected::Closed),
             Err(_) => Err(Rejected::Timeout),
-        }
+        };
+        waiter.rx = None;
+        result
     }
 
     /// Adds a newly connected worker.
@@ -226,6 +220,25 @@ impl Pool {
         state.closed = true;
         state.idle.clear();
         state.waiters.clear();
+    }
+}
+
+/// A place in the queue. If the request gives up (timeout, or the client left and its future
+/// was dropped) just as a worker was handed to it, the worker goes back to the pool instead of
+/// being dropped with the channel.
+struct Waiter<'a> {
+    pool: &'a Pool,
+    rx: Option<oneshot::Receiver<WorkerConn>>,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(worker) = rx.try_recv() {
+                self.pool.release(worker);
+            }
+        }
     }
 }
 

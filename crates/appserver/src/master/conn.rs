@@ -1,0 +1,50 @@
+//! The master's end of one worker's socket: frame reads (waiting, or only from what is
+//! already buffered) and writes.
+
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::proto::{self, ProtoError};
+
+/// A connected worker, with what the master knows about it.
+pub struct WorkerConn {
+    pub id: u32,
+    pub pid: u32,
+    pub generation: u32,
+    pub reader: BufReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+    /// Requests served so far.
+    pub served: u64,
+    /// Recycle after this many requests.
+    pub limit: u64,
+}
+
+impl WorkerConn {
+    /// Reads the next frame into `payload`; returns its kind.
+    pub async fn read_frame(&mut self, payload: &mut Vec<u8>) -> Result<u8, ProtoError> {
+        let mut header = [0u8; 5];
+        self.reader.read_exact(&mut header).await?;
+        let (kind, len) = proto::parse_header(header)?;
+        payload.clear();
+        payload.resize(len, 0);
+        self.reader.read_exact(payload).await?;
+        Ok(kind)
+    }
+
+    /// Takes a frame that is already whole in the read buffer, without waiting.
+    pub fn buffered_frame(&mut self, payload: &mut Vec<u8>) -> Option<u8> {
+        let buffer = self.reader.buffer();
+        let header: [u8; 5] = buffer.get(..5)?.try_into().ok()?;
+        let (kind, len) = proto::parse_header(header).ok()?;
+        let frame = buffer.get(5..5 + len)?;
+        payload.clear();
+        payload.extend_from_slice(frame);
+        std::pin::Pin::new(&mut self.reader).consume(5 + len);
+        Some(kind)
+    }
+
+    /// Writes encoded frames.
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes).await
+    }
+}
