@@ -222,22 +222,23 @@ pub struct RequestFrame<'a> {
     pub body: &'a [u8],
 }
 
-/// Encodes a request frame.
-pub fn encode_request<'a>(
+/// Encodes a request frame. `vars` holds `count` pairs already encoded as `short` key and
+/// `long` value (see [`Encoder::short`], [`Encoder::long`]).
+pub fn encode_request(
     enc: &mut Encoder,
     seq: u32,
     body_complete: bool,
-    vars: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])>,
+    count: u32,
+    vars: &[u8],
     body: &[u8],
 ) {
     enc.begin(kind::REQUEST)
         .u32(seq)
         .u8(if body_complete { BODY_COMPLETE } else { 0 })
-        .u32(vars.len() as u32);
-    for (key, value) in vars {
-        enc.short(key).long(value);
-    }
-    enc.raw(body).finish();
+        .u32(count)
+        .raw(vars)
+        .raw(body)
+        .finish();
 }
 
 /// Decodes a request frame's payload.

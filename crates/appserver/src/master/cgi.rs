@@ -7,112 +7,121 @@ use http::request::Parts;
 use http::{header, HeaderName};
 use strata_core::ConnInfo;
 
-/// CGI variables as (name, raw value) pairs, in one buffer to keep allocations down.
+use crate::proto::Encoder;
+
+/// CGI variables, already in the request frame's wire format (one buffer for all of them).
 #[derive(Debug, Default)]
 pub struct CgiVars {
-    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+    enc: Encoder,
+    count: u32,
 }
 
 impl CgiVars {
-    fn push(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
-        self.pairs.push((key.into(), value.into()));
+    /// Appends one variable; callers never add a name twice.
+    pub fn push(&mut self, key: &[u8], value: &[u8]) {
+        self.enc.short(key).long(value);
+        self.count += 1;
     }
 
-    /// Replaces (or adds) one variable.
-    pub fn set(&mut self, key: &str, value: impl Into<Vec<u8>>) {
-        match self.pairs.iter_mut().find(|(k, _)| k == key.as_bytes()) {
-            Some(pair) => pair.1 = value.into(),
-            None => self.push(key, value),
-        }
-    }
-
+    /// The value of `key`, if set.
+    #[cfg(test)]
     pub fn get(&self, key: &str) -> Option<&[u8]> {
-        self.pairs
-            .iter()
-            .find(|(k, _)| k == key.as_bytes())
-            .map(|(_, v)| v.as_slice())
+        self.iter()
+            .find(|(k, _)| *k == key.as_bytes())
+            .map(|(_, v)| v)
     }
 
-    /// The pairs, for encoding.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8])> {
-        self.pairs.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
+    /// The variables, decoded.
+    #[cfg(test)]
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut dec = crate::proto::Decoder::new(self.enc.bytes());
+        (0..self.count).map_while(move |_| Some((dec.short().ok()?, dec.long().ok()?)))
+    }
+
+    /// How many variables there are.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The encoded variables.
+    pub fn encoded(&self) -> &[u8] {
+        self.enc.bytes()
     }
 }
 
 /// Builds the CGI variables for `parts`, mounted at `script_name`.
 pub fn build(parts: &Parts, info: Option<&ConnInfo>, script_name: &str) -> CgiVars {
     let mut vars = CgiVars::default();
-    vars.push("REQUEST_METHOD", parts.method.as_str());
+    vars.push(b"REQUEST_METHOD", parts.method.as_str().as_bytes());
     let path = percent_decode(parts.uri.path().as_bytes());
     let path_info = match path.strip_prefix(script_name.as_bytes()) {
-        Some(rest) if !script_name.is_empty() && (rest.is_empty() || rest[0] == b'/') => {
-            rest.to_vec()
-        }
-        _ => path,
+        Some(rest) if !script_name.is_empty() && (rest.is_empty() || rest[0] == b'/') => rest,
+        _ => &path[..],
     };
-    vars.push("SCRIPT_NAME", script_name);
-    vars.push("PATH_INFO", path_info);
-    vars.push("QUERY_STRING", parts.uri.query().unwrap_or(""));
-    vars.push(
-        "SERVER_PROTOCOL",
-        match parts.version {
-            http::Version::HTTP_10 => "HTTP/1.0",
-            http::Version::HTTP_2 => "HTTP/2",
-            _ => "HTTP/1.1",
-        },
-    );
+    vars.push(b"SCRIPT_NAME", script_name.as_bytes());
+    vars.push(b"PATH_INFO", path_info);
+    vars.push(b"QUERY_STRING", parts.uri.query().unwrap_or("").as_bytes());
+    let protocol: &[u8] = match parts.version {
+        http::Version::HTTP_10 => b"HTTP/1.0",
+        http::Version::HTTP_2 => b"HTTP/2",
+        _ => b"HTTP/1.1",
+    };
+    vars.push(b"SERVER_PROTOCOL", protocol);
     let (server_name, server_port) = server_name_port(parts, info);
-    vars.push("SERVER_NAME", server_name);
-    vars.push("SERVER_PORT", server_port);
+    vars.push(b"SERVER_NAME", server_name.as_bytes());
+    vars.push(b"SERVER_PORT", server_port.as_bytes());
     if let Some(info) = info {
-        vars.push("REMOTE_ADDR", info.remote.ip().to_string());
-        vars.push("REMOTE_PORT", info.remote.port().to_string());
+        vars.push(b"REMOTE_ADDR", info.remote.ip().to_string().as_bytes());
+        vars.push(b"REMOTE_PORT", info.remote.port().to_string().as_bytes());
     }
     let secure = info.is_some_and(|i| i.secure);
-    vars.push("wsgi.url_scheme", if secure { "https" } else { "http" });
+    vars.push(b"wsgi.url_scheme", if secure { b"https" } else { b"http" });
+    let mut key = String::with_capacity(64);
     for name in parts.headers.keys() {
+        let key: &str = match *name {
+            header::CONTENT_TYPE => "CONTENT_TYPE",
+            header::CONTENT_LENGTH => "CONTENT_LENGTH",
+            // Names with `_` would collide with their `-` spelling once converted; they are
+            // dropped rather than merged (a spoofing vector otherwise).
+            _ if name.as_str().contains('_') => continue,
+            _ => {
+                http_key(name, &mut key);
+                &key
+            }
+        };
         let mut values = parts.headers.get_all(name).iter().map(|v| v.as_bytes());
-        let key = match *name {
-            header::CONTENT_TYPE => "CONTENT_TYPE".to_owned(),
-            header::CONTENT_LENGTH => "CONTENT_LENGTH".to_owned(),
-            _ => match http_key(name) {
-                Some(key) => key,
-                // Names with `_` would collide with their `-` spelling once converted; they
-                // are dropped rather than merged (a spoofing vector otherwise).
-                None => continue,
-            },
-        };
-        let separator: &[u8] = if *name == header::COOKIE {
-            b"; "
-        } else {
-            b", "
-        };
-        let mut joined = values.next().unwrap_or_default().to_vec();
-        for value in values {
-            joined.extend_from_slice(separator);
-            joined.extend_from_slice(value);
+        let first = values.next().unwrap_or_default();
+        match values.next() {
+            None => vars.push(key.as_bytes(), first),
+            Some(second) => {
+                let separator: &[u8] = if *name == header::COOKIE {
+                    b"; "
+                } else {
+                    b", "
+                };
+                let mut joined = [first, separator, second].concat();
+                for value in values {
+                    joined.extend_from_slice(separator);
+                    joined.extend_from_slice(value);
+                }
+                vars.push(key.as_bytes(), &joined);
+            }
         }
-        vars.push(key, joined);
     }
     vars
 }
 
-/// `HTTP_USER_AGENT` for `user-agent`; `None` for names that contain `_`.
-fn http_key(name: &HeaderName) -> Option<String> {
-    let name = name.as_str();
-    if name.contains('_') {
-        return None;
-    }
-    let mut key = String::with_capacity(5 + name.len());
+/// Writes `HTTP_USER_AGENT` for `user-agent` into `key`.
+fn http_key(name: &HeaderName, key: &mut String) {
+    key.clear();
     key.push_str("HTTP_");
-    key.extend(name.chars().map(|c| {
+    key.extend(name.as_str().chars().map(|c| {
         if c == '-' {
             '_'
         } else {
             c.to_ascii_uppercase()
         }
     }));
-    Some(key)
 }
 
 fn server_name_port(parts: &Parts, info: Option<&ConnInfo>) -> (String, String) {
@@ -150,7 +159,10 @@ fn server_name_port(parts: &Parts, info: Option<&ConnInfo>) -> (String, String) 
 }
 
 /// Percent-decodes a path; invalid escapes are kept as they are.
-fn percent_decode(input: &[u8]) -> Vec<u8> {
+fn percent_decode(input: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !input.contains(&b'%') {
+        return std::borrow::Cow::Borrowed(input);
+    }
     let mut out = Vec::with_capacity(input.len());
     let mut i = 0;
     while i < input.len() {
@@ -165,7 +177,7 @@ fn percent_decode(input: &[u8]) -> Vec<u8> {
         out.push(input[i]);
         i += 1;
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -243,7 +255,7 @@ mod tests {
 
     #[test]
     fn bad_escapes_are_kept() {
-        assert_eq!(percent_decode(b"/a%zz%4"), b"/a%zz%4");
-        assert_eq!(percent_decode(b"%41%"), b"A%");
+        assert_eq!(&*percent_decode(b"/a%zz%4"), b"/a%zz%4");
+        assert_eq!(&*percent_decode(b"%41%"), b"A%");
     }
 }

@@ -130,9 +130,9 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>, started: Instant) -
             return status_response(StatusCode::BAD_REQUEST, &format!("request body: {error}"))
         }
     };
-    if complete && vars.get("CONTENT_LENGTH").is_none() && !start.is_empty() {
+    if complete && !start.is_empty() && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
         // A chunked body read whole: give frameworks that rely on it a length.
-        vars.set("CONTENT_LENGTH", start.len().to_string());
+        vars.push(b"CONTENT_LENGTH", start.len().to_string().as_bytes());
     }
     let mut rest = PendingBody {
         body,
@@ -152,7 +152,8 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>, started: Instant) -
             &mut enc,
             worker.served as u32,
             complete,
-            vars.iter(),
+            vars.count(),
+            vars.encoded(),
             &start,
         );
         let mut lease = Lease {

@@ -64,6 +64,7 @@ fn serve(
     py.import("gc")
         .and_then(|gc| gc.call_method0("enable"))
         .map_err(|err| std::io::Error::other(err.to_string()))?;
+    batch_scheduling(py);
     let stream = UnixStream::connect(&spec.socket)?;
     let mut conn = Conn {
         reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?),
@@ -84,6 +85,20 @@ fn serve(
             Some(kind::REQUEST) => wsgi.handle(py, app, &payload)?,
             Some(other) => return Err(proto::ProtoError::UnexpectedKind(other)),
         }
+    }
+}
+
+/// Puts the worker under `SCHED_BATCH`: waking it (a request arrived) does not preempt the
+/// master, which can then finish what it was doing — answer other clients, hand the next
+/// request to the next worker — before the worker runs. CPU shares are unchanged; on a
+/// contended core this halves the context switches per request.
+fn batch_scheduling(py: Python<'_>) {
+    let result = py.import("os").and_then(|os| {
+        let param = os.call_method1("sched_param", (0,))?;
+        os.call_method1("sched_setscheduler", (0, os.getattr("SCHED_BATCH")?, param))
+    });
+    if let Err(err) = result {
+        tracing::debug!(%err, "SCHED_BATCH unavailable");
     }
 }
 

@@ -260,6 +260,10 @@ fn declare_length(iterable: &Bound<'_, PyAny>, response: &SharedResponse) -> PyR
 }
 
 fn close(py: Python<'_>, iterable: &Bound<'_, PyAny>) -> PyResult<()> {
+    // Plain lists and tuples have no close(); asking would build an AttributeError per request.
+    if iterable.is_exact_instance_of::<PyList>() || iterable.is_exact_instance_of::<PyTuple>() {
+        return Ok(());
+    }
     if iterable.hasattr(pyo3::intern!(py, "close"))? {
         iterable.call_method0(pyo3::intern!(py, "close"))?;
     }
