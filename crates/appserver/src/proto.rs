@@ -322,12 +322,16 @@ mod tests {
 
     #[test]
     fn request_round_trips() {
-        let mut enc = Encoder::new();
         let vars = [
             (&b"REQUEST_METHOD"[..], &b"POST"[..]),
             (b"PATH_INFO", b"/a b"),
         ];
-        encode_request(&mut enc, 7, true, vars.iter().copied(), b"body");
+        let mut encoded = Encoder::new();
+        for (key, value) in vars {
+            encoded.short(key).long(value);
+        }
+        let mut enc = Encoder::new();
+        encode_request(&mut enc, 7, true, 2, encoded.bytes(), b"body");
         let (kind, payload) = one_frame(enc.bytes());
         assert_eq!(kind, kind::REQUEST);
         let request = decode_request(&payload).unwrap();
