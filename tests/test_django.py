@@ -95,3 +95,17 @@ def test_workers_start_warm(example):
     # The URLconf was imported in the zygote: the first request needs no import.
     for _ in range(3):
         assert requests.get(server.url("/articles/2/")).status_code == 200
+
+
+def test_make_run_configuration_serves_the_example(strata, example_db, tmp_path):
+    """`make run` serves config/strata.toml from the repository root."""
+    from conftest import ROOT
+
+    db = tmp_path / "db.sqlite3"
+    db.write_bytes(example_db.read_bytes())
+    server = strata("--config", str(ROOT / "config" / "strata.toml"), cwd=ROOT,
+                    env={"EXAMPLE_DB": str(db)})
+    assert "warm-up GET / -> 200 OK" in server.log()
+    response = requests.get(server.url("/"))
+    assert response.status_code == 200 and "Latest articles" in response.text
+    assert len(server.status()["app"]["workers"]) == 2

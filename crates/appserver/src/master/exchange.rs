@@ -108,13 +108,13 @@ impl Drop for Lease {
 /// Serves one request.
 pub async fn run(shared: Arc<Shared>, request: Request<Body>) -> Response<Body> {
     let started = Instant::now();
-    let response = serve(&shared, request, started).await;
+    let response = serve(&shared, request).await;
     shared.metrics.requests.inc(response.status().as_u16());
     shared.metrics.latency.observe(started.elapsed());
     response
 }
 
-async fn serve(shared: &Arc<Shared>, request: Request<Body>, started: Instant) -> Response<Body> {
+async fn serve(shared: &Arc<Shared>, request: Request<Body>) -> Response<Body> {
     let (parts, body) = request.into_parts();
     let mut vars = cgi::build(
         &parts,
@@ -139,7 +139,6 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>, started: Instant) -
         abandoned: false,
     };
     let mut enc = Encoder::new();
-    let deadline = started + shared.config.timeout;
     for _attempt in 0..3 {
         let waited = Instant::now();
         let worker = match shared.pool.acquire().await {
@@ -147,6 +146,8 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>, started: Instant) -
             Err(rejected) => return rejected_response(shared, rejected),
         };
         shared.metrics.queue_wait.observe(waited.elapsed());
+        // The timeout counts the worker's time, not the queue's.
+        let deadline = Instant::now() + shared.config.timeout;
         enc.clear();
         proto::encode_request(
             &mut enc,
