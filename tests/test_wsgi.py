@@ -94,6 +94,14 @@ def test_streamed_body_larger_than_the_buffer(strata, tmp_path):
     no_violations(server)
 
 
+def test_body_read_after_the_head_was_written(strata, tmp_path):
+    server = strata(*app("probe"), config="[app]\nbuffer_body_bytes = 1024\n")
+    payload = os.urandom(200_000)
+    response = requests.post(server.url("/write-then-read"), data=payload)
+    assert response.text == "head start;read 200000 bytes"
+    no_violations(server)
+
+
 def test_readline_readlines_and_iteration(strata, tmp_path):
     server = probe(strata, tmp_path)
     body = b"first line\nsecond\nthird\nfourth"

@@ -97,6 +97,13 @@ def raw(environ, start_response):
         write = start_response("200 OK", text)
         write(b"written ")
         return [b"and returned"]
+    if path == "/write-then-read":
+        # Pushes part of the response, then reads the body: the server must keep serving
+        # body reads after the head is out.
+        write = start_response("200 OK", text)
+        write(b"head start;")
+        data = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        return [b"read %d bytes" % len(data)]
     if path == "/exc-info":
         start_response("200 OK", text)
         try:

@@ -31,11 +31,15 @@ impl WorkerConn {
         Ok(kind)
     }
 
-    /// Takes a frame that is already whole in the read buffer, without waiting.
-    pub fn buffered_frame(&mut self, payload: &mut Vec<u8>) -> Option<u8> {
+    /// Takes a frame of one of `kinds` that is already whole in the read buffer, without
+    /// waiting; any other frame stays where it is.
+    pub fn buffered_frame(&mut self, payload: &mut Vec<u8>, kinds: &[u8]) -> Option<u8> {
         let buffer = self.reader.buffer();
         let header: [u8; 5] = buffer.get(..5)?.try_into().ok()?;
         let (kind, len) = proto::parse_header(header).ok()?;
+        if !kinds.contains(&kind) {
+            return None;
+        }
         let frame = buffer.get(5..5 + len)?;
         payload.clear();
         payload.extend_from_slice(frame);

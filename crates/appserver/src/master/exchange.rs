@@ -231,25 +231,22 @@ async fn relay(
         Err(failure) => return failed(shared, lease.take(), failure, method),
     };
     // Fast path: the whole body is already buffered (most pages): no task, no channel.
+    // Anything else (a body read after `write()`, a chunk still on its way) streams.
     let mut chunks = Vec::new();
-    loop {
-        match lease.worker().buffered_frame(&mut payload) {
-            Some(kind::CHUNK) => chunks.push(Bytes::copy_from_slice(&payload)),
-            Some(kind::END) => {
-                finish(shared, lease.take());
-                *response.body_mut() = match chunks.len() {
-                    0 => empty(),
-                    1 => full(chunks.pop().expect("one chunk")),
-                    _ => full(chunks.concat()),
-                };
-                return response;
-            }
-            Some(other) => {
-                let failure = Failure::Died(ProtoError::UnexpectedKind(other));
-                return failed(shared, lease.take(), failure, method);
-            }
-            None => break,
+    while let Some(frame) = lease
+        .worker()
+        .buffered_frame(&mut payload, &[kind::CHUNK, kind::END])
+    {
+        if frame == kind::END {
+            finish(shared, lease.take());
+            *response.body_mut() = match chunks.len() {
+                0 => empty(),
+                1 => full(chunks.pop().expect("one chunk")),
+                _ => full(chunks.concat()),
+            };
+            return response;
         }
+        chunks.push(Bytes::copy_from_slice(&payload));
     }
     let (tx, rx) = mpsc::channel(16);
     *response.body_mut() = ChannelBody::new(chunks, rx).boxed_unsync();
