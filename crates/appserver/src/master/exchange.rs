@@ -88,7 +88,7 @@ impl Drop for Lease {
             let mut worker = worker;
             let mut payload = Vec::new();
             loop {
-                match next_frame(&mut worker, &mut payload, &mut rest, deadline).await {
+                match next_frame(&shared, &mut worker, &mut payload, &mut rest, deadline).await {
                     Ok(kind::END | kind::ABORT) => return finish(&shared, worker),
                     Ok(kind::HEAD | kind::CHUNK) => {}
                     Ok(other) => {
@@ -225,7 +225,7 @@ async fn relay(
 ) -> Response<Body> {
     let mut payload = Vec::new();
     let deadline = lease.deadline;
-    let first = next_frame(lease.worker(), &mut payload, rest, deadline).await;
+    let first = next_frame(shared, lease.worker(), &mut payload, rest, deadline).await;
     let mut response = match first.and_then(|kind| head_response(kind, &payload)) {
         Ok(response) => response,
         Err(failure) => return failed(shared, lease.take(), failure, method),
@@ -265,7 +265,7 @@ async fn stream(
     let deadline = lease.deadline;
     let shared = lease.shared.clone();
     loop {
-        let frame = next_frame(lease.worker(), &mut payload, &mut rest, deadline).await;
+        let frame = next_frame(&shared, lease.worker(), &mut payload, &mut rest, deadline).await;
         match frame {
             Ok(kind::CHUNK) => {
                 if tx.send(Ok(Bytes::copy_from_slice(&payload))).await.is_err() {
@@ -292,18 +292,21 @@ async fn stream(
     }
 }
 
-/// Reads the next frame, answering body reads on the way.
+/// Reads the next frame, answering body reads on the way. Waiting on the worker has no timer
+/// of its own: the supervisor's watchdog kills a worker past its deadline, which ends the read.
 async fn next_frame(
+    shared: &Shared,
     worker: &mut WorkerConn,
     payload: &mut Vec<u8>,
     rest: &mut PendingBody,
     deadline: Instant,
 ) -> Result<u8, Failure> {
     loop {
-        let kind = tokio::time::timeout_at(deadline, worker.read_frame(payload))
-            .await
-            .map_err(|_| Failure::TimedOut)?
-            .map_err(Failure::Died)?;
+        let kind = match worker.read_frame(payload).await {
+            Ok(kind) => kind,
+            Err(_) if shared.pool.timed_out(worker.id) => return Err(Failure::TimedOut),
+            Err(error) => return Err(Failure::Died(error)),
+        };
         if kind != kind::READ {
             return Ok(kind);
         }
@@ -400,13 +403,7 @@ fn failed(
 ) -> Response<Body> {
     let response = match failure {
         Failure::TimedOut => {
-            tracing::error!(
-                worker = worker.id,
-                pid = worker.pid,
-                %method,
-                "request passed the {} timeout; the worker's Python stack follows, then it is killed",
-                strata_core::duration::format(shared.config.timeout)
-            );
+            tracing::warn!(worker = worker.id, %method, "answered 504: the request timed out");
             status_response(StatusCode::GATEWAY_TIMEOUT, "the application took too long")
         }
         Failure::Died(ref error) => {
@@ -418,13 +415,11 @@ fn failed(
     response
 }
 
-/// Replaces a worker that failed; a stuck one is killed first.
+/// Replaces a worker that failed. A timed-out one was killed by the watchdog (or, if it was
+/// waiting on a slow client body, exits when its socket closes).
 fn lose(shared: &Shared, worker: WorkerConn, failure: Failure) {
     let cause = match failure {
-        Failure::TimedOut => {
-            kill_stuck(worker.pid);
-            Cause::Timeout
-        }
+        Failure::TimedOut => Cause::Timeout,
         Failure::Died(_) => Cause::Crash,
     };
     shared.worker_gone(worker.id, cause);

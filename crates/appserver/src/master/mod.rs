@@ -136,7 +136,7 @@ impl AppServer {
         };
         let (events, events_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            pool: pool::Pool::new(config.queue_length, config.queue_timeout),
+            pool: pool::Pool::new(config.queue_length, config.queue_timeout, config.timeout),
             config,
             metrics: Metrics::default(),
             events,

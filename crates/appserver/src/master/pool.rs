@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 pub use super::conn::WorkerConn;
 
@@ -35,6 +36,12 @@ pub struct WorkerInfo {
     busy: bool,
     #[serde(skip)]
     retiring: bool,
+    /// When the request the worker is serving passes `app.timeout`.
+    #[serde(skip)]
+    deadline: Option<Instant>,
+    /// The watchdog found it past its deadline and killed it.
+    #[serde(skip)]
+    timed_out: bool,
 }
 
 /// Why a request got no worker.
@@ -63,14 +70,17 @@ pub struct Pool {
     state: Mutex<State>,
     queue_length: usize,
     queue_timeout: Duration,
+    /// `app.timeout`: how long a worker may hold one request.
+    timeout: Duration,
 }
 
 impl Pool {
-    pub fn new(queue_length: usize, queue_timeout: Duration) -> Self {
+    pub fn new(queue_length: usize, queue_timeout: Duration, timeout: Duration) -> Self {
         Self {
             state: Mutex::default(),
             queue_length,
             queue_timeout,
+            timeout,
         }
     }
 
@@ -89,7 +99,7 @@ impl Pool {
                 return Err(Rejected::Closed);
             }
             if let Some(worker) = state.idle.pop() {
-                mark(&mut state, worker.id, true);
+                self.mark(&mut state, worker.id, true);
                 return Ok(worker);
             }
             if state.waiters.len() >= self.queue_length {
@@ -130,6 +140,8 @@ impl Pool {
                     requests: 0,
                     busy: true,
                     retiring: false,
+                    deadline: None,
+                    timed_out: false,
                 },
             );
         }
@@ -150,12 +162,13 @@ impl Pool {
             return; // Dropping the connection tells the worker to exit.
         }
         while let Some(waiter) = state.waiters.pop_front() {
+            let id = worker.id;
             match waiter.send(worker) {
-                Ok(()) => return,
+                Ok(()) => return self.mark(&mut state, id, true),
                 Err(back) => worker = back,
             }
         }
-        mark(&mut state, worker.id, false);
+        self.mark(&mut state, worker.id, false);
         state.idle.push(worker);
     }
 
@@ -200,6 +213,24 @@ impl Pool {
             .map(|w| w.id)
     }
 
+    /// Busy workers past their deadline, each reported once: the watchdog kills them.
+    pub fn expired(&self, now: Instant) -> Vec<WorkerInfo> {
+        let mut state = self.lock();
+        let mut expired = Vec::new();
+        for info in state.workers.values_mut() {
+            if info.busy && !info.timed_out && info.deadline.is_some_and(|d| d <= now) {
+                info.timed_out = true;
+                expired.push(info.clone());
+            }
+        }
+        expired
+    }
+
+    /// Whether the watchdog killed this worker for passing its deadline.
+    pub fn timed_out(&self, id: u32) -> bool {
+        self.lock().workers.get(&id).is_some_and(|w| w.timed_out)
+    }
+
     /// Every known worker.
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.lock().workers.values().cloned().collect()
@@ -242,15 +273,19 @@ impl Drop for Waiter<'_> {
     }
 }
 
-fn mark(state: &mut State, id: u32, busy: bool) {
-    if let Some(info) = state.workers.get_mut(&id) {
-        info.busy = busy;
-        if !info.retiring {
-            info.state = if busy {
-                WorkerState::Busy
-            } else {
-                WorkerState::Idle
-            };
+impl Pool {
+    /// Records a worker handed out (its request's deadline starts now) or given back.
+    fn mark(&self, state: &mut State, id: u32, busy: bool) {
+        if let Some(info) = state.workers.get_mut(&id) {
+            info.busy = busy;
+            info.deadline = busy.then(|| Instant::now() + self.timeout);
+            if !info.retiring {
+                info.state = if busy {
+                    WorkerState::Busy
+                } else {
+                    WorkerState::Idle
+                };
+            }
         }
     }
 }

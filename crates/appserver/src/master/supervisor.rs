@@ -241,6 +241,8 @@ pub async fn supervise(
     let mut zygote_alive = true;
     let mut rss_tick = tokio::time::interval(Duration::from_secs(1));
     let mut crashes = CrashThrottle::default();
+    let mut watchdog = tokio::time::interval(Duration::from_millis(100));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             event = events.recv() => match event {
@@ -324,6 +326,7 @@ pub async fn supervise(
                 Err(error) => tracing::warn!(%error, "worker socket accept failed"),
             },
             _ = rss_tick.tick(), if shared.config.max_rss_mb > 0 => check_memory(&shared),
+            now = watchdog.tick() => kill_expired(&shared, now),
         }
     }
 }
@@ -345,6 +348,20 @@ impl CrashThrottle {
             .retain(|at| now.duration_since(*at) < Self::WINDOW);
         self.recent.push_back(now);
         (self.recent.len() > Self::BURST).then_some(Duration::from_secs(1))
+    }
+}
+
+/// Kills workers whose request passed `app.timeout`, after asking for their Python stack.
+/// One timer for all workers, instead of one per request on the hot path.
+fn kill_expired(shared: &Shared, now: tokio::time::Instant) {
+    for worker in shared.pool.expired(now) {
+        tracing::error!(
+            worker = worker.id,
+            pid = worker.pid,
+            "a request passed the {} timeout; the worker's Python stack follows, then it is killed",
+            strata_core::duration::format(shared.config.timeout)
+        );
+        kill_stuck(worker.pid);
     }
 }
 
