@@ -29,6 +29,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def children(pid):
+    """Process ids whose parent is `pid` (whichever thread of it started them)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
 def wait_for_port(port, timeout, process=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

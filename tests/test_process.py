@@ -9,16 +9,11 @@ from pathlib import Path
 
 import requests
 
-from conftest import APPS, STRATA, app, free_port
+from conftest import APPS, STRATA, app, children, free_port
 
 
 def cmdline(pid):
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-
-
-def children(pid):
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()]
 
 
 def test_process_titles(strata):

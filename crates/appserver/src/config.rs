@@ -41,6 +41,9 @@ pub struct AppConfig {
     pub warmup_host: String,
     /// Where the application is mounted (`SCRIPT_NAME`); empty for the root.
     pub script_name: String,
+    /// During a reload, how many old workers are being replaced at once (each by a new
+    /// worker that is ready before the old one retires).
+    pub reload_surge: usize,
     /// Request bodies up to this size are read whole before a worker is chosen, so slow
     /// uploads never hold a worker; larger bodies are streamed to the worker.
     pub buffer_body_bytes: usize,
@@ -64,6 +67,7 @@ impl Default for AppConfig {
             warmup_host: "localhost".into(),
             script_name: String::new(),
             buffer_body_bytes: 1024 * 1024,
+            reload_surge: 1,
         }
     }
 }
@@ -89,6 +93,9 @@ impl AppConfig {
         }
         if self.workers == 0 || self.workers > 1024 {
             return Err(format!("app.workers = {}: must be 1 to 1024", self.workers));
+        }
+        if self.reload_surge == 0 {
+            return Err("app.reload_surge = 0: must be at least 1".into());
         }
         if self.timeout.is_zero() {
             return Err("app.timeout = 0s: must be positive".into());

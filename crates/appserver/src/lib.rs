@@ -21,7 +21,7 @@ pub mod zygote;
 
 pub use config::AppConfig;
 pub use control::LogSpec;
-pub use master::{AppServer, StartError, Status};
+pub use master::{AppServer, ReloadResult, StartError, Status};
 
 /// Whether this process was started as a zygote (checked by `main` before anything else).
 pub fn is_zygote() -> bool {

@@ -1,4 +1,5 @@
-//! The admin listener: `GET /status` (JSON), `GET /metrics` (Prometheus text), `GET /healthz`.
+//! The admin listener: `GET /status` (JSON), `GET /metrics` (Prometheus text), `GET /healthz`,
+//! `POST /reload` (a new generation of workers; answers when the rollout is done).
 //!
 //! It listens on loopback by default; elsewhere every request must carry
 //! `Authorization: Bearer <admin.token>`.
@@ -40,7 +41,8 @@ pub async fn serve(listener: TcpListener, app: Arc<AppServer>, config: Config, s
                     "admin token required",
                 ));
             }
-            Ok(route(&request, &app, &tiers, started))
+            let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+            Ok(route(&method, &path, &app, &tiers, started).await)
         }
     });
     let limits = LbConfig {
@@ -56,13 +58,14 @@ pub async fn serve(listener: TcpListener, app: Arc<AppServer>, config: Config, s
     .await;
 }
 
-fn route(
-    request: &Request<Body>,
+async fn route(
+    method: &http::Method,
+    path: &str,
     app: &AppServer,
     tiers: &[String],
     started: Instant,
 ) -> Response<Body> {
-    match (request.method().as_str(), request.uri().path()) {
+    match (method.as_str(), path) {
         ("GET", "/status") => {
             let status = serde_json::json!({
                 "tiers": tiers,
@@ -77,11 +80,30 @@ fn route(
             typed(out, "text/plain; version=0.0.4")
         }
         ("GET", "/healthz") => typed("ok\n".into(), "text/plain"),
+        ("POST", "/reload") => reload_response(app.reload().await),
         (_, "/status" | "/metrics" | "/healthz") => {
             status_response(StatusCode::METHOD_NOT_ALLOWED, "use GET")
         }
+        (_, "/reload") => status_response(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         _ => status_response(StatusCode::NOT_FOUND, "no such admin endpoint"),
     }
+}
+
+/// `{"ok": true, "generation": N}`, or 500 with the reason the old generation still serves.
+fn reload_response(outcome: strata_appserver::ReloadResult) -> Response<Body> {
+    let (status, body) = match outcome {
+        Ok(generation) => (
+            StatusCode::OK,
+            serde_json::json!({ "ok": true, "generation": generation }),
+        ),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({ "ok": false, "error": error }),
+        ),
+    };
+    let mut response = typed(body.to_string(), "application/json");
+    *response.status_mut() = status;
+    response
 }
 
 fn typed(body: String, content_type: &'static str) -> Response<Body> {

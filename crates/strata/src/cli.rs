@@ -22,6 +22,18 @@ enum Command {
     Run(RunArgs),
     /// Validate the configuration and print what is wrong with it.
     Check(ConfigArgs),
+    /// Roll a new generation of workers in with the application's current code; waits for
+    /// the outcome, prints it, and exits non-zero if the old generation still serves.
+    Reload(ReloadArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReloadArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Admin listener of the running node (default: admin.bind of the configuration).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +84,23 @@ pub fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Reload(args) => {
+            let config = match config::load(args.config.config.as_deref(), &Overrides::default()) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("strata: invalid configuration: {error}");
+                    return ExitCode::from(64);
+                }
+            };
+            let admin = args.admin.unwrap_or(config.admin.bind);
+            match crate::reload::request(admin, config.admin.token.as_deref()) {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    eprintln!("strata reload: cannot reach the admin listener at {admin}: {error}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Run(args) => {
             let overrides = Overrides {
                 tiers: args.tiers,

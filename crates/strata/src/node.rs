@@ -54,6 +54,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
         config.app.graceful_timeout,
     ));
+    tokio::spawn(reload_on_hangup(app.clone()));
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         app.clone(),
@@ -64,9 +65,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     let forced = shutdown.stage() == Stage::Forced;
     tracing::info!(forced, "listener drained; stopping the app server");
     let _ = admin.await;
-    if let Ok(app) = Arc::try_unwrap(app) {
-        app.stop(forced).await;
-    }
+    app.stop(forced).await;
     tracing::info!("stopped");
     Ok(if forced {
         ExitCode::from(130)
@@ -91,6 +90,21 @@ fn local(listener: &TcpListener) -> String {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into())
+}
+
+/// SIGHUP: roll a new generation of workers in, as `POST /reload` does.
+async fn reload_on_hangup(app: Arc<AppServer>) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading");
+        match app.reload().await {
+            Ok(generation) => tracing::info!(generation, "SIGHUP reload done"),
+            Err(error) => tracing::error!("SIGHUP reload failed: {error}"),
+        }
+    }
 }
 
 /// SIGTERM or SIGINT: graceful; a second SIGINT or the grace period running out: forced.

@@ -7,12 +7,14 @@ mod conn;
 mod exchange;
 mod pool;
 mod supervisor;
+mod zygote;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -26,7 +28,9 @@ use tower::util::BoxCloneSyncService;
 use crate::control::{LogSpec, ZygoteSpec};
 use crate::AppConfig;
 pub use pool::{WorkerInfo, WorkerState};
-use supervisor::{Cause, Event, Zygote};
+pub use supervisor::ReloadResult;
+use supervisor::{Cause, Event};
+use zygote::Zygote;
 
 /// Why the app server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +54,7 @@ pub struct Metrics {
     pub requests: StatusCounter,
     pub latency: Histogram,
     pub queue_wait: Histogram,
-    restarts: [Counter; 4],
+    restarts: [Counter; 5],
 }
 
 impl Default for Metrics {
@@ -76,18 +80,52 @@ pub(crate) struct Shared {
     pool: pool::Pool,
     metrics: Metrics,
     events: mpsc::UnboundedSender<Event>,
-    generation: u32,
+    /// The generation new workers come from.
+    generation: AtomicU32,
+    reload: Mutex<Option<ReloadState>>,
+    /// What every zygote is started with, but its generation.
+    spec: ZygoteSpec,
+}
+
+/// The last reload, as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ReloadState {
+    /// The new generation's zygote is importing and warming the application.
+    Starting { generation: u32 },
+    /// Old workers are being replaced by new ones.
+    Rolling { generation: u32 },
+    /// Every worker runs this generation.
+    Done { generation: u32 },
+    /// The new generation could not start; the running one kept serving.
+    Failed { error: String },
 }
 
 impl Shared {
-    /// A worker died or was killed: forget it and fork a replacement (once per worker).
+    /// A worker died or was killed: forget it and have it replaced (once per worker).
     fn worker_gone(&self, id: u32, cause: Cause) {
         if self.pool.remove(id) {
             self.metrics.restart(cause);
-            let _ = self.events.send(Event::Fork {
-                replaces: None,
+            let _ = self.events.send(Event::Lost {
+                id,
                 after_crash: cause == Cause::Crash,
             });
+        }
+    }
+
+    fn set_generation(&self, generation: u32) {
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    fn set_reload(&self, state: ReloadState) {
+        *self.reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+    }
+
+    /// The zygote spec for `generation`.
+    fn spec(&self, generation: u32) -> ZygoteSpec {
+        ZygoteSpec {
+            generation,
+            ..self.spec.clone()
         }
     }
 
@@ -113,6 +151,7 @@ pub struct Status {
     pub generation: u32,
     pub workers: Vec<WorkerInfo>,
     pub queue_length: usize,
+    pub last_reload: Option<ReloadState>,
 }
 
 impl AppServer {
@@ -140,7 +179,9 @@ impl AppServer {
             config,
             metrics: Metrics::default(),
             events,
-            generation,
+            generation: AtomicU32::new(generation),
+            reload: Mutex::new(None),
+            spec: spec.clone(),
         });
         let result = async {
             let mut zygote = Zygote::start(&spec).await?;
@@ -148,6 +189,7 @@ impl AppServer {
             zygote
                 .first_workers(&shared, &listener, shared.config.workers, &mut next_id)
                 .await?;
+            zygote.forward_messages(shared.events.clone());
             Ok::<_, StartError>((zygote, next_id))
         }
         .await;
@@ -183,10 +225,30 @@ impl AppServer {
     /// Generation, workers and queue.
     pub fn status(&self) -> Status {
         Status {
-            generation: self.shared.generation,
+            generation: self.shared.generation.load(Ordering::Relaxed),
             workers: self.shared.pool.workers(),
             queue_length: self.shared.pool.queued(),
+            last_reload: self
+                .shared
+                .reload
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
+    }
+
+    /// Starts a new generation from the application's current code and rolls every worker
+    /// over to it. Returns once all workers run it, or with the reason the old generation
+    /// still serves (the import failed, a reload is already running).
+    pub async fn reload(&self) -> ReloadResult {
+        let (done, outcome) = oneshot::channel();
+        self.shared
+            .events
+            .send(Event::Reload { done })
+            .map_err(|_| "the app server is stopping".to_string())?;
+        outcome
+            .await
+            .unwrap_or_else(|_| Err("the app server is stopping".into()))
     }
 
     /// Appends the app server's metrics in Prometheus text format.
@@ -242,9 +304,9 @@ impl AppServer {
         ));
     }
 
-    /// Stops the zygote and the workers. Call after the listener has drained; `force` kills
+    /// Stops the zygotes and the workers. Call after the listener has drained; `force` kills
     /// workers that are still busy.
-    pub async fn stop(self, force: bool) {
+    pub async fn stop(&self, force: bool) {
         let (done, wait) = oneshot::channel();
         if self.shared.events.send(Event::Stop { force, done }).is_ok() {
             let _ = wait.await;

@@ -1,28 +1,23 @@
-//! The supervisor: starts the zygote, keeps the configured number of workers alive, replaces
-//! crashed, stuck and recycled workers, and stops everything on shutdown.
+//! The supervisor: keeps the configured number of workers alive, replaces crashed, stuck and
+//! recycled workers, rolls a new generation in on reload, and stops everything on shutdown.
 //!
-//! It is one task that owns the zygote's control channel and the socket workers connect to;
-//! the rest of the master talks to it through [`Event`]s.
+//! It is one task that owns the zygotes' control channels and the socket workers connect to;
+//! the rest of the master talks to it through [`Event`]s. A reload starts a zygote of the next
+//! generation beside the running one; only when it is warm are old workers replaced, each by a
+//! new worker that is ready before the old one is retired, so capacity never drops.
 
-use std::collections::HashMap;
-use std::hash::BuildHasher;
-use std::os::fd::OwnedFd;
-use std::process::Stdio;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::process::{kill_process, Pid, Signal};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::process::Child;
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::UnixListener;
+use tokio::sync::oneshot;
 
 use super::pool::WorkerConn;
-use super::{Shared, StartError};
-use crate::control::{self, FromZygote, ToZygote, ZygoteSpec};
-use crate::proto::{self, kind};
-use crate::{proctitle, python};
+use super::zygote::{hello, Zygote};
+use super::{ReloadState, Shared, StartError};
+use crate::control::{FromZygote, ToZygote};
 
 /// Why a worker was replaced, for logs and `strata_app_worker_restarts_total{cause}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,14 +26,16 @@ pub enum Cause {
     Timeout,
     MaxRequests,
     Memory,
+    Reload,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 4] = [
+    pub const ALL: [Cause; 5] = [
         Cause::Crash,
         Cause::Timeout,
         Cause::MaxRequests,
         Cause::Memory,
+        Cause::Reload,
     ];
 
     pub fn label(self) -> &'static str {
@@ -47,9 +44,13 @@ impl Cause {
             Cause::Timeout => "timeout",
             Cause::MaxRequests => "max_requests",
             Cause::Memory => "memory",
+            Cause::Reload => "reload",
         }
     }
 }
+
+/// The outcome of a reload: the new generation, or why the old one still serves.
+pub type ReloadResult = Result<u32, String>;
 
 /// Requests to the supervisor.
 pub enum Event {
@@ -58,161 +59,25 @@ pub enum Event {
         replaces: Option<u32>,
         after_crash: bool,
     },
+    /// A worker died or was killed and has been forgotten; replace it unless a replacement is
+    /// already on its way.
+    Lost { id: u32, after_crash: bool },
     /// A worker connected and said hello.
     Connected(WorkerConn),
-    /// Stop the zygote and every worker; `force` kills busy workers too.
+    /// A zygote's message; `None` when it exited.
+    Zygote {
+        generation: u32,
+        message: Option<FromZygote>,
+    },
+    /// Start a new generation; `done` hears when every worker runs it (or why not).
+    Reload { done: oneshot::Sender<ReloadResult> },
+    /// The zygote of a new generation is warm, or failed.
+    Started(Result<Zygote, StartError>),
+    /// Stop the zygotes and every worker; `force` kills busy workers too.
     Stop {
         force: bool,
         done: oneshot::Sender<()>,
     },
-}
-
-/// A running zygote.
-pub struct Zygote {
-    child: Child,
-    writer: OwnedWriteHalf,
-    lines: Lines<BufReader<OwnedReadHalf>>,
-}
-
-impl Zygote {
-    /// Starts a zygote and waits until the application is imported and warm.
-    pub async fn start(spec: &ZygoteSpec) -> Result<Self, StartError> {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartError::Spawn)?;
-        let (title, padding) = proctitle::zygote_args(spec.generation);
-        let exe = std::env::current_exe().map_err(StartError::Spawn)?;
-        let mut command = tokio::process::Command::new(exe);
-        command
-            .arg0(title)
-            .arg(padding)
-            .env(control::ROLE_ENV, "zygote")
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            // Ctrl-C reaches the master only; it decides what the children do.
-            .process_group(0)
-            .kill_on_drop(true);
-        if std::env::var_os("PYTHONHOME").is_none() {
-            command.env("PYTHONHOME", python::PYTHON_HOME);
-        }
-        if std::env::var_os("PYTHONUNBUFFERED").is_none() {
-            command.env("PYTHONUNBUFFERED", "1");
-        }
-        let child = command.spawn().map_err(StartError::Spawn)?;
-        ours.set_nonblocking(true).map_err(StartError::Spawn)?;
-        let (reader, writer) = UnixStream::from_std(ours)
-            .map_err(StartError::Spawn)?
-            .into_split();
-        let mut zygote = Self {
-            child,
-            writer,
-            lines: BufReader::new(reader).lines(),
-        };
-        zygote.send_line(control::to_line(spec)).await?;
-        loop {
-            match zygote.next().await {
-                Some(FromZygote::Ready) => return Ok(zygote),
-                Some(FromZygote::Failed { error }) => return Err(StartError::AppLoad(error)),
-                Some(other) => tracing::debug!(?other, "zygote message before ready"),
-                None => {
-                    let status = zygote.child.wait().await.map_err(StartError::Spawn)?;
-                    return Err(StartError::AppLoad(format!(
-                        "the zygote exited during start-up ({status})"
-                    )));
-                }
-            }
-        }
-    }
-
-    async fn send_line(&mut self, line: String) -> Result<(), StartError> {
-        self.writer
-            .write_all(line.as_bytes())
-            .await
-            .map_err(StartError::Spawn)
-    }
-
-    async fn send(&mut self, message: &ToZygote) -> Result<(), StartError> {
-        self.send_line(control::to_line(message)).await
-    }
-
-    /// The next message; `None` once the zygote is gone.
-    async fn next(&mut self) -> Option<FromZygote> {
-        loop {
-            let line = self.lines.next_line().await.ok()??;
-            match control::from_line(&line) {
-                Ok(message) => return Some(message),
-                Err(error) => tracing::warn!(%error, %line, "bad message from zygote"),
-            }
-        }
-    }
-
-    /// Asks for `count` workers and waits until each has connected.
-    pub async fn first_workers(
-        &mut self,
-        shared: &Shared,
-        listener: &UnixListener,
-        count: usize,
-        next_id: &mut u32,
-    ) -> Result<(), StartError> {
-        for _ in 0..count {
-            *next_id += 1;
-            self.send(&ToZygote::Fork { id: *next_id }).await?;
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        for _ in 0..count {
-            let accepted = tokio::time::timeout_at(deadline, listener.accept()).await;
-            let (stream, _) = accepted
-                .map_err(|_| StartError::Workers("workers did not connect within 60s".into()))?
-                .map_err(StartError::Spawn)?;
-            let worker = hello(stream, &shared.config)
-                .await
-                .map_err(|e| StartError::Workers(e.to_string()))?;
-            shared.pool.add(worker);
-        }
-        Ok(())
-    }
-}
-
-/// Reads a worker's greeting and wraps its socket.
-async fn hello(
-    stream: UnixStream,
-    config: &crate::AppConfig,
-) -> Result<WorkerConn, proto::ProtoError> {
-    let (reader, writer) = stream.into_split();
-    let mut reader = BufReader::with_capacity(64 * 1024, reader);
-    let mut header = [0u8; 5];
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read_exact(&mut reader, &mut header),
-    )
-    .await
-    .map_err(|_| std::io::Error::other("no hello within 10s"))??;
-    let (frame, len) = proto::parse_header(header)?;
-    if frame != kind::HELLO || len != 12 {
-        return Err(proto::ProtoError::UnexpectedKind(frame));
-    }
-    let mut payload = [0u8; 12];
-    tokio::io::AsyncReadExt::read_exact(&mut reader, &mut payload).await?;
-    let mut dec = proto::Decoder::new(&payload);
-    let (id, generation, pid) = (dec.u32()?, dec.u32()?, dec.u32()?);
-    Ok(WorkerConn {
-        id,
-        pid,
-        generation,
-        reader,
-        writer,
-        served: 0,
-        limit: request_limit(config, id),
-    })
-}
-
-/// `max_requests` plus this worker's share of the jitter; never for 0.
-fn request_limit(config: &crate::AppConfig, id: u32) -> u64 {
-    if config.max_requests == 0 {
-        return u64::MAX;
-    }
-    let jitter = match config.max_requests_jitter {
-        0 => 0,
-        j => std::collections::hash_map::RandomState::new().hash_one(id) % (j + 1),
-    };
-    config.max_requests + jitter
 }
 
 /// Signals a stuck worker: SIGUSR1 makes it print every thread's Python stack, SIGKILL follows.
@@ -227,93 +92,70 @@ pub fn kill_stuck(pid: u32) {
     });
 }
 
+/// A reload in progress.
+struct Rollout {
+    generation: u32,
+    /// Old workers whose replacement is being forked.
+    in_flight: HashSet<u32>,
+    done: Option<oneshot::Sender<ReloadResult>>,
+}
+
+/// The supervisor's state.
+struct Supervisor {
+    shared: Arc<Shared>,
+    zygotes: BTreeMap<u32, Zygote>,
+    /// The generation new workers are forked from.
+    current: u32,
+    next_id: u32,
+    /// Forks in flight: worker id → the worker it replaces.
+    pending: HashMap<u32, Option<u32>>,
+    /// Forked but not yet connected: pid → worker id.
+    forked: HashMap<u32, u32>,
+    /// Old workers already retired (closed once idle).
+    retired: HashSet<u32>,
+    crashes: CrashThrottle,
+    /// A new generation's zygote is starting; the caller waits here.
+    starting: Option<oneshot::Sender<ReloadResult>>,
+    rollout: Option<Rollout>,
+}
+
 /// Runs until stopped.
 pub async fn supervise(
     shared: Arc<Shared>,
-    mut zygote: Zygote,
+    zygote: Zygote,
     listener: UnixListener,
-    mut events: mpsc::UnboundedReceiver<Event>,
-    mut next_id: u32,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    next_id: u32,
 ) {
-    // Forks in flight: worker id → the worker it replaces; and pid → id once forked.
-    let mut pending: HashMap<u32, Option<u32>> = HashMap::new();
-    let mut forked: HashMap<u32, u32> = HashMap::new();
-    let mut zygote_alive = true;
+    let mut supervisor = Supervisor {
+        current: zygote.generation,
+        zygotes: BTreeMap::from([(zygote.generation, zygote)]),
+        shared,
+        next_id,
+        pending: HashMap::new(),
+        forked: HashMap::new(),
+        retired: HashSet::new(),
+        crashes: CrashThrottle::default(),
+        starting: None,
+        rollout: None,
+    };
     let mut rss_tick = tokio::time::interval(Duration::from_secs(1));
-    let mut crashes = CrashThrottle::default();
     let mut watchdog = tokio::time::interval(Duration::from_millis(100));
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             event = events.recv() => match event {
-                Some(Event::Fork { replaces, after_crash }) => {
-                    if after_crash {
-                        if let Some(delay) = crashes.delay() {
-                            tracing::warn!(?delay, "workers keep crashing; delaying the next fork");
-                            let events = shared.events.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(delay).await;
-                                let _ = events.send(Event::Fork { replaces, after_crash: false });
-                            });
-                            continue;
-                        }
-                    }
-                    next_id += 1;
-                    pending.insert(next_id, replaces);
-                    if !zygote_alive || zygote.send(&ToZygote::Fork { id: next_id }).await.is_err() {
-                        tracing::error!("cannot fork a worker: the zygote is gone");
-                    }
-                }
-                Some(Event::Connected(worker)) => {
-                    forked.remove(&worker.pid);
-                    let replaces = pending.remove(&worker.id).flatten();
-                    tracing::info!(worker = worker.id, pid = worker.pid, "worker ready");
-                    shared.pool.add(worker);
-                    if let Some(old) = replaces {
-                        shared.pool.retire(old);
-                    }
-                }
                 Some(Event::Stop { force, done }) => {
-                    stop(&shared, &mut zygote, force).await;
+                    supervisor.stop(force).await;
                     let _ = done.send(());
                     return;
                 }
+                Some(event) => supervisor.handle(event).await,
                 None => return,
-            },
-            message = zygote.next(), if zygote_alive => match message {
-                Some(FromZygote::Exited { pid, status }) => match shared.pool.id_of_pid(pid) {
-                    Some(id) => {
-                        tracing::warn!(worker = id, pid, %status, "worker exited unexpectedly");
-                        shared.worker_gone(id, Cause::Crash);
-                    }
-                    None => match forked.remove(&pid) {
-                        // It died between fork and hello: nobody else will replace it.
-                        Some(id) => {
-                            tracing::warn!(worker = id, pid, %status, "worker exited before it was ready");
-                            let replaces = pending.remove(&id).flatten();
-                            shared.metrics.restart(Cause::Crash);
-                            let _ = shared.events.send(Event::Fork { replaces, after_crash: true });
-                        }
-                        None if status == "exit code 0" => tracing::debug!(pid, %status, "worker exited"),
-                        None => tracing::warn!(pid, %status, "worker exited"),
-                    },
-                },
-                Some(FromZygote::Forked { id, pid }) => {
-                    tracing::debug!(worker = id, pid, "worker forked");
-                    // The worker may have said hello already; then it is not in flight.
-                    if pending.contains_key(&id) {
-                        forked.insert(pid, id);
-                    }
-                }
-                Some(other) => tracing::debug!(?other, "zygote message"),
-                None => {
-                    zygote_alive = false;
-                    tracing::error!("the zygote exited; workers that die cannot be replaced");
-                }
             },
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let shared = shared.clone();
+                    let shared = supervisor.shared.clone();
                     tokio::spawn(async move {
                         match hello(stream, &shared.config).await {
                             Ok(worker) => {
@@ -325,8 +167,260 @@ pub async fn supervise(
                 }
                 Err(error) => tracing::warn!(%error, "worker socket accept failed"),
             },
-            _ = rss_tick.tick(), if shared.config.max_rss_mb > 0 => check_memory(&shared),
-            now = watchdog.tick() => kill_expired(&shared, now),
+            _ = rss_tick.tick(), if supervisor.shared.config.max_rss_mb > 0 => {
+                check_memory(&supervisor.shared)
+            }
+            now = watchdog.tick() => kill_expired(&supervisor.shared, now),
+        }
+    }
+}
+
+impl Supervisor {
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Fork {
+                replaces,
+                after_crash,
+            } => {
+                if after_crash {
+                    if let Some(delay) = self.crashes.delay() {
+                        tracing::warn!(?delay, "workers keep crashing; delaying the next fork");
+                        let events = self.shared.events.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = events.send(Event::Fork {
+                                replaces,
+                                after_crash: false,
+                            });
+                        });
+                        return;
+                    }
+                }
+                self.fork(replaces).await;
+            }
+            Event::Lost { id, after_crash } => {
+                if let Some(rollout) = &mut self.rollout {
+                    rollout.in_flight.remove(&id);
+                }
+                let replacement_pending = self.pending.values().any(|r| *r == Some(id));
+                if !replacement_pending {
+                    let _ = self.shared.events.send(Event::Fork {
+                        replaces: None,
+                        after_crash,
+                    });
+                }
+                self.advance_rollout().await;
+            }
+            Event::Connected(worker) => self.connected(worker).await,
+            Event::Zygote {
+                generation,
+                message,
+            } => self.zygote_message(generation, message).await,
+            Event::Reload { done } => self.reload(done),
+            Event::Started(result) => self.started(result).await,
+            Event::Stop { .. } => unreachable!("handled by the loop"),
+        }
+    }
+
+    async fn fork(&mut self, replaces: Option<u32>) {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.pending.insert(id, replaces);
+        let sent = match self.zygotes.get_mut(&self.current) {
+            Some(zygote) => zygote.send(&ToZygote::Fork { id }).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.pending.remove(&id);
+            tracing::error!("cannot fork a worker: the zygote is gone");
+        }
+    }
+
+    async fn connected(&mut self, worker: WorkerConn) {
+        self.forked.remove(&worker.pid);
+        let replaces = self.pending.remove(&worker.id).flatten();
+        tracing::info!(
+            worker = worker.id,
+            pid = worker.pid,
+            generation = worker.generation,
+            "worker ready"
+        );
+        self.shared.pool.add(worker);
+        if let Some(old) = replaces {
+            self.retire(old);
+        }
+        self.advance_rollout().await;
+    }
+
+    fn retire(&mut self, old: u32) {
+        self.shared.pool.retire(old);
+        self.retired.insert(old);
+        if let Some(rollout) = &mut self.rollout {
+            rollout.in_flight.remove(&old);
+        }
+    }
+
+    async fn zygote_message(&mut self, generation: u32, message: Option<FromZygote>) {
+        match message {
+            Some(FromZygote::Exited { pid, status }) => self.worker_exited(pid, status),
+            Some(FromZygote::Forked { id, pid }) => {
+                tracing::debug!(worker = id, pid, "worker forked");
+                // The worker may have said hello already; then it is not in flight.
+                if self.pending.contains_key(&id) {
+                    self.forked.insert(pid, id);
+                }
+            }
+            Some(other) => tracing::debug!(?other, "zygote message"),
+            None => {
+                if let Some(zygote) = self.zygotes.remove(&generation) {
+                    tokio::spawn(zygote.finish(Duration::from_secs(5)));
+                }
+                if generation == self.current {
+                    tracing::error!(
+                        generation,
+                        "the zygote exited; workers that die cannot be replaced until a reload"
+                    );
+                } else {
+                    tracing::info!(generation, "the old generation's zygote exited");
+                }
+            }
+        }
+    }
+
+    fn worker_exited(&mut self, pid: u32, status: String) {
+        if let Some(id) = self.shared.pool.id_of_pid(pid) {
+            tracing::warn!(worker = id, pid, %status, "worker exited unexpectedly");
+            self.shared.worker_gone(id, Cause::Crash);
+            return;
+        }
+        match self.forked.remove(&pid) {
+            // It died between fork and hello: nobody else will replace it.
+            Some(id) => {
+                tracing::warn!(worker = id, pid, %status, "worker exited before it was ready");
+                let replaces = self.pending.remove(&id).flatten();
+                self.shared.metrics.restart(Cause::Crash);
+                let _ = self.shared.events.send(Event::Fork {
+                    replaces,
+                    after_crash: true,
+                });
+            }
+            None if status == "exit code 0" => tracing::debug!(pid, %status, "worker exited"),
+            None => tracing::warn!(pid, %status, "worker exited"),
+        }
+    }
+
+    /// Starts the next generation's zygote in the background; the old one keeps serving.
+    fn reload(&mut self, done: oneshot::Sender<ReloadResult>) {
+        if self.starting.is_some() || self.rollout.is_some() {
+            let _ = done.send(Err("a reload is already in progress".into()));
+            return;
+        }
+        let generation = self.zygotes.keys().max().copied().unwrap_or(self.current) + 1;
+        tracing::info!(generation, "reload: starting a new generation");
+        self.shared.set_reload(ReloadState::Starting { generation });
+        self.starting = Some(done);
+        let spec = self.shared.spec(generation);
+        let events = self.shared.events.clone();
+        tokio::spawn(async move {
+            let _ = events.send(Event::Started(Zygote::start(&spec).await));
+        });
+    }
+
+    async fn started(&mut self, result: Result<Zygote, StartError>) {
+        let done = self.starting.take();
+        let mut zygote = match result {
+            Ok(zygote) => zygote,
+            Err(error) => {
+                let error = error.to_string();
+                tracing::error!("reload failed; the running generation keeps serving:\n{error}");
+                self.shared.set_reload(ReloadState::Failed {
+                    error: error.clone(),
+                });
+                if let Some(done) = done {
+                    let _ = done.send(Err(error));
+                }
+                return;
+            }
+        };
+        let generation = zygote.generation;
+        zygote.forward_messages(self.shared.events.clone());
+        self.zygotes.insert(generation, zygote);
+        self.current = generation;
+        self.shared.set_generation(generation);
+        self.shared.set_reload(ReloadState::Rolling { generation });
+        tracing::info!(generation, "reload: new generation warm; replacing workers");
+        self.rollout = Some(Rollout {
+            generation,
+            in_flight: HashSet::new(),
+            done,
+        });
+        self.advance_rollout().await;
+    }
+
+    /// Replaces old-generation workers, `reload_surge` at a time; when none is left, retires the
+    /// old zygotes and reports the reload done.
+    async fn advance_rollout(&mut self) {
+        let Some(rollout) = &self.rollout else { return };
+        let generation = rollout.generation;
+        let surge = self.shared.config.reload_surge.max(1);
+        let mut in_flight = rollout.in_flight.len();
+        let old: Vec<u32> = self
+            .shared
+            .pool
+            .workers()
+            .into_iter()
+            .filter(|w| w.generation < generation && !self.retired.contains(&w.id))
+            .filter(|w| !rollout.in_flight.contains(&w.id))
+            .map(|w| w.id)
+            .collect();
+        let mut to_start = Vec::new();
+        for id in old.iter().copied() {
+            if in_flight >= surge {
+                break;
+            }
+            to_start.push(id);
+            in_flight += 1;
+        }
+        if old.is_empty() && in_flight == 0 {
+            let rollout = self.rollout.take().expect("checked above");
+            for (gen, zygote) in self.zygotes.iter_mut() {
+                if *gen < generation {
+                    let _ = zygote.send(&ToZygote::Quit).await;
+                }
+            }
+            tracing::info!(generation, "reload complete");
+            self.shared.set_reload(ReloadState::Done { generation });
+            if let Some(done) = rollout.done {
+                let _ = done.send(Ok(generation));
+            }
+            return;
+        }
+        for id in to_start {
+            if let Some(rollout) = &mut self.rollout {
+                rollout.in_flight.insert(id);
+            }
+            self.shared.metrics.restart(Cause::Reload);
+            self.fork(Some(id)).await;
+        }
+    }
+
+    async fn stop(&mut self, force: bool) {
+        self.shared.pool.close();
+        if force {
+            for worker in self.shared.pool.workers() {
+                if let Some(pid) = Pid::from_raw(worker.pid as i32) {
+                    let _ = kill_process(pid, Signal::KILL);
+                }
+            }
+        }
+        let wait = if force {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(10)
+        };
+        for (_, mut zygote) in std::mem::take(&mut self.zygotes) {
+            let _ = zygote.send(&ToZygote::Quit).await;
+            zygote.finish(wait).await;
         }
     }
 }
@@ -390,32 +484,9 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
     Some(pages * rustix::param::page_size() as u64)
 }
 
-async fn stop(shared: &Shared, zygote: &mut Zygote, force: bool) {
-    shared.pool.close();
-    if force {
-        for worker in shared.pool.workers() {
-            if let Some(pid) = Pid::from_raw(worker.pid as i32) {
-                let _ = kill_process(pid, Signal::KILL);
-            }
-        }
-    }
-    let _ = zygote.send(&ToZygote::Quit).await;
-    let wait = if force {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_secs(10)
-    };
-    if tokio::time::timeout(wait, zygote.child.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("the zygote did not exit in time; killing it");
-        let _ = zygote.child.kill().await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::zygote::request_limit;
     use super::*;
 
     #[test]

@@ -1,0 +1,145 @@
+"""Deploys without errors: a new generation is warmed beside the old one and replaces it
+worker by worker; a broken deploy leaves the old generation serving."""
+
+import signal
+import subprocess
+import threading
+import time
+
+import requests
+
+from conftest import STRATA, VENV, children
+
+APP = """
+import time
+VERSION = {version!r}
+time.sleep(0.3)  # a project that takes a while to import
+
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [VERSION.encode()]
+"""
+
+
+class Load:
+    """Clients sending requests back to back, recording every outcome."""
+
+    def __init__(self, url, clients=4):
+        self.url = url
+        self.results = []  # (started, finished, status or exception text, body)
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def run(self):
+        session = requests.Session()
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                response = session.get(self.url, timeout=10)
+                outcome = (started, time.monotonic(), response.status_code, response.text)
+            except requests.RequestException as error:
+                outcome = (started, time.monotonic(), repr(error), "")
+            self.results.append(outcome)
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+        return self.results
+
+
+def deploy(tmp_path, version):
+    (tmp_path / "deployed.py").write_text(APP.format(version=version))
+
+
+def start(strata, tmp_path, version="v1", **kwargs):
+    deploy(tmp_path, version)
+    return strata("--app", "deployed", "--chdir", str(tmp_path), "--virtualenv", str(VENV),
+                  "--workers", "2", env={"PYTHONDONTWRITEBYTECODE": "1"}, **kwargs)
+
+
+def reload(server):
+    return subprocess.run([str(STRATA), "reload", "--admin", f"127.0.0.1:{server.admin_port}"],
+                          capture_output=True, text=True, timeout=120, cwd=server.log_path.parent)
+
+
+def test_five_reloads_under_load_without_errors(strata, tmp_path):
+    server = start(strata, tmp_path)
+    load = Load(server.url("/"))
+    done_at = {}
+    for n in range(2, 7):
+        time.sleep(0.3)
+        deploy(tmp_path, f"v{n}")
+        result = reload(server)
+        assert result.returncode == 0, result.stderr
+        assert f"generation {n}" in result.stdout
+        done_at[n] = time.monotonic()
+    time.sleep(0.3)
+    results = load.stop()
+    failures = [r for r in results if r[2] != 200]
+    assert not failures, failures[:5]
+    assert len(results) > 200
+    # Once a reload has completed, every request that starts afterwards sees its code.
+    for started, _, _, body in results:
+        newest = max((n for n, at in done_at.items() if at <= started), default=1)
+        assert int(body[1:]) >= newest, (started, body, newest)
+    status = server.status()["app"]
+    assert status["generation"] == 6
+    assert {w["generation"] for w in status["workers"]} == {6}
+    assert len(status["workers"]) == 2
+    assert status["last_reload"] == {"state": "done", "generation": 6}
+    # The old generations' zygotes are gone.
+    deadline = time.monotonic() + 10
+    while len(children(server.process.pid)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(children(server.process.pid)) == 1
+
+
+def test_broken_deploy_keeps_the_old_code_serving(strata, tmp_path):
+    server = start(strata, tmp_path)
+    load = Load(server.url("/"))
+    (tmp_path / "deployed.py").write_text("import this_module_is_missing\n")
+    result = reload(server)
+    assert result.returncode != 0
+    assert "ModuleNotFoundError: No module named 'this_module_is_missing'" in result.stderr
+    assert "keeps serving" in result.stderr
+    time.sleep(0.5)
+    status = server.status()["app"]
+    assert status["generation"] == 1
+    assert status["last_reload"]["state"] == "failed"
+    assert "this_module_is_missing" in status["last_reload"]["error"]
+    deploy(tmp_path, "v2")
+    assert reload(server).returncode == 0
+    time.sleep(0.3)
+    results = load.stop()
+    assert [r for r in results if r[2] != 200] == []
+    assert {r[3] for r in results} <= {"v1", "v2"}
+    assert requests.get(server.url("/")).text == "v2"
+
+
+def test_sighup_reloads(strata, tmp_path):
+    server = start(strata, tmp_path)
+    deploy(tmp_path, "v2")
+    server.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if server.status()["app"].get("last_reload", {}) == {"state": "done", "generation": 2}:
+            break
+        time.sleep(0.1)
+    assert requests.get(server.url("/")).text == "v2"
+    assert "SIGHUP reload done" in server.log()
+
+
+def test_reload_while_reloading_is_refused(strata, tmp_path):
+    server = start(strata, tmp_path)
+    deploy(tmp_path, "v2")
+    first = subprocess.Popen([str(STRATA), "reload", "--admin", f"127.0.0.1:{server.admin_port}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=tmp_path)
+    time.sleep(0.1)
+    second = reload(server)
+    assert second.returncode != 0 and "already in progress" in second.stderr
+    assert first.wait(timeout=60) == 0
