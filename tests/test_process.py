@@ -70,14 +70,15 @@ def test_missing_callable_is_reported(tmp_path):
     assert "has no callable `nope`" in result.stderr
 
 
-def test_warm_up_runs_in_the_zygote_before_fork(strata):
+def test_warm_up_runs_in_the_zygote_and_in_each_worker(strata):
     server = strata(*app("warm_probe", "--workers", "2"), config='[app]\nwarmup_paths = ["/warm"]\n')
     assert "warm-up GET /warm -> 200 OK" in server.log()
     body = requests.get(server.url("/")).json()
     zygote = children(server.process.pid)[0]
     assert body["imported_in"] == zygote
-    assert body["warmed_in"] == [zygote]
     assert body["served_by"] != zygote
+    # Warmed in the zygote before fork, then again in the worker before its first request.
+    assert body["warmed_in"] == [zygote, body["served_by"]]
     assert body["frozen"] > 0, "gc.freeze() ran before fork"
     assert body["gc_enabled"], "workers collect garbage again"
 

@@ -107,12 +107,22 @@ pub fn load_app<'py>(py: Python<'py>, spec: &ZygoteSpec) -> Result<Bound<'py, Py
     Ok(app)
 }
 
-/// Warms the application: Django's lazy parts and the configured paths, then closes database
-/// connections so no socket is shared across fork.
-pub fn warm_up(py: Python<'_>, spec: &ZygoteSpec, app: &Bound<'_, PyAny>) -> Result<(), String> {
-    let log = pyo3::types::PyCFunction::new_closure(py, None, None, |args, _kwargs| {
+/// Warms the application. In the zygote: Django's lazy parts and the configured paths, then
+/// database connections are closed so no socket is shared across fork. In a worker
+/// (`in_worker`): the configured paths again, for what each process keeps for itself.
+pub fn warm_up(
+    py: Python<'_>,
+    spec: &ZygoteSpec,
+    app: &Bound<'_, PyAny>,
+    in_worker: bool,
+) -> Result<(), String> {
+    let log = pyo3::types::PyCFunction::new_closure(py, None, None, move |args, _kwargs| {
         let line: String = args.get_item(0)?.extract()?;
-        tracing::info!("{line}");
+        if in_worker {
+            tracing::debug!("{line}");
+        } else {
+            tracing::info!("{line}");
+        }
         Ok::<_, PyErr>(())
     })
     .map_err(|err| format_error(py, &err))?;
@@ -126,6 +136,7 @@ pub fn warm_up(py: Python<'_>, spec: &ZygoteSpec, app: &Bound<'_, PyAny>) -> Res
                     spec.app.warmup_host.as_str(),
                     spec.app.script_name.as_str(),
                     log,
+                    in_worker,
                 ),
             )
         })

@@ -56,7 +56,7 @@ pub fn main() -> i32 {
                 return 1;
             }
         };
-        if let Err(error) = python::warm_up(py, &spec, &app) {
+        if let Err(error) = python::warm_up(py, &spec, &app, false) {
             send(&mut writer, &FromZygote::Failed { error });
             return 1;
         }

@@ -107,14 +107,16 @@ def _request(app, path, host, script_name):
     return status[0] if status else "no response"
 
 
-def warm_up(app, paths, host, script_name, log):
-    """Runs inside the zygote before any worker is forked."""
+def warm_up(app, paths, host, script_name, log, in_worker=False):
+    """Runs inside the zygote before any worker is forked (`in_worker` false), and in each new
+    worker before it takes traffic, for what is per process (connections, per-process caches)."""
     django = _django_ready()
-    if django:
+    if django and not in_worker:
         _warm_django(log)
     for path in paths:
         log("warm-up GET %s -> %s" % (path, _request(app, path, host, script_name)))
-    if django:
+    if django and not in_worker:
+        # No socket may be shared across fork.
         from django.db import connections
 
         connections.close_all()

@@ -65,6 +65,13 @@ fn serve(
         .and_then(|gc| gc.call_method0("enable"))
         .map_err(|err| std::io::Error::other(err.to_string()))?;
     batch_scheduling(py);
+    // Warm what is per process before taking traffic: the master hands requests to a worker
+    // only after its hello.
+    if !spec.app.warmup_paths.is_empty() {
+        if let Err(error) = crate::python::warm_up(py, spec, app, true) {
+            tracing::warn!(worker = id, "worker warm-up failed:\n{error}");
+        }
+    }
     let stream = UnixStream::connect(&spec.socket)?;
     let mut conn = Conn {
         reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?),
