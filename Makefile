@@ -26,6 +26,7 @@ lint:
 ## bench: Strata against Gunicorn and Granian, side by side (installs them into .bench-venv)
 bench: build
 	bash benches/appserver.sh
+	bash benches/deploy.sh
 
 build:
 	$(CARGO) build --release --locked

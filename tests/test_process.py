@@ -101,3 +101,17 @@ def test_virtualenv_and_no_python_environment_variables(tmp_path, strata):
     maps = Path(f"/proc/{worker}/maps").read_text()
     libpython = {line.split()[-1] for line in maps.splitlines() if "libpython3" in line}
     assert libpython == {str(Path(sys.base_prefix) / "lib" / "libpython3.11.so.1.0")}, libpython
+
+
+def nice(pid):
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[16])
+
+
+def test_warm_up_yields_the_cpu_and_workers_serve_at_normal_priority(strata):
+    server = strata(*app("hello", "--workers", "2"), config="[app]\nwarmup_nice = 7\n")
+    (zygote,) = children(server.process.pid)
+    assert nice(zygote) == 7
+    for pid in server.worker_pids():
+        assert nice(pid) == 0
+    assert nice(server.process.pid) == 0

@@ -44,6 +44,11 @@ pub struct AppConfig {
     /// During a reload, how many old workers are being replaced at once (each by a new
     /// worker that is ready before the old one retires).
     pub reload_surge: usize,
+    /// Niceness (0 to 19) of the work done before serving: the zygote's import and warm-up,
+    /// its forks, and each new worker's warm-up. Serving workers keep the CPU while a reload or
+    /// a respawn warms up; a worker returns to normal priority before it takes traffic. Needs
+    /// the right to raise priority back (root, or `RLIMIT_NICE`); without it, 0 is used.
+    pub warmup_nice: i32,
     /// Request bodies up to this size are read whole before a worker is chosen, so slow
     /// uploads never hold a worker; larger bodies are streamed to the worker.
     pub buffer_body_bytes: usize,
@@ -68,6 +73,7 @@ impl Default for AppConfig {
             script_name: String::new(),
             buffer_body_bytes: 1024 * 1024,
             reload_surge: 1,
+            warmup_nice: 10,
         }
     }
 }
@@ -93,6 +99,12 @@ impl AppConfig {
         }
         if self.workers == 0 || self.workers > 1024 {
             return Err(format!("app.workers = {}: must be 1 to 1024", self.workers));
+        }
+        if !(0..=19).contains(&self.warmup_nice) {
+            return Err(format!(
+                "app.warmup_nice = {}: must be 0 to 19",
+                self.warmup_nice
+            ));
         }
         if self.reload_surge == 0 {
             return Err("app.reload_surge = 0: must be at least 1".into());

@@ -44,6 +44,9 @@ pub fn main() -> i32 {
     // If the master dies, so does the zygote; its workers see their socket close and exit.
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
 
+    // Everything before serving (import, warm-up, forks, each worker's warm-up) yields the CPU
+    // to the workers that are serving; a worker returns to normal priority before its hello.
+    let niced = lower_priority(spec.app.warmup_nice);
     Python::initialize();
     Python::attach(|py| {
         let app = match python::initialise(py, &spec)
@@ -67,8 +70,21 @@ pub fn main() -> i32 {
         }
         send(&mut writer, &FromZygote::Ready);
         tracing::info!(generation = spec.generation, "zygote ready");
-        serve(py, &spec, &app, reader, writer)
+        serve(py, &spec, &app, reader, writer, niced)
     })
+}
+
+/// Lowers this process's priority to `nice` if it will be allowed to raise it back to 0
+/// (root, or an `RLIMIT_NICE` that permits nice 0); true if it did.
+fn lower_priority(nice: i32) -> bool {
+    if nice == 0 {
+        return false;
+    }
+    let may_restore = rustix::process::geteuid().is_root()
+        || rustix::process::getrlimit(rustix::process::Resource::Nice)
+            .current
+            .is_none_or(|limit| limit >= 20);
+    may_restore && rustix::process::setpriority_process(None, nice).is_ok()
 }
 
 /// Takes the control socket from standard input and puts `/dev/null` in its place, so the
@@ -103,6 +119,7 @@ fn serve(
     app: &Bound<'_, PyAny>,
     mut reader: BufReader<UnixStream>,
     mut writer: UnixStream,
+    niced: bool,
 ) -> i32 {
     let fork = match py.import("os").and_then(|os| os.getattr("fork")) {
         Ok(fork) => fork,
@@ -138,7 +155,7 @@ fn serve(
                         Ok(0) => {
                             drop(reader);
                             drop(writer);
-                            worker::run(py, spec, id, app);
+                            worker::run(py, spec, id, app, niced);
                         }
                         Ok(pid) => {
                             children += 1;
@@ -155,7 +172,11 @@ fn serve(
                         }
                     }
                 }
-                Ok(ToZygote::Quit) => quitting = true,
+                Ok(ToZygote::Quit) => {
+                    // An old generation's exit is background work too.
+                    let _ = rustix::process::setpriority_process(None, 19);
+                    quitting = true;
+                }
                 Err(error) => tracing::warn!(%error, line = line.trim(), "bad control message"),
             },
         }

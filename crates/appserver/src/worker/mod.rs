@@ -43,9 +43,9 @@ impl Conn {
 pub(crate) type SharedConn = Rc<RefCell<Conn>>;
 
 /// Runs the worker until the master goes away; never returns.
-pub fn run(py: Python<'_>, spec: &ZygoteSpec, id: u32, app: &Bound<'_, PyAny>) -> ! {
+pub fn run(py: Python<'_>, spec: &ZygoteSpec, id: u32, app: &Bound<'_, PyAny>, niced: bool) -> ! {
     proctitle::set(&format!("strata worker id={id} gen={}", spec.generation));
-    let code = match serve(py, spec, id, app) {
+    let code = match serve(py, spec, id, app, niced) {
         Ok(()) => 0,
         Err(error) => {
             tracing::error!(worker = id, %error, "worker stopped");
@@ -60,6 +60,7 @@ fn serve(
     spec: &ZygoteSpec,
     id: u32,
     app: &Bound<'_, PyAny>,
+    niced: bool,
 ) -> Result<(), proto::ProtoError> {
     py.import("gc")
         .and_then(|gc| gc.call_method0("enable"))
@@ -70,6 +71,12 @@ fn serve(
     if !spec.app.warmup_paths.is_empty() {
         if let Err(error) = crate::python::warm_up(py, spec, app, true) {
             tracing::warn!(worker = id, "worker warm-up failed:\n{error}");
+        }
+    }
+    // Serve at normal priority (the zygote checked this is allowed before lowering it).
+    if niced {
+        if let Err(error) = rustix::process::setpriority_process(None, 0) {
+            tracing::warn!(worker = id, %error, "cannot return to normal priority");
         }
     }
     let stream = UnixStream::connect(&spec.socket)?;
@@ -88,7 +95,12 @@ fn serve(
     loop {
         let frame = proto::read_frame(&mut conn.borrow_mut().reader, &mut payload)?;
         match frame {
-            None => return Ok(()),
+            None => {
+                // Retired (or the master is gone): tearing down the address space is
+                // background work; let serving workers go first.
+                let _ = rustix::process::setpriority_process(None, 19);
+                return Ok(());
+            }
             Some(kind::REQUEST) => wsgi.handle(py, app, &payload)?,
             Some(other) => return Err(proto::ProtoError::UnexpectedKind(other)),
         }
