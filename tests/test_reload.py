@@ -143,3 +143,28 @@ def test_reload_while_reloading_is_refused(strata, tmp_path):
     second = reload(server)
     assert second.returncode != 0 and "already in progress" in second.stderr
     assert first.wait(timeout=60) == 0
+
+
+def test_reload_applies_app_settings_and_names_the_rest(strata, tmp_path):
+    deploy(tmp_path, "v1")
+    config = tmp_path / "live.toml"
+    config.write_text("[app]\nworkers = 2\n")
+    server = strata("--config", str(config), "--app", "deployed", "--chdir", str(tmp_path),
+                    "--virtualenv", str(VENV), env={"PYTHONDONTWRITEBYTECODE": "1"})
+    config.write_text("[app]\nworkers = 3\nqueue_length = 5\n[lb]\nmax_headers = 50\n")
+    result = reload(server)
+    assert result.returncode == 0, result.stderr
+    assert "need a restart: lb.max_headers" in result.stdout
+    status = server.status()["app"]
+    assert len(status["workers"]) == 3 and {w["generation"] for w in status["workers"]} == {2}
+    config.write_text("[app]\nworkers = 1\n")
+    assert reload(server).returncode == 0
+    deadline = time.monotonic() + 10
+    while len(server.status()["app"]["workers"]) != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(server.status()["app"]["workers"]) == 1
+    config.write_text("[app]\nworkers = -1\n")
+    result = reload(server)
+    assert result.returncode != 0 and "invalid configuration" in result.stderr
+    assert server.status()["app"]["generation"] == 3
+    assert requests.get(server.url("/")).text == "v1"

@@ -17,14 +17,22 @@ use tokio::net::TcpListener;
 use tower::util::BoxCloneSyncService;
 
 use crate::config::Config;
+use crate::reload::{Reloaded, Reloader};
 
 /// Serves the admin API until shutdown.
-pub async fn serve(listener: TcpListener, app: Arc<AppServer>, config: Config, shutdown: Shutdown) {
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<AppServer>,
+    reloader: Arc<Reloader>,
+    config: Config,
+    shutdown: Shutdown,
+) {
     let started = Instant::now();
     let token = config.admin.token.clone().map(|t| format!("Bearer {t}"));
     let tiers = config.tiers.clone();
     let service = tower::service_fn(move |request: Request<Body>| {
         let app = app.clone();
+        let reloader = reloader.clone();
         let token = token.clone();
         let tiers = tiers.clone();
         async move {
@@ -42,7 +50,7 @@ pub async fn serve(listener: TcpListener, app: Arc<AppServer>, config: Config, s
                 ));
             }
             let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-            Ok(route(&method, &path, &app, &tiers, started).await)
+            Ok(route(&method, &path, &app, &reloader, &tiers, started).await)
         }
     });
     let limits = LbConfig {
@@ -62,6 +70,7 @@ async fn route(
     method: &http::Method,
     path: &str,
     app: &AppServer,
+    reloader: &Reloader,
     tiers: &[String],
     started: Instant,
 ) -> Response<Body> {
@@ -80,7 +89,7 @@ async fn route(
             typed(out, "text/plain; version=0.0.4")
         }
         ("GET", "/healthz") => typed("ok\n".into(), "text/plain"),
-        ("POST", "/reload") => reload_response(app.reload().await),
+        ("POST", "/reload") => reload_response(reloader.reload().await),
         (_, "/status" | "/metrics" | "/healthz") => {
             status_response(StatusCode::METHOD_NOT_ALLOWED, "use GET")
         }
@@ -89,12 +98,17 @@ async fn route(
     }
 }
 
-/// `{"ok": true, "generation": N}`, or 500 with the reason the old generation still serves.
-fn reload_response(outcome: strata_appserver::ReloadResult) -> Response<Body> {
+/// `{"ok": true, "generation": N, "restart_needed": [...]}`, or 500 with the reason the old
+/// generation still serves.
+fn reload_response(outcome: Result<Reloaded, String>) -> Response<Body> {
     let (status, body) = match outcome {
-        Ok(generation) => (
+        Ok(reloaded) => (
             StatusCode::OK,
-            serde_json::json!({ "ok": true, "generation": generation }),
+            serde_json::json!({
+                "ok": true,
+                "generation": reloaded.generation,
+                "restart_needed": reloaded.restart_needed,
+            }),
         ),
         Err(error) => (
             StatusCode::INTERNAL_SERVER_ERROR,

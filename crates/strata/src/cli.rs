@@ -111,14 +111,17 @@ pub fn main() -> ExitCode {
                 workers: args.workers,
                 admin: args.admin,
             };
-            let config = match config::load(args.config.config.as_deref(), &overrides) {
+            let file = args.config.config.clone();
+            let config = match config::load(file.as_deref(), &overrides) {
                 Ok(config) => config,
                 Err(error) => {
                     eprintln!("strata: invalid configuration: {error}");
                     return ExitCode::from(64);
                 }
             };
-            match crate::node::run(config) {
+            // A reload reads the same file, environment and flags again.
+            let load = std::sync::Arc::new(move || config::load(file.as_deref(), &overrides));
+            match crate::node::run(config, load) {
                 Ok(code) => code,
                 Err(error) => {
                     eprintln!("strata: {error:#}");

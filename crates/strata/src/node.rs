@@ -17,19 +17,20 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin;
 use crate::config::Config;
+use crate::reload::{LoadConfig, Reloader};
 
 /// Runs the node until it is stopped; returns the process exit code.
-pub fn run(config: Config) -> anyhow::Result<ExitCode> {
+pub fn run(config: Config, load: LoadConfig) -> anyhow::Result<ExitCode> {
     strata_core::logging::init(&config.log.level, config.log.format == "json");
     strata_appserver::proctitle::set("strata master");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, load))
 }
 
-async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+async fn serve(config: Config, load: LoadConfig) -> anyhow::Result<ExitCode> {
     let http = bind(config.lb.bind)
         .with_context(|| format!("cannot bind lb.bind = {}", config.lb.bind))?;
     let admin_socket = bind(config.admin.bind)
@@ -54,10 +55,12 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
         config.app.graceful_timeout,
     ));
-    tokio::spawn(reload_on_hangup(app.clone()));
+    let reloader = Arc::new(Reloader::new(app.clone(), config.clone(), load));
+    tokio::spawn(reload_on_hangup(reloader.clone()));
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         app.clone(),
+        reloader,
         config.clone(),
         shutdown.clone(),
     ));
@@ -93,15 +96,19 @@ fn local(listener: &TcpListener) -> String {
 }
 
 /// SIGHUP: roll a new generation of workers in, as `POST /reload` does.
-async fn reload_on_hangup(app: Arc<AppServer>) {
+async fn reload_on_hangup(reloader: Arc<Reloader>) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler");
         return;
     };
     while hup.recv().await.is_some() {
         tracing::info!("SIGHUP: reloading");
-        match app.reload().await {
-            Ok(generation) => tracing::info!(generation, "SIGHUP reload done"),
+        match reloader.reload().await {
+            Ok(done) => tracing::info!(
+                generation = done.generation,
+                restart_needed = ?done.restart_needed,
+                "SIGHUP reload done"
+            ),
             Err(error) => tracing::error!("SIGHUP reload failed: {error}"),
         }
     }

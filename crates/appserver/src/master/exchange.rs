@@ -115,13 +115,14 @@ pub async fn run(shared: Arc<Shared>, request: Request<Body>) -> Response<Body> 
 }
 
 async fn serve(shared: &Arc<Shared>, request: Request<Body>) -> Response<Body> {
+    let config = shared.config();
     let (parts, body) = request.into_parts();
     let mut vars = cgi::build(
         &parts,
         parts.extensions.get::<ConnInfo>(),
-        &shared.config.script_name,
+        &config.script_name,
     );
-    let (start, complete, body) = match read_start(body, shared.config.buffer_body_bytes).await {
+    let (start, complete, body) = match read_start(body, config.buffer_body_bytes).await {
         Ok(read) => read,
         Err(error) if error.is::<BodyTooLarge>() => {
             return status_response(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string())
@@ -147,7 +148,7 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>) -> Response<Body> {
         };
         shared.metrics.queue_wait.observe(waited.elapsed());
         // The timeout counts the worker's time, not the queue's.
-        let deadline = Instant::now() + shared.config.timeout;
+        let deadline = Instant::now() + config.timeout;
         enc.clear();
         proto::encode_request(
             &mut enc,
@@ -204,7 +205,7 @@ fn rejected_response(shared: &Shared, rejected: Rejected) -> Response<Body> {
         Rejected::Full => "all workers are busy and the queue is full".to_owned(),
         Rejected::Timeout => format!(
             "no worker became free within {}",
-            strata_core::duration::format(shared.config.queue_timeout)
+            strata_core::duration::format(shared.config().queue_timeout)
         ),
         Rejected::Closed => "shutting down".to_owned(),
     };

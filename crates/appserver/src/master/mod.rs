@@ -14,7 +14,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -76,7 +76,8 @@ impl Metrics {
 
 /// State shared by the service, the exchanges and the supervisor.
 pub(crate) struct Shared {
-    config: AppConfig,
+    /// The settings in force; a reload may replace them.
+    config: RwLock<Arc<AppConfig>>,
     pool: pool::Pool,
     metrics: Metrics,
     events: mpsc::UnboundedSender<Event>,
@@ -113,6 +114,21 @@ impl Shared {
         }
     }
 
+    /// The settings in force.
+    fn config(&self) -> Arc<AppConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts reloaded settings in force.
+    fn set_config(&self, config: AppConfig) {
+        self.pool
+            .set_limits(config.queue_length, config.queue_timeout, config.timeout);
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
     fn set_generation(&self, generation: u32) {
         self.generation.store(generation, Ordering::Relaxed);
     }
@@ -121,10 +137,11 @@ impl Shared {
         *self.reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
     }
 
-    /// The zygote spec for `generation`.
-    fn spec(&self, generation: u32) -> ZygoteSpec {
+    /// The zygote spec for `generation`, running `app`.
+    fn spec(&self, generation: u32, app: AppConfig) -> ZygoteSpec {
         ZygoteSpec {
             generation,
+            app,
             ..self.spec.clone()
         }
     }
@@ -176,7 +193,7 @@ impl AppServer {
         let (events, events_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             pool: pool::Pool::new(config.queue_length, config.queue_timeout, config.timeout),
-            config,
+            config: RwLock::new(Arc::new(config)),
             metrics: Metrics::default(),
             events,
             generation: AtomicU32::new(generation),
@@ -187,7 +204,7 @@ impl AppServer {
             let mut zygote = Zygote::start(&spec).await?;
             let mut next_id = 0;
             zygote
-                .first_workers(&shared, &listener, shared.config.workers, &mut next_id)
+                .first_workers(&shared, &listener, shared.config().workers, &mut next_id)
                 .await?;
             zygote.forward_messages(shared.events.clone());
             Ok::<_, StartError>((zygote, next_id))
@@ -201,8 +218,8 @@ impl AppServer {
             }
         };
         tracing::info!(
-            workers = shared.config.workers,
-            module = %shared.config.module,
+            workers = shared.config().workers,
+            module = %shared.config().module,
             "app server ready"
         );
         tokio::spawn(supervisor::supervise(
@@ -238,13 +255,14 @@ impl AppServer {
     }
 
     /// Starts a new generation from the application's current code and rolls every worker
-    /// over to it. Returns once all workers run it, or with the reason the old generation
-    /// still serves (the import failed, a reload is already running).
-    pub async fn reload(&self) -> ReloadResult {
+    /// over to it; with `config`, the new generation runs those (validated) settings, which
+    /// take effect when it starts. Returns once all workers run it, or with the reason the old
+    /// generation still serves (the import failed, a reload is already running).
+    pub async fn reload(&self, config: Option<AppConfig>) -> ReloadResult {
         let (done, outcome) = oneshot::channel();
         self.shared
             .events
-            .send(Event::Reload { done })
+            .send(Event::Reload { config, done })
             .map_err(|_| "the app server is stopping".to_string())?;
         outcome
             .await

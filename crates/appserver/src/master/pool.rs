@@ -63,25 +63,32 @@ struct State {
     /// Busy workers whose replacement is ready: closed when released.
     replaced: HashSet<u32>,
     closed: bool,
-}
-
-/// The pool of workers of every generation.
-pub struct Pool {
-    state: Mutex<State>,
     queue_length: usize,
     queue_timeout: Duration,
     /// `app.timeout`: how long a worker may hold one request.
     timeout: Duration,
 }
 
+/// The pool of workers of every generation.
+pub struct Pool {
+    state: Mutex<State>,
+}
+
 impl Pool {
     pub fn new(queue_length: usize, queue_timeout: Duration, timeout: Duration) -> Self {
-        Self {
+        let pool = Self {
             state: Mutex::default(),
-            queue_length,
-            queue_timeout,
-            timeout,
-        }
+        };
+        pool.set_limits(queue_length, queue_timeout, timeout);
+        pool
+    }
+
+    /// Puts new queue limits and request timeout in force (a reload may change them).
+    pub fn set_limits(&self, queue_length: usize, queue_timeout: Duration, timeout: Duration) {
+        let mut state = self.lock();
+        state.queue_length = queue_length;
+        state.queue_timeout = queue_timeout;
+        state.timeout = timeout;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -93,7 +100,7 @@ impl Pool {
 
     /// Waits for an idle worker.
     pub async fn acquire(&self) -> Result<WorkerConn, Rejected> {
-        let rx = {
+        let (rx, queue_timeout) = {
             let mut state = self.lock();
             if state.closed {
                 return Err(Rejected::Closed);
@@ -102,22 +109,22 @@ impl Pool {
                 self.mark(&mut state, worker.id, true);
                 return Ok(worker);
             }
-            if state.waiters.len() >= self.queue_length {
+            if state.waiters.len() >= state.queue_length {
                 state.waiters.retain(|tx| !tx.is_closed());
-                if state.waiters.len() >= self.queue_length {
+                if state.waiters.len() >= state.queue_length {
                     return Err(Rejected::Full);
                 }
             }
             let (tx, rx) = oneshot::channel();
             state.waiters.push_back(tx);
-            rx
+            (rx, state.queue_timeout)
         };
         let mut waiter = Waiter {
             pool: self,
             rx: Some(rx),
         };
         let rx = waiter.rx.as_mut().expect("set above");
-        let result = match tokio::time::timeout(self.queue_timeout, rx).await {
+        let result = match tokio::time::timeout(queue_timeout, rx).await {
             Ok(Ok(worker)) => Ok(worker),
             Ok(Err(_)) => Err(Rejected::Closed),
             Err(_) => Err(Rejected::Timeout),
@@ -278,7 +285,7 @@ impl Pool {
     fn mark(&self, state: &mut State, id: u32, busy: bool) {
         if let Some(info) = state.workers.get_mut(&id) {
             info.busy = busy;
-            info.deadline = busy.then(|| Instant::now() + self.timeout);
+            info.deadline = busy.then(|| Instant::now() + state.timeout);
             if !info.retiring {
                 info.state = if busy {
                     WorkerState::Busy

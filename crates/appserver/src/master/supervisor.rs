@@ -18,6 +18,7 @@ use super::pool::WorkerConn;
 use super::zygote::{hello, Zygote};
 use super::{ReloadState, Shared, StartError};
 use crate::control::{FromZygote, ToZygote};
+use crate::AppConfig;
 
 /// Why a worker was replaced, for logs and `strata_app_worker_restarts_total{cause}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +70,12 @@ pub enum Event {
         generation: u32,
         message: Option<FromZygote>,
     },
-    /// Start a new generation; `done` hears when every worker runs it (or why not).
-    Reload { done: oneshot::Sender<ReloadResult> },
+    /// Start a new generation (with new settings, if given); `done` hears when every worker
+    /// runs it (or why not).
+    Reload {
+        config: Option<AppConfig>,
+        done: oneshot::Sender<ReloadResult>,
+    },
     /// The zygote of a new generation is warm, or failed.
     Started(Result<Zygote, StartError>),
     /// Stop the zygotes and every worker; `force` kills busy workers too.
@@ -97,6 +102,10 @@ struct Rollout {
     generation: u32,
     /// Old workers whose replacement is being forked.
     in_flight: HashSet<u32>,
+    /// Whether the worker count was brought to the new `app.workers`.
+    resized: bool,
+    /// Workers forked to grow the pool, not yet connected.
+    extra: HashSet<u32>,
     done: Option<oneshot::Sender<ReloadResult>>,
 }
 
@@ -114,8 +123,8 @@ struct Supervisor {
     /// Old workers already retired (closed once idle).
     retired: HashSet<u32>,
     crashes: CrashThrottle,
-    /// A new generation's zygote is starting; the caller waits here.
-    starting: Option<oneshot::Sender<ReloadResult>>,
+    /// A new generation's zygote is starting with these settings; the caller waits here.
+    starting: Option<(Arc<AppConfig>, oneshot::Sender<ReloadResult>)>,
     rollout: Option<Rollout>,
 }
 
@@ -157,7 +166,7 @@ pub async fn supervise(
                 Ok((stream, _)) => {
                     let shared = supervisor.shared.clone();
                     tokio::spawn(async move {
-                        match hello(stream, &shared.config).await {
+                        match hello(stream, &shared.config()).await {
                             Ok(worker) => {
                                 let _ = shared.events.send(Event::Connected(worker));
                             }
@@ -167,7 +176,7 @@ pub async fn supervise(
                 }
                 Err(error) => tracing::warn!(%error, "worker socket accept failed"),
             },
-            _ = rss_tick.tick(), if supervisor.shared.config.max_rss_mb > 0 => {
+            _ = rss_tick.tick(), if supervisor.shared.config().max_rss_mb > 0 => {
                 check_memory(&supervisor.shared)
             }
             now = watchdog.tick() => kill_expired(&supervisor.shared, now),
@@ -216,13 +225,14 @@ impl Supervisor {
                 generation,
                 message,
             } => self.zygote_message(generation, message).await,
-            Event::Reload { done } => self.reload(done),
+            Event::Reload { config, done } => self.reload(config, done),
             Event::Started(result) => self.started(result).await,
             Event::Stop { .. } => unreachable!("handled by the loop"),
         }
     }
 
-    async fn fork(&mut self, replaces: Option<u32>) {
+    /// Asks the current zygote for a worker; returns its id.
+    async fn fork(&mut self, replaces: Option<u32>) -> u32 {
         self.next_id += 1;
         let id = self.next_id;
         self.pending.insert(id, replaces);
@@ -234,11 +244,15 @@ impl Supervisor {
             self.pending.remove(&id);
             tracing::error!("cannot fork a worker: the zygote is gone");
         }
+        id
     }
 
     async fn connected(&mut self, worker: WorkerConn) {
         self.forked.remove(&worker.pid);
         let replaces = self.pending.remove(&worker.id).flatten();
+        if let Some(rollout) = &mut self.rollout {
+            rollout.extra.remove(&worker.id);
+        }
         tracing::info!(
             worker = worker.id,
             pid = worker.pid,
@@ -298,6 +312,9 @@ impl Supervisor {
             Some(id) => {
                 tracing::warn!(worker = id, pid, %status, "worker exited before it was ready");
                 let replaces = self.pending.remove(&id).flatten();
+                if let Some(rollout) = &mut self.rollout {
+                    rollout.extra.remove(&id);
+                }
                 self.shared.metrics.restart(Cause::Crash);
                 let _ = self.shared.events.send(Event::Fork {
                     replaces,
@@ -310,7 +327,7 @@ impl Supervisor {
     }
 
     /// Starts the next generation's zygote in the background; the old one keeps serving.
-    fn reload(&mut self, done: oneshot::Sender<ReloadResult>) {
+    fn reload(&mut self, config: Option<AppConfig>, done: oneshot::Sender<ReloadResult>) {
         if self.starting.is_some() || self.rollout.is_some() {
             let _ = done.send(Err("a reload is already in progress".into()));
             return;
@@ -318,8 +335,9 @@ impl Supervisor {
         let generation = self.zygotes.keys().max().copied().unwrap_or(self.current) + 1;
         tracing::info!(generation, "reload: starting a new generation");
         self.shared.set_reload(ReloadState::Starting { generation });
-        self.starting = Some(done);
-        let spec = self.shared.spec(generation);
+        let config = config.map_or_else(|| self.shared.config(), Arc::new);
+        let spec = self.shared.spec(generation, AppConfig::clone(&config));
+        self.starting = Some((config, done));
         let events = self.shared.events.clone();
         tokio::spawn(async move {
             let _ = events.send(Event::Started(Zygote::start(&spec).await));
@@ -327,7 +345,10 @@ impl Supervisor {
     }
 
     async fn started(&mut self, result: Result<Zygote, StartError>) {
-        let done = self.starting.take();
+        let (config, done) = match self.starting.take() {
+            Some((config, done)) => (Some(config), Some(done)),
+            None => (None, None),
+        };
         let mut zygote = match result {
             Ok(zygote) => zygote,
             Err(error) => {
@@ -343,6 +364,9 @@ impl Supervisor {
             }
         };
         let generation = zygote.generation;
+        if let Some(config) = config {
+            self.shared.set_config(AppConfig::clone(&config));
+        }
         zygote.forward_messages(self.shared.events.clone());
         self.zygotes.insert(generation, zygote);
         self.current = generation;
@@ -352,6 +376,8 @@ impl Supervisor {
         self.rollout = Some(Rollout {
             generation,
             in_flight: HashSet::new(),
+            resized: false,
+            extra: HashSet::new(),
             done,
         });
         self.advance_rollout().await;
@@ -362,7 +388,7 @@ impl Supervisor {
     async fn advance_rollout(&mut self) {
         let Some(rollout) = &self.rollout else { return };
         let generation = rollout.generation;
-        let surge = self.shared.config.reload_surge.max(1);
+        let surge = self.shared.config().reload_surge.max(1);
         let mut in_flight = rollout.in_flight.len();
         let old: Vec<u32> = self
             .shared
@@ -382,6 +408,15 @@ impl Supervisor {
             in_flight += 1;
         }
         if old.is_empty() && in_flight == 0 {
+            if !rollout.resized {
+                let extra = self.resize().await;
+                let rollout = self.rollout.as_mut().expect("checked above");
+                rollout.resized = true;
+                rollout.extra = extra;
+            }
+            if self.rollout.as_ref().is_some_and(|r| !r.extra.is_empty()) {
+                return; // Waiting for the added workers.
+            }
             let rollout = self.rollout.take().expect("checked above");
             for (gen, zygote) in self.zygotes.iter_mut() {
                 if *gen < generation {
@@ -402,6 +437,29 @@ impl Supervisor {
             self.shared.metrics.restart(Cause::Reload);
             self.fork(Some(id)).await;
         }
+    }
+
+    /// Brings the number of workers to `app.workers` after a reload changed it; returns the
+    /// ids of the workers it forked.
+    async fn resize(&mut self) -> HashSet<u32> {
+        let target = self.shared.config().workers;
+        let live: Vec<u32> = self
+            .shared
+            .pool
+            .workers()
+            .into_iter()
+            .filter(|w| !self.retired.contains(&w.id))
+            .map(|w| w.id)
+            .collect();
+        let count = live.len() + self.pending.len();
+        let mut forked = HashSet::new();
+        for _ in count..target {
+            forked.insert(self.fork(None).await);
+        }
+        for id in live.into_iter().take(count.saturating_sub(target)) {
+            self.retire(id);
+        }
+        forked
     }
 
     async fn stop(&mut self, force: bool) {
@@ -453,7 +511,7 @@ fn kill_expired(shared: &Shared, now: tokio::time::Instant) {
             worker = worker.id,
             pid = worker.pid,
             "a request passed the {} timeout; the worker's Python stack follows, then it is killed",
-            strata_core::duration::format(shared.config.timeout)
+            strata_core::duration::format(shared.config().timeout)
         );
         kill_stuck(worker.pid);
     }
@@ -461,7 +519,7 @@ fn kill_expired(shared: &Shared, now: tokio::time::Instant) {
 
 /// Recycles workers whose resident memory passed `max_rss_mb`.
 fn check_memory(shared: &Shared) {
-    let limit = shared.config.max_rss_mb * 1024 * 1024;
+    let limit = shared.config().max_rss_mb * 1024 * 1024;
     for worker in shared.pool.workers() {
         let Some(rss) = resident_bytes(worker.pid) else {
             continue;

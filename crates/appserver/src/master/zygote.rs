@@ -146,7 +146,7 @@ impl Zygote {
             let (stream, _) = accepted
                 .map_err(|_| StartError::Workers("workers did not connect within 60s".into()))?
                 .map_err(StartError::Spawn)?;
-            let worker = hello(stream, &shared.config)
+            let worker = hello(stream, &shared.config())
                 .await
                 .map_err(|e| StartError::Workers(e.to_string()))?;
             shared.pool.add(worker);
