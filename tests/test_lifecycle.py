@@ -188,3 +188,20 @@ def test_clients_that_leave_do_not_cost_a_worker(strata):
     assert server.worker_pids() == [pid]
     assert metric(server, 'strata_app_worker_restarts_total{cause="crash"}') == 0
     assert requests.get(server.url("/")).text == str(pid)
+
+
+def test_draining_answers_keepalive_requests_with_connection_close(strata):
+    server = strata(*app("lifecycle", "--workers", "1"), config='[lb]\ndrain_linger = "2s"\n')
+    session = requests.Session()
+    assert session.get(server.url("/")).status_code == 200
+    slow = threading.Thread(target=lambda: requests.get(server.url("/sleep?s=1")))
+    slow.start()
+    time.sleep(0.2)
+    server.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    # The idle keep-alive connection was not cut: its next request is answered, with close.
+    response = session.get(server.url("/"))
+    assert response.status_code == 200
+    assert response.headers["Connection"] == "close"
+    slow.join()
+    assert server.wait() == 0

@@ -22,6 +22,11 @@ pub struct LbConfig {
     pub header_read_timeout: Duration,
     /// Whether client connections are kept alive between requests.
     pub keepalive: bool,
+    /// On shutdown, how long open keep-alive connections are kept while their responses say
+    /// `Connection: close`, before idle ones are shut (shutting them at once races requests
+    /// clients are already sending on them).
+    #[serde(with = "strata_core::duration")]
+    pub drain_linger: Duration,
 }
 
 impl Default for LbConfig {
@@ -33,6 +38,7 @@ impl Default for LbConfig {
             max_body_bytes: 100 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(30),
             keepalive: true,
+            drain_linger: Duration::from_secs(1),
         }
     }
 }

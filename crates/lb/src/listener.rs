@@ -9,6 +9,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use strata_core::seam::status_response;
+use strata_core::shutdown::Stage;
 use strata_core::{Body, BodyTooLarge, BoxError, ConnInfo, HttpService, Shutdown};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -52,25 +53,35 @@ pub async fn serve(listener: TcpListener, next: HttpService, config: LbConfig, s
         };
         let next = next.clone();
         let max_body = config.max_body_bytes;
+        let draining = shutdown.clone();
         let service = service_fn(move |request: Request<Incoming>| {
             let next = next.clone();
-            handle(request, info, max_body, next)
+            let close = draining.stage() != Stage::Running;
+            handle(request, info, max_body, next, close)
         });
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let shutdown = shutdown.clone();
         let open = open_tx.clone();
+        let linger = config.drain_linger;
         tokio::spawn(async move {
             let _open = open;
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
+                result = connection.as_mut() => return log_connection_end(result),
+                () = shutdown.requested() => {}
+            }
+            // Draining. Closing an idle keep-alive connection now would race a request the
+            // client may be sending on it; for `drain_linger`, responses say
+            // `Connection: close` instead, and only then is the connection shut.
+            tokio::select! {
+                result = connection.as_mut() => return log_connection_end(result),
+                () = tokio::time::sleep(linger) => {}
+                () = shutdown.forced() => return,
+            }
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
                 result = connection.as_mut() => log_connection_end(result),
-                () = shutdown.requested() => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        result = connection.as_mut() => log_connection_end(result),
-                        () = shutdown.forced() => {}
-                    }
-                }
+                () = shutdown.forced() => {}
             }
         });
     }
@@ -94,6 +105,7 @@ fn handle(
     info: ConnInfo,
     max_body: u64,
     next: HttpService,
+    close: bool,
 ) -> ResponseFuture {
     let declared = request
         .headers()
@@ -108,6 +120,17 @@ fn handle(
         .boxed_unsync();
     let next = if declared.is_some_and(|length| length > max_body) {
         HttpService::new(tower::service_fn(|_| async { Ok(too_large()) }))
+    } else {
+        next
+    };
+    let next = if close {
+        HttpService::new(next.map_response(|mut response: Response<Body>| {
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            response
+        }))
     } else {
         next
     };

@@ -68,6 +68,10 @@ struct RunArgs {
     /// Address of the admin listener.
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// Take the listening sockets over from the running master (binary upgrade): it drains
+    /// and exits once this one serves.
+    #[arg(long)]
+    upgrade: bool,
 }
 
 /// Parses the command line and runs it.
@@ -121,7 +125,7 @@ pub fn main() -> ExitCode {
             };
             // A reload reads the same file, environment and flags again.
             let load = std::sync::Arc::new(move || config::load(file.as_deref(), &overrides));
-            match crate::node::run(config, load) {
+            match crate::node::run(config, load, args.upgrade) {
                 Ok(code) => code,
                 Err(error) => {
                     eprintln!("strata: {error:#}");

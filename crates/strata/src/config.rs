@@ -49,6 +49,9 @@ pub struct AdminConfig {
     pub bind: SocketAddr,
     /// Bearer token required on every admin request; required when `bind` is not loopback.
     pub token: Option<String>,
+    /// Unix socket a new `strata run --upgrade` takes the listeners over (default: in the
+    /// temporary directory, named after `lb.bind`'s port).
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -56,6 +59,7 @@ impl Default for AdminConfig {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 9000)),
             token: None,
+            upgrade_socket: None,
         }
     }
 }

@@ -5,10 +5,12 @@
 //! - [`config`]: defaults < `strata.toml` < `STRATA_*` environment < flags, validated once.
 //! - [`node`]: starts the selected tiers, listens, handles signals and shutdown.
 //! - `admin`: the admin listener (`/status`, `/metrics`, `/healthz`, `/reload`).
-//! - `reload`: the client side of `strata reload`.
+//! - `reload`: reload in the node, and the client side of `strata reload`.
+//! - `handoff`: binary upgrade, the listening sockets passed to a new master.
 
 mod admin;
 pub mod cli;
 pub mod config;
+mod handoff;
 pub mod node;
 mod reload;

@@ -15,35 +15,50 @@ use strata_core::shutdown::{Shutdown, Stage};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::admin;
 use crate::config::Config;
 use crate::reload::{LoadConfig, Reloader};
+use crate::{admin, handoff};
 
 /// Runs the node until it is stopped; returns the process exit code.
-pub fn run(config: Config, load: LoadConfig) -> anyhow::Result<ExitCode> {
+pub fn run(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
     strata_core::logging::init(&config.log.level, config.log.format == "json");
     strata_appserver::proctitle::set("strata master");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(serve(config, load))
+    runtime.block_on(serve(config, load, upgrade))
 }
 
-async fn serve(config: Config, load: LoadConfig) -> anyhow::Result<ExitCode> {
-    let http = bind(config.lb.bind)
-        .with_context(|| format!("cannot bind lb.bind = {}", config.lb.bind))?;
-    let admin_socket = bind(config.admin.bind)
-        .with_context(|| format!("cannot bind admin.bind = {}", config.admin.bind))?;
+async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
+    let upgrade_path = config
+        .admin
+        .upgrade_socket
+        .clone()
+        .unwrap_or_else(|| handoff::default_path(config.lb.bind.port()));
+    let sockets = if upgrade {
+        let inherited = handoff::receive(&upgrade_path).with_context(|| {
+            format!(
+                "cannot take the listeners over from {}",
+                upgrade_path.display()
+            )
+        })?;
+        tracing::info!("upgrade: took the listeners over; warming up");
+        Sockets::Inherited(inherited)
+    } else {
+        Sockets::Bound {
+            http: bind(config.lb.bind)
+                .with_context(|| format!("cannot bind lb.bind = {}", config.lb.bind))?,
+            admin: bind(config.admin.bind)
+                .with_context(|| format!("cannot bind admin.bind = {}", config.admin.bind))?,
+        }
+    };
     let log = LogSpec {
         level: config.log.level.clone(),
         json: config.log.format == "json",
     };
     let app = Arc::new(AppServer::start(config.app.clone(), log).await?);
-    let http = http.listen(1024).context("cannot listen on lb.bind")?;
-    let admin_listener = admin_socket
-        .listen(128)
-        .context("cannot listen on admin.bind")?;
+    let (http, admin_listener) = sockets.listen().await?;
     tracing::info!(
         http = %local(&http),
         admin = %local(&admin_listener),
@@ -51,6 +66,12 @@ async fn serve(config: Config, load: LoadConfig) -> anyhow::Result<ExitCode> {
     );
 
     let shutdown = Shutdown::new();
+    let offered = {
+        let (http_fd, admin_fd) = (rustix::io::dup(&http)?, rustix::io::dup(&admin_listener)?);
+        let shutdown = shutdown.clone();
+        let path = upgrade_path.clone();
+        std::thread::spawn(move || handoff::offer(path, http_fd, admin_fd, shutdown))
+    };
     tokio::spawn(handle_signals(
         shutdown.clone(),
         config.app.graceful_timeout,
@@ -69,12 +90,48 @@ async fn serve(config: Config, load: LoadConfig) -> anyhow::Result<ExitCode> {
     tracing::info!(forced, "listener drained; stopping the app server");
     let _ = admin.await;
     app.stop(forced).await;
+    // After a handoff the upgrade socket path belongs to the new master.
+    if !offered.is_finished() || !offered.join().unwrap_or(false) {
+        let _ = std::fs::remove_file(&upgrade_path);
+    }
     tracing::info!("stopped");
     Ok(if forced {
         ExitCode::from(130)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The node's listening sockets before they serve: bound here (listening only once the app is
+/// warm), or taken over, already listening, from the master being upgraded.
+enum Sockets {
+    Bound { http: TcpSocket, admin: TcpSocket },
+    Inherited(handoff::Inherited),
+}
+
+impl Sockets {
+    async fn listen(self) -> anyhow::Result<(TcpListener, TcpListener)> {
+        match self {
+            Sockets::Bound { http, admin } => Ok((
+                http.listen(1024).context("cannot listen on lb.bind")?,
+                admin.listen(128).context("cannot listen on admin.bind")?,
+            )),
+            Sockets::Inherited(inherited) => {
+                let adopt = |listener: std::net::TcpListener| {
+                    listener.set_nonblocking(true)?;
+                    TcpListener::from_std(listener)
+                };
+                let http = adopt(inherited.http.try_clone()?)?;
+                let admin = adopt(inherited.admin.try_clone()?)?;
+                // Serving from here on (the kernel queues for both masters); let the old go.
+                tokio::task::spawn_blocking(move || inherited.confirm())
+                    .await?
+                    .context("the old master did not acknowledge the upgrade")?;
+                tracing::info!("upgrade: the old master is draining");
+                Ok((http, admin))
+            }
+        }
+    }
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpSocket> {

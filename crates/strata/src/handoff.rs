@@ -1,0 +1,127 @@
+//! Binary upgrade without a closed socket: the running master hands its listening sockets to
+//! a new `strata run --upgrade` over a Unix socket (`SCM_RIGHTS`), then drains and exits.
+//!
+//! 1. The running master listens on `admin.upgrade_socket` (by default a path derived from
+//!    `lb.bind`'s port in the temporary directory).
+//! 2. The new master connects and receives the HTTP and admin listeners. It warms its own app
+//!    server while the old one keeps serving, then serves the same sockets and sends `R`.
+//! 3. The old master unlinks the upgrade socket, answers `A` and shuts down gracefully; the
+//!    new master binds the upgrade socket for the next upgrade.
+//!
+//! If the new master fails before `R` (its application does not import, say), the connection
+//! closes and the old master simply keeps serving.
+
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+use strata_core::shutdown::{Shutdown, Stage};
+
+/// Where the upgrade socket of a node whose HTTP listener binds `port` lives by default.
+pub fn default_path(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("strata-upgrade-{port}.sock"))
+}
+
+/// The listeners a new master inherits.
+pub struct Inherited {
+    pub http: std::net::TcpListener,
+    pub admin: std::net::TcpListener,
+    /// Tells the old master the new one serves; returns once it has let go of the path.
+    confirm: UnixStream,
+}
+
+/// Connects to the running master and takes its listeners.
+pub fn receive(path: &Path) -> std::io::Result<Inherited> {
+    let stream = UnixStream::connect(path)?;
+    let mut byte = [0u8; 1];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    rustix::net::recvmsg(
+        &stream,
+        &mut [IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    let mut fds = fds.into_iter();
+    match (byte[0], fds.next(), fds.next()) {
+        (b'L', Some(http), Some(admin)) => Ok(Inherited {
+            http: std::net::TcpListener::from(http),
+            admin: std::net::TcpListener::from(admin),
+            confirm: stream,
+        }),
+        _ => Err(std::io::Error::other(
+            "the running master sent no listeners",
+        )),
+    }
+}
+
+impl Inherited {
+    /// Tells the old master to stop and waits until it has released the upgrade socket path.
+    pub fn confirm(mut self) -> std::io::Result<()> {
+        self.confirm.write_all(b"R")?;
+        let mut ack = [0u8; 1];
+        self.confirm.read_exact(&mut ack)?;
+        Ok(())
+    }
+}
+
+/// Offers `http` and `admin` to a new master on `path` until one takes them; then starts this
+/// node's graceful shutdown. Runs on a thread of its own; returns whether it handed over.
+pub fn offer(path: PathBuf, http: OwnedFd, admin: OwnedFd, shutdown: Shutdown) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(&path);
+    let listener = match UnixListener::bind(&path) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "binary upgrades unavailable: cannot bind the upgrade socket");
+            return false;
+        }
+    };
+    // Only this user may take the listeners.
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    tracing::info!(path = %path.display(), "upgrade socket ready");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        if shutdown.stage() != Stage::Running {
+            break;
+        }
+        let fds = [http.as_fd(), admin.as_fd()];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        control.push(SendAncillaryMessage::ScmRights(&fds));
+        if let Err(error) = rustix::net::sendmsg(
+            &stream,
+            &[IoSlice::new(b"L")],
+            &mut control,
+            SendFlags::empty(),
+        ) {
+            tracing::warn!(%error, "upgrade handoff failed");
+            continue;
+        }
+        tracing::info!("upgrade: listeners handed to a new master; waiting until it serves");
+        let mut ready = [0u8; 1];
+        if stream.read_exact(&mut ready).is_err() || ready[0] != b'R' {
+            tracing::warn!("upgrade: the new master gave up; this one keeps serving");
+            continue;
+        }
+        let _ = std::fs::remove_file(&path);
+        drop(listener);
+        let _ = stream.write_all(b"A");
+        tracing::info!("upgrade: the new master serves; draining and exiting");
+        shutdown.trigger(Stage::Graceful);
+        return true;
+    }
+    false
+}

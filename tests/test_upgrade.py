@@ -1,0 +1,69 @@
+"""Binary upgrade: a new master takes the listening sockets over; the old one drains."""
+
+import subprocess
+import time
+
+import requests
+
+from conftest import STRATA, app
+from test_reload import Load
+
+
+def test_new_master_takes_over_without_errors(strata, tmp_path):
+    upgrade = tmp_path / "upgrade.sock"
+    config = f'[admin]\nupgrade_socket = "{upgrade}"\n'
+    old = strata(*app("lifecycle", "--workers", "2"), config=config)
+    old_pids = set(old.worker_pids())
+    load = Load(old.url("/"))
+    time.sleep(0.5)
+    log = open(tmp_path / "new.log", "wb")
+    new = subprocess.Popen(
+        [str(STRATA), "run", "--bind", f"127.0.0.1:{old.port}", "--admin",
+         f"127.0.0.1:{old.admin_port}", "--config", str(tmp_path / f"strata-{old.port}.toml"),
+         "--upgrade", *app("lifecycle", "--workers", "2")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        # The old master drains and exits by itself once the new one serves.
+        assert old.wait(timeout=60) == 0, old.log()
+        time.sleep(0.5)
+        results = load.stop()
+        assert [r for r in results if r[2] != 200] == []
+        served_by = {int(r[3]) for r in results}
+        assert served_by & old_pids and served_by - old_pids, "both generations of masters served"
+        new_pids = {w["pid"] for w in old.status()["app"]["workers"]}
+        assert not new_pids & old_pids
+        assert int(requests.get(old.url("/")).text) in new_pids
+        assert upgrade.exists(), "the new master offers the next upgrade"
+        assert "upgrade: the old master is draining" in (tmp_path / "new.log").read_text()
+    finally:
+        new.terminate()
+        assert new.wait(timeout=30) == 0
+        log.close()
+    assert not upgrade.exists()
+
+
+def test_failed_upgrade_leaves_the_old_master_serving(strata, tmp_path):
+    upgrade = tmp_path / "upgrade.sock"
+    old = strata(*app("lifecycle"), config=f'[admin]\nupgrade_socket = "{upgrade}"\n')
+    result = subprocess.run(
+        [str(STRATA), "run", "--bind", f"127.0.0.1:{old.port}", "--admin",
+         f"127.0.0.1:{old.admin_port}", "--config", str(tmp_path / f"strata-{old.port}.toml"),
+         "--upgrade", *app("broken_import")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "module_that_does_not_exist" in result.stderr
+    time.sleep(0.3)
+    assert old.process.poll() is None
+    assert requests.get(old.url("/")).status_code == 200
+    assert "the new master gave up" in old.log()
+    # The offer stands: a later upgrade still works.
+    assert upgrade.exists()
+
+
+def test_upgrade_without_a_running_master_fails_clearly(tmp_path):
+    result = subprocess.run(
+        [str(STRATA), "run", "--upgrade", *app("lifecycle")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)})
+    assert result.returncode != 0
+    assert "cannot take the listeners over" in result.stderr
