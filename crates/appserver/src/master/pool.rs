@@ -2,7 +2,8 @@
 //!
 //! A request only ever goes to an idle worker. When none is idle it waits in a FIFO queue of
 //! bounded length and for a bounded time; a released worker goes straight to the oldest
-//! waiter. Idle workers are reused last-in first-out, which keeps the hottest caches in use.
+//! waiter. Idle workers are reused last-in first-out, which keeps the hottest caches in use,
+//! newest generation first.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -105,7 +106,7 @@ impl Pool {
             if state.closed {
                 return Err(Rejected::Closed);
             }
-            if let Some(worker) = state.idle.pop() {
+            if let Some(worker) = take_idle(&mut state.idle) {
                 self.mark(&mut state, worker.id, true);
                 return Ok(worker);
             }
@@ -259,6 +260,14 @@ impl Pool {
         state.idle.clear();
         state.waiters.clear();
     }
+}
+
+/// The most recently idle worker of the newest generation: during a reload, requests go to
+/// the new code as soon as one of its workers is ready.
+fn take_idle(idle: &mut Vec<WorkerConn>) -> Option<WorkerConn> {
+    let newest = idle.iter().map(|w| w.generation).max()?;
+    let at = idle.iter().rposition(|w| w.generation == newest)?;
+    Some(idle.remove(at))
 }
 
 /// A place in the queue. If the request gives up (timeout, or the client left and its future
