@@ -9,24 +9,18 @@ processes sharing core 0.
 
 import argparse
 import datetime
-import io
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV = Path(sys.prefix)
-STRATA = ROOT / "target" / "release" / "strata"
-RESULTS = ROOT / "benches" / "results"
+from benchlib import RESULTS, ROOT, STRATA, VENV, free_port, wait_port
 
 WORKLOADS = {
     "wsgi-hello": {"module": "hello", "callable": "application", "chdir": ROOT / "tests" / "apps",
@@ -34,23 +28,6 @@ WORKLOADS = {
     "django-view": {"module": "mysite.wsgi", "callable": "application", "chdir": ROOT / "example",
                     "path": "/"},
 }
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def servers_for(workload, env):
