@@ -1,5 +1,6 @@
 """Workers crash, hang, leak and get recycled; the server loses nothing else."""
 
+import os
 import signal
 import socket
 import threading
@@ -8,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from conftest import app
+from conftest import app, children
 
 
 def metric(server, name):
@@ -205,3 +206,18 @@ def test_draining_answers_keepalive_requests_with_connection_close(strata):
     assert response.headers["Connection"] == "close"
     slow.join()
     assert server.wait() == 0
+
+
+def test_a_dead_zygote_is_replaced_by_a_new_generation(strata):
+    server = strata(*app("lifecycle", "--workers", "2"))
+    (zygote,) = children(server.process.pid)
+    os.kill(zygote, signal.SIGKILL)
+    assert wait_until(lambda: server.status()["app"]["generation"] == 2
+                      and {w["generation"] for w in server.status()["app"]["workers"]} == {2}
+                      and len(server.status()["app"]["workers"]) == 2, timeout=30)
+    assert "the zygote exited; starting a new generation" in server.log()
+    # Workers can be replaced again.
+    assert requests.get(server.url("/exit")).status_code == 502
+    assert wait_until(lambda: len(server.worker_pids()) == 2)
+    for _ in range(5):
+        assert requests.get(server.url("/")).status_code == 200

@@ -290,10 +290,8 @@ impl Supervisor {
                     tokio::spawn(zygote.finish(Duration::from_secs(5)));
                 }
                 if generation == self.current {
-                    tracing::error!(
-                        generation,
-                        "the zygote exited; workers that die cannot be replaced until a reload"
-                    );
+                    tracing::error!(generation, "the zygote exited; starting a new generation");
+                    self.replace_zygote();
                 } else {
                     tracing::info!(generation, "the old generation's zygote exited");
                 }
@@ -324,6 +322,28 @@ impl Supervisor {
             None if status == "exit code 0" => tracing::debug!(pid, %status, "worker exited"),
             None => tracing::warn!(pid, %status, "worker exited"),
         }
+    }
+
+    /// The current zygote died (killed, out of memory): without it no worker can be replaced,
+    /// so a new generation is started and rolled in, retried every few seconds until it works.
+    fn replace_zygote(&mut self) {
+        let (done, outcome) = oneshot::channel();
+        self.reload(None, done);
+        let events = self.shared.events.clone();
+        let generation = self.current;
+        tokio::spawn(async move {
+            match outcome.await {
+                Ok(Ok(new)) => tracing::info!(generation = new, "zygote replaced"),
+                _ => {
+                    tracing::error!("could not replace the zygote; retrying in 5s");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let _ = events.send(Event::Zygote {
+                        generation,
+                        message: None,
+                    });
+                }
+            }
+        });
     }
 
     /// Starts the next generation's zygote in the background; the old one keeps serving.
