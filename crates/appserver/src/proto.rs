@@ -122,18 +122,9 @@ impl Encoder {
         &self.buf
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
-    }
-
     /// Empties the buffer, keeping its capacity.
     pub fn clear(&mut self) {
         self.buf.clear();
-    }
-
-    /// Takes the encoded bytes.
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.buf
     }
 }
 

@@ -49,14 +49,6 @@ impl StatusCounter {
         }
     }
 
-    /// The count for `status`.
-    pub fn get(&self, status: u16) -> u64 {
-        status
-            .checked_sub(100)
-            .and_then(|i| self.counts.get(i as usize))
-            .map_or(0, |slot| slot.load(Relaxed))
-    }
-
     /// Renders one sample per status seen.
     pub fn render(&self, out: &mut String, name: &str, help: &str) {
         header(out, name, help, "counter");
@@ -103,11 +95,6 @@ impl Histogram {
         self.sum_micros
             .fetch_add(elapsed.as_micros().min(u64::MAX as u128) as u64, Relaxed);
         self.count.fetch_add(1, Relaxed);
-    }
-
-    /// The number of observations.
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
     }
 
     /// Renders cumulative buckets, sum and count.

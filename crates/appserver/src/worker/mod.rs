@@ -89,7 +89,7 @@ fn serve(
     proto::encode_hello(&mut conn.enc, id, spec.generation, std::process::id());
     conn.flush()?;
     let conn = Rc::new(RefCell::new(conn));
-    let wsgi = wsgi::Wsgi::new(py, spec, id, conn.clone())
+    let wsgi = wsgi::Wsgi::new(py, id, conn.clone())
         .map_err(|err| std::io::Error::other(err.to_string()))?;
     let mut payload = Vec::new();
     loop {

@@ -11,7 +11,6 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::io::{Errors, Input};
 use super::SharedConn;
-use crate::control::ZygoteSpec;
 use crate::proto::{self, kind, ProtoError};
 use crate::python;
 
@@ -49,12 +48,7 @@ struct Response {
 type SharedResponse = Rc<RefCell<Response>>;
 
 impl Wsgi {
-    pub fn new(
-        py: Python<'_>,
-        _spec: &ZygoteSpec,
-        worker: u32,
-        conn: SharedConn,
-    ) -> PyResult<Self> {
+    pub fn new(py: Python<'_>, worker: u32, conn: SharedConn) -> PyResult<Self> {
         Ok(Self {
             conn,
             errors: Py::new(py, Errors::new(worker))?,
@@ -98,7 +92,7 @@ impl Wsgi {
         let result = app.call1((environ, start_response));
         let outcome = match result {
             Ok(iterable) => {
-                let sent = self.send_body(py, &iterable, &response);
+                let sent = self.send_body(&iterable, &response);
                 let closed = close(py, &iterable);
                 match sent {
                     Ok(Ok(())) => closed,
@@ -176,7 +170,6 @@ impl Wsgi {
     /// connection; the inner one an application error.
     fn send_body(
         &self,
-        py: Python<'_>,
         iterable: &Bound<'_, PyAny>,
         response: &SharedResponse,
     ) -> Result<PyResult<()>, std::io::Error> {
@@ -229,7 +222,6 @@ impl Wsgi {
                 conn.flush()?;
             }
         }
-        let _ = py;
         Ok(Ok(()))
     }
 }
@@ -331,7 +323,6 @@ impl StartResponse {
     #[pyo3(signature = (status, headers, exc_info = None))]
     fn __call__(
         &self,
-        py: Python<'_>,
         status: &Bound<'_, PyAny>,
         headers: &Bound<'_, PyAny>,
         exc_info: Option<&Bound<'_, PyAny>>,
@@ -357,7 +348,6 @@ impl StartResponse {
         let mut response = self.response.borrow_mut();
         response.status = Some(status);
         response.headers = headers;
-        let _ = py;
         Ok(Writer {
             conn: self.conn.clone(),
             response: self.response.clone(),
