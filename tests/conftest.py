@@ -140,9 +140,11 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-def app(name, *extra):
-    """Arguments that serve `tests/apps/<name>.py` from this interpreter's virtualenv."""
-    return ["--app", name, "--chdir", str(APPS), "--virtualenv", str(VENV), *extra]
+def app(name, *extra, tiers="lb,app"):
+    """Arguments that serve `tests/apps/<name>.py` from this interpreter's virtualenv; the app
+    server alone behind the listener unless other `tiers` are asked for."""
+    return ["--app", name, "--chdir", str(APPS), "--virtualenv", str(VENV),
+            "--tiers", tiers, *extra]
 
 
 @pytest.fixture(scope="session")

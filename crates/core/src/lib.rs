@@ -2,12 +2,16 @@
 //!
 //! # Layout
 //! - [`seam`]: the tier service seam (`Request<Body>` → `Response<Body>`), bodies, connection info.
+//! - [`channel_body`]: a body fed through a channel by the task producing it.
+//! - [`client`]: the seam's client side, for a next tier on another host or any HTTP origin.
 //! - [`shutdown`]: shutdown passed as a value to every `run()`.
 //! - [`metrics`]: lock-free counters and histograms rendered in Prometheus text format.
 //! - [`duration`]: human durations (`"30s"`, `"250ms"`) for configuration files.
 //!
 //! This crate never depends on a tier; tiers depend on it.
 
+pub mod channel_body;
+pub mod client;
 pub mod duration;
 pub mod logging;
 pub mod metrics;

@@ -6,12 +6,15 @@
 //! across hosts, the next tier is an HTTP client service of the same type.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 use tower::util::BoxCloneSyncService;
+use tower::ServiceExt;
 
 /// An error carried by a body or a tier.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -48,6 +51,58 @@ impl std::fmt::Display for BodyTooLarge {
 }
 
 impl std::error::Error for BodyTooLarge {}
+
+/// A future answering a request through a seam service.
+pub type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send + 'static>>;
+
+/// Sends `request` to `service` (await it with [`answer`]). Boxed with its type spelled out:
+/// this keeps the compiler from losing the lifetime of the body's error type inside callers'
+/// async state machines.
+pub fn call(service: &HttpService, request: Request<Body>) -> ResponseFuture {
+    Box::pin(service.clone().oneshot(request))
+}
+
+/// Awaits a [`call`]; tiers answer every request, so there is no error to handle.
+pub async fn answer(future: ResponseFuture) -> Response<Body> {
+    match future.await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    }
+}
+
+/// Header fields that describe one connection (RFC 9110 §7.6.1): never stored, never
+/// forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "trailer",
+];
+
+/// Removes the hop-by-hop fields and the fields `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    for name in named
+        .iter()
+        .map(String::as_str)
+        .chain(HOP_BY_HOP.iter().copied())
+    {
+        headers.remove(name);
+    }
+}
 
 /// A body holding `bytes` whole.
 pub fn full(bytes: impl Into<Bytes>) -> Body {

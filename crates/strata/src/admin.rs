@@ -1,5 +1,7 @@
 //! The admin listener: `GET /status` (JSON), `GET /metrics` (Prometheus text), `GET /healthz`,
-//! `POST /reload` (a new generation of workers; answers when the rollout is done).
+//! `POST /reload` (a new generation of workers; answers when the rollout is done), and the
+//! accelerator's invalidation: `POST /cache/purge?url=U`, `?tag=T` (repeatable) or
+//! `?ban=PATTERN`, each with `&soft=1` to mark stale instead of removing.
 //!
 //! It listens on loopback by default; elsewhere every request must carry
 //! `Authorization: Bearer <admin.token>`.
@@ -9,7 +11,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use strata_appserver::AppServer;
 use strata_core::seam::{full, status_response};
 use strata_core::{Body, Shutdown};
 use strata_lb::LbConfig;
@@ -18,11 +19,12 @@ use tower::util::BoxCloneSyncService;
 
 use crate::config::Config;
 use crate::reload::{Reloaded, Reloader};
+use crate::stack::Stack;
 
 /// Serves the admin API until shutdown.
 pub async fn serve(
     listener: TcpListener,
-    app: Arc<AppServer>,
+    stack: Arc<Stack>,
     reloader: Arc<Reloader>,
     config: Config,
     shutdown: Shutdown,
@@ -31,7 +33,7 @@ pub async fn serve(
     let token = config.admin.token.clone().map(|t| format!("Bearer {t}"));
     let tiers = config.tiers.clone();
     let service = tower::service_fn(move |request: Request<Body>| {
-        let app = app.clone();
+        let stack = stack.clone();
         let reloader = reloader.clone();
         let token = token.clone();
         let tiers = tiers.clone();
@@ -50,7 +52,8 @@ pub async fn serve(
                 ));
             }
             let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-            Ok(route(&method, &path, &app, &reloader, &tiers, started).await)
+            let query = request.uri().query().unwrap_or("").to_owned();
+            Ok(route(&method, &path, &query, &stack, &reloader, &tiers, started).await)
         }
     });
     let limits = LbConfig {
@@ -69,7 +72,8 @@ pub async fn serve(
 async fn route(
     method: &http::Method,
     path: &str,
-    app: &AppServer,
+    query: &str,
+    stack: &Stack,
     reloader: &Reloader,
     tiers: &[String],
     started: Instant,
@@ -79,21 +83,24 @@ async fn route(
             let status = serde_json::json!({
                 "tiers": tiers,
                 "uptime_seconds": started.elapsed().as_secs(),
-                "app": app.status(),
+                "app": stack.app.as_ref().map(|app| app.status()),
             });
             typed(status.to_string(), "application/json")
         }
         ("GET", "/metrics") => {
             let mut out = String::new();
-            app.render_metrics(&mut out);
+            stack.render_metrics(&mut out);
             typed(out, "text/plain; version=0.0.4")
         }
         ("GET", "/healthz") => typed("ok\n".into(), "text/plain"),
         ("POST", "/reload") => reload_response(reloader.reload().await),
+        ("POST", "/cache/purge") => purge(stack, query),
         (_, "/status" | "/metrics" | "/healthz") => {
             status_response(StatusCode::METHOD_NOT_ALLOWED, "use GET")
         }
-        (_, "/reload") => status_response(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+        (_, "/reload" | "/cache/purge") => {
+            status_response(StatusCode::METHOD_NOT_ALLOWED, "use POST")
+        }
         _ => status_response(StatusCode::NOT_FOUND, "no such admin endpoint"),
     }
 }
@@ -120,10 +127,88 @@ fn reload_response(outcome: Result<Reloaded, String>) -> Response<Body> {
     response
 }
 
+/// `POST /cache/purge`: `url=`, `tag=` (repeatable) or `ban=`, optionally `soft=1`.
+fn purge(stack: &Stack, query: &str) -> Response<Body> {
+    let Some(accelerator) = &stack.accelerator else {
+        return status_response(
+            StatusCode::CONFLICT,
+            "this node does not run the accelerator",
+        );
+    };
+    let mut soft = false;
+    let (mut urls, mut tags, mut bans) = (Vec::new(), Vec::new(), Vec::new());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(value);
+        match key {
+            "url" => urls.push(value),
+            "tag" => tags.push(value),
+            "ban" => bans.push(value),
+            "soft" => soft = matches!(value.as_str(), "1" | "true" | "yes"),
+            _ => {
+                return status_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("unknown parameter {key:?} (url, tag, ban, soft)"),
+                )
+            }
+        }
+    }
+    if urls.is_empty() && tags.is_empty() && bans.is_empty() {
+        return status_response(StatusCode::BAD_REQUEST, "give url=, tag= or ban=");
+    }
+    let mut purged = accelerator.purge_tags(&tags, soft);
+    purged += urls
+        .iter()
+        .map(|u| accelerator.purge_url(u, soft))
+        .sum::<usize>();
+    purged += bans.iter().map(|b| accelerator.ban(b, soft)).sum::<usize>();
+    typed(
+        serde_json::json!({ "purged": purged, "soft": soft }).to_string(),
+        "application/json",
+    )
+}
+
+/// Decodes `%XX` escapes and `+` of a query value.
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                    (Some(high), Some(low)) => {
+                        out.push((high * 16 + low) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn typed(body: String, content_type: &'static str) -> Response<Body> {
     let mut response = Response::new(full(body));
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(percent_decode("a%2Fb+c%3f"), "a/b c?");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%é"), "%zz%é");
+    }
 }

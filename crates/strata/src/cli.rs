@@ -47,7 +47,7 @@ struct ConfigArgs {
 struct RunArgs {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Tiers this node runs, comma-separated (lb,app).
+    /// Tiers this node runs, comma-separated (lb,accelerator,app).
     #[arg(long, value_delimiter = ',')]
     tiers: Option<Vec<String>>,
     /// Address of the HTTP listener.

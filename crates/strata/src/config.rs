@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+use strata_accelerator::AcceleratorConfig;
 use strata_appserver::AppConfig;
 use strata_lb::LbConfig;
 
@@ -15,7 +16,7 @@ use strata_lb::LbConfig;
 pub const TIERS: &[&str] = &["lb", "accelerator", "app", "cache", "dbpool"];
 
 /// Tiers this build serves today.
-const AVAILABLE: &[&str] = &["lb", "app"];
+const AVAILABLE: &[&str] = &["lb", "accelerator", "app"];
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -24,6 +25,7 @@ pub struct Config {
     /// Tiers this node runs.
     pub tiers: Vec<String>,
     pub lb: LbConfig,
+    pub accelerator: AcceleratorConfig,
     pub app: AppConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -34,6 +36,7 @@ impl Default for Config {
         Self {
             tiers: AVAILABLE.iter().map(|t| t.to_string()).collect(),
             lb: LbConfig::default(),
+            accelerator: AcceleratorConfig::default(),
             app: AppConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
@@ -183,10 +186,16 @@ impl Config {
                 ));
             }
         }
-        if !self.tiers.iter().any(|t| t == "app") {
-            return Err("tiers: this build needs the app tier".into());
+        let has = |tier: &str| self.tiers.iter().any(|t| t == tier);
+        let fronts_upstream = has("accelerator") && self.accelerator.upstream.is_some();
+        if !(has("app") || fronts_upstream) {
+            return Err(
+                "tiers: without the app tier, run the accelerator with accelerator.upstream set"
+                    .into(),
+            );
         }
         self.lb.validate()?;
+        self.accelerator.validate()?;
         self.app.validate()?;
         if !strata_core::logging::valid_level(&self.log.level) {
             return Err(format!(
@@ -233,6 +242,20 @@ mod tests {
         assert_eq!(config.app.workers, 5);
         assert_eq!(config.app.module, "site.wsgi:app");
         assert_eq!(config.lb, LbConfig::default());
+    }
+
+    #[test]
+    fn a_node_without_the_app_tier_needs_an_upstream() {
+        let mut config = Config {
+            tiers: vec!["accelerator".into()],
+            ..Config::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .contains("accelerator.upstream"));
+        config.accelerator.upstream = Some("http://127.0.0.1:8080".into());
+        config.validate().unwrap();
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - [`cli`]: `strata run`, `strata check`, `strata reload`.
 //! - [`config`]: defaults < `strata.toml` < `STRATA_*` environment < flags, validated once.
 //! - [`node`]: starts the selected tiers, listens, handles signals and shutdown.
-//! - `admin`: the admin listener (`/status`, `/metrics`, `/healthz`, `/reload`).
+//! - `stack`: the tiers of this node and which calls which.
+//! - `admin`: the admin listener (`/status`, `/metrics`, `/healthz`, `/reload`, cache purges).
 //! - `reload`: reload in the node, and the client side of `strata reload`.
 //! - `handoff`: binary upgrade, the listening sockets passed to a new master.
 
@@ -14,3 +15,4 @@ pub mod config;
 mod handoff;
 pub mod node;
 mod reload;
+mod stack;

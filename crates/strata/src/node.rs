@@ -1,4 +1,4 @@
-//! A running node: start the app server, then listen; stop on signals.
+//! A running node: start the tiers, then listen; stop on signals.
 //!
 //! Order matters: sockets are bound first (a taken port fails at once), the first generation
 //! of workers is warmed next, and only then do the sockets listen, so no client ever meets a
@@ -10,13 +10,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use strata_appserver::{AppServer, LogSpec};
+use strata_appserver::LogSpec;
 use strata_core::shutdown::{Shutdown, Stage};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::Config;
 use crate::reload::{LoadConfig, Reloader};
+use crate::stack::Stack;
 use crate::{admin, handoff};
 
 /// Runs the node until it is stopped; returns the process exit code.
@@ -57,7 +58,7 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
         level: config.log.level.clone(),
         json: config.log.format == "json",
     };
-    let app = Arc::new(AppServer::start(config.app.clone(), log).await?);
+    let stack = Arc::new(Stack::start(&config, log).await?);
     let (http, admin_listener) = sockets.listen().await?;
     tracing::info!(
         http = %local(&http),
@@ -76,20 +77,26 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
         shutdown.clone(),
         config.app.graceful_timeout,
     ));
-    let reloader = Arc::new(Reloader::new(app.clone(), config.clone(), load));
+    let reloader = Arc::new(Reloader::new(stack.app.clone(), config.clone(), load));
     tokio::spawn(reload_on_hangup(reloader.clone()));
     let admin = tokio::spawn(admin::serve(
         admin_listener,
-        app.clone(),
+        stack.clone(),
         reloader,
         config.clone(),
         shutdown.clone(),
     ));
-    strata_lb::serve(http, app.service(), config.lb.clone(), shutdown.clone()).await;
+    strata_lb::serve(
+        http,
+        stack.front.clone(),
+        config.lb.clone(),
+        shutdown.clone(),
+    )
+    .await;
     let forced = shutdown.stage() == Stage::Forced;
     tracing::info!(forced, "listener drained; stopping the app server");
     let _ = admin.await;
-    app.stop(forced).await;
+    stack.stop(forced).await;
     // After a handoff the upgrade socket path belongs to the new master.
     if !offered.is_finished() || !offered.join().unwrap_or(false) {
         let _ = std::fs::remove_file(&upgrade_path);

@@ -26,13 +26,13 @@ pub struct Reloaded {
 
 /// What SIGHUP and `POST /reload` call.
 pub struct Reloader {
-    app: Arc<AppServer>,
+    app: Option<Arc<AppServer>>,
     started_with: Config,
     load: LoadConfig,
 }
 
 impl Reloader {
-    pub fn new(app: Arc<AppServer>, started_with: Config, load: LoadConfig) -> Self {
+    pub fn new(app: Option<Arc<AppServer>>, started_with: Config, load: LoadConfig) -> Self {
         Self {
             app,
             started_with,
@@ -43,9 +43,12 @@ impl Reloader {
     /// Reloads the application's code and its `[app]` settings. An invalid configuration
     /// changes nothing, like a failed import.
     pub async fn reload(&self) -> Result<Reloaded, String> {
+        let Some(app) = &self.app else {
+            return Err("this node does not run the app tier: nothing to reload".into());
+        };
         let config = (self.load)().map_err(|e| format!("invalid configuration: {e}"))?;
         let restart_needed = restart_needed(&self.started_with, &config);
-        let generation = self.app.reload(Some(config.app)).await?;
+        let generation = app.reload(Some(config.app)).await?;
         Ok(Reloaded {
             generation,
             restart_needed,

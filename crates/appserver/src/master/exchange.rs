@@ -16,12 +16,12 @@ use strata_core::{Body, BodyTooLarge, BoxError, ConnInfo};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::body::ChannelBody;
 use super::cgi;
 use super::pool::{Rejected, WorkerConn};
 use super::supervisor::{kill_stuck, Cause};
 use super::Shared;
 use crate::proto::{self, kind, Encoder, ProtoError};
+use strata_core::channel_body::ChannelBody;
 
 /// What went wrong talking to a worker.
 enum Failure {
@@ -250,7 +250,7 @@ async fn relay(
         chunks.push(Bytes::copy_from_slice(&payload));
     }
     let (tx, rx) = mpsc::channel(16);
-    *response.body_mut() = ChannelBody::new(chunks, rx).boxed_unsync();
+    *response.body_mut() = ChannelBody::new(chunks, rx, None).boxed_unsync();
     let rest = std::mem::take(rest);
     tokio::spawn(stream(lease, rest, tx));
     response

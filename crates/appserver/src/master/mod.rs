@@ -1,7 +1,6 @@
 //! The master side of the app server: runs inside the multi-threaded tokio process, never
 //! forks (children are spawned with exec), and offers the app server as a tier service.
 
-mod body;
 mod cgi;
 mod conn;
 mod exchange;

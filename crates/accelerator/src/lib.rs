@@ -1,0 +1,120 @@
+//! Strata's web accelerator: an RFC 9111 shared cache as a tower service in front of the next
+//! tier (the local app server, or any HTTP origin through the seam's client).
+//!
+//! # Layout
+//! - [`config`]: the `[accelerator]` section.
+//! - `directives`, `freshness`, `policy`: Cache-Control parsing, age and freshness, and
+//!   whether a response may be stored (RFC 9111, 5861, 9213).
+//! - `key`: primary keys and `Vary` selection, with Django's cookies in mind.
+//! - `fill`, `object`, `store`: stored responses, bodies that stream while they fill, and the
+//!   moka store with its surrogate-key index.
+//! - `flight`: coalescing of concurrent misses.
+//! - `service`, `respond`: the request flow and the answers it builds.
+
+pub mod config;
+mod directives;
+mod fill;
+mod flight;
+mod freshness;
+mod key;
+mod metrics;
+mod object;
+mod policy;
+mod respond;
+mod service;
+mod store;
+#[cfg(test)]
+mod testutil;
+
+use std::sync::Arc;
+
+use http::Request;
+use strata_core::{Body, HttpService};
+use tower::util::BoxCloneSyncService;
+
+pub use config::AcceleratorConfig;
+
+use crate::service::Shared;
+
+/// The accelerator tier.
+#[derive(Clone)]
+pub struct Accelerator {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Accelerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accelerator")
+            .field("store", &self.shared.store)
+            .finish()
+    }
+}
+
+impl Accelerator {
+    /// A cache in front of `next`; `config` must have passed
+    /// [`AcceleratorConfig::validate`].
+    pub fn new(config: AcceleratorConfig, next: HttpService) -> Self {
+        let shared = Shared {
+            next,
+            keyer: key::Keyer::new(&config),
+            store: Arc::new(store::Store::new(
+                config.capacity_bytes,
+                config.hit_for_miss,
+            )),
+            flights: flight::Flights::default(),
+            metrics: metrics::Metrics::default(),
+            purge_from: config.purge_networks(),
+            config,
+        };
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// The tier as a seam service.
+    pub fn service(&self) -> HttpService {
+        let shared = self.shared.clone();
+        BoxCloneSyncService::new(tower::service_fn(move |request: Request<Body>| {
+            let shared = shared.clone();
+            async move { Ok(shared.handle(request).await) }
+        }))
+    }
+
+    /// Removes (or with `soft`, marks stale) every variant of `url` (`http://host/path?query`
+    /// or `host/path?query`); returns how many objects were affected.
+    pub fn purge_url(&self, url: &str, soft: bool) -> usize {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let (host, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
+        let (path, query) = path
+            .split_once('?')
+            .map_or((path, None), |(p, q)| (p, Some(q)));
+        let key = self
+            .shared
+            .keyer
+            .primary_for(&host.to_ascii_lowercase(), path, query);
+        self.count(self.shared.store.purge(&key, soft))
+    }
+
+    /// Removes (or marks stale) every object tagged with one of `tags`.
+    pub fn purge_tags(&self, tags: &[String], soft: bool) -> usize {
+        self.count(self.shared.store.purge_tags(tags, soft))
+    }
+
+    /// Removes (or marks stale) every URL matching `pattern` (`host/path?query`, `*` matches
+    /// any run of characters).
+    pub fn ban(&self, pattern: &str, soft: bool) -> usize {
+        self.count(self.shared.store.ban(pattern, soft))
+    }
+
+    fn count(&self, purged: usize) -> usize {
+        for _ in 0..purged {
+            self.shared.metrics.purged.inc();
+        }
+        purged
+    }
+
+    /// Appends the accelerator's metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        self.shared.metrics.render(&self.shared.store, out);
+    }
+}

@@ -1,0 +1,72 @@
+//! The tiers of one node, wired together: the only place that knows which tier calls which.
+//!
+//! The listener's service is the accelerator wrapping the app server when both run here; the
+//! accelerator alone fronts `accelerator.upstream` through the seam's HTTP client; the app
+//! server alone is served directly.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use strata_accelerator::Accelerator;
+use strata_appserver::{AppServer, LogSpec};
+use strata_core::HttpService;
+
+use crate::config::Config;
+
+/// How long the accelerator waits for an upstream's response head.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The running tiers of a node.
+pub struct Stack {
+    pub app: Option<Arc<AppServer>>,
+    pub accelerator: Option<Accelerator>,
+    /// What the HTTP listener hands every request to.
+    pub front: HttpService,
+}
+
+impl Stack {
+    /// Starts the selected tiers; the app server's first generation is warm on return.
+    pub async fn start(config: &Config, log: LogSpec) -> anyhow::Result<Self> {
+        let runs = |tier: &str| config.tiers.iter().any(|t| t == tier);
+        let app = if runs("app") {
+            Some(Arc::new(AppServer::start(config.app.clone(), log).await?))
+        } else {
+            None
+        };
+        let backend = match (&app, &config.accelerator.upstream) {
+            (Some(app), _) => app.service(),
+            (None, Some(upstream)) => {
+                let uri = upstream
+                    .parse()
+                    .with_context(|| format!("accelerator.upstream = {upstream:?}"))?;
+                strata_core::client::upstream(&uri, UPSTREAM_TIMEOUT)
+            }
+            (None, None) => anyhow::bail!("nothing to serve: no app tier and no upstream"),
+        };
+        let accelerator = runs("accelerator")
+            .then(|| Accelerator::new(config.accelerator.clone(), backend.clone()));
+        let front = accelerator.as_ref().map_or(backend, Accelerator::service);
+        Ok(Self {
+            app,
+            accelerator,
+            front,
+        })
+    }
+
+    /// Every tier's metrics, in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        if let Some(app) = &self.app {
+            app.render_metrics(out);
+        }
+        if let Some(accelerator) = &self.accelerator {
+            accelerator.render_metrics(out);
+        }
+    }
+
+    pub async fn stop(&self, forced: bool) {
+        if let Some(app) = &self.app {
+            app.stop(forced).await;
+        }
+    }
+}

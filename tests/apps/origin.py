@@ -1,0 +1,44 @@
+"""An origin for the accelerator's tests: the query string chooses the answer, and every call
+is appended to the file named by ORIGIN_LOG so tests can count what reached the app.
+
+Query parameters: `cc` (Cache-Control), `h` (extra `Name: value` headers, repeatable),
+`status`, `sleep` (seconds), `size` (body bytes), `down` (answer 503 while the file named by
+ORIGIN_DOWN exists).
+"""
+
+import os
+import time
+import urllib.parse
+
+LOG = os.environ.get("ORIGIN_LOG")
+DOWN = os.environ.get("ORIGIN_DOWN")
+
+
+def application(environ, start_response):
+    method = environ["REQUEST_METHOD"]
+    path = environ.get("PATH_INFO", "/")
+    query = environ.get("QUERY_STRING", "")
+    params = urllib.parse.parse_qs(query, keep_blank_values=True)
+    if LOG:
+        with open(LOG, "a") as log:
+            log.write(f"{method} {path}?{query}\n")
+    if DOWN and os.path.exists(DOWN):
+        start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+        return [b"down\n"]
+    sleep = float(params.get("sleep", ["0"])[0])
+    if sleep:
+        time.sleep(sleep)
+    status = params.get("status", ["200"])[0]
+    headers = [("Content-Type", "text/plain")]
+    if "cc" in params:
+        headers.append(("Cache-Control", params["cc"][0]))
+    for extra in params.get("h", []):
+        name, _, value = extra.partition(":")
+        headers.append((name.strip(), value.strip()))
+    size = int(params.get("size", ["0"])[0])
+    stamp = f"{method} {path} {time.time():.6f} cookie={environ.get('HTTP_COOKIE', '')}\n"
+    body = stamp.encode() + b"x" * max(0, size - len(stamp))
+    start_response(f"{status} X", headers)
+    if method == "HEAD":
+        return []
+    return [body]
