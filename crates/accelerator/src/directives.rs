@@ -55,6 +55,7 @@ pub struct Directives {
     pub stale_while_revalidate: Option<Delta>,
     pub stale_if_error: Option<Delta>,
     pub immutable: bool,
+    pub must_understand: bool,
     /// Request only.
     pub only_if_cached: bool,
     /// Any directive at all was present.
@@ -98,6 +99,7 @@ impl Directives {
             "must-revalidate" => self.must_revalidate = true,
             "proxy-revalidate" => self.proxy_revalidate = true,
             "immutable" => self.immutable = true,
+            "must-understand" => self.must_understand = true,
             "only-if-cached" => self.only_if_cached = true,
             _ => {}
         }

@@ -74,6 +74,11 @@ impl Fill {
         self.lock().state == State::Done
     }
 
+    /// The whole body, once complete and kept.
+    pub fn whole(&self) -> Option<Bytes> {
+        self.lock().complete.clone()
+    }
+
     /// Appends a chunk and hands it to every reader; returns how many readers remain.
     pub fn push(&self, chunk: Bytes) -> usize {
         let mut inner = self.lock();

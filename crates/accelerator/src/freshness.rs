@@ -19,17 +19,23 @@ pub fn format_date(time: SystemTime) -> String {
     httpdate::fmt_http_date(time)
 }
 
-/// The `Age` a response arrived with: the first line, if it is a non-negative integer
-/// (anything else is ignored, §5.1).
+/// An age that makes any response stale (RFC 9111 §1.2.2's largest delta-seconds).
+const TOO_OLD: Duration = Duration::from_secs(2_147_483_648);
+
+/// The `Age` a response arrived with (§5.1). It is one delta-seconds: several lines, a
+/// list, or anything but a non-negative integer cannot be trusted and make the response
+/// stale.
 pub fn age_value(headers: &HeaderMap) -> Duration {
-    headers
-        .get(AGE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(Duration::ZERO, |v| {
-            Duration::from_secs(v.parse::<u64>().unwrap_or(2_147_483_648))
-        })
+    let mut lines = headers.get_all(AGE).iter();
+    let Some(first) = lines.next() else {
+        return Duration::ZERO;
+    };
+    let text = first.to_str().map(str::trim).unwrap_or("");
+    if lines.next().is_some() || text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return TOO_OLD;
+    }
+    text.parse::<u64>()
+        .map_or(TOO_OLD, |secs| Duration::from_secs(secs).min(TOO_OLD))
 }
 
 /// When and how a stored response was obtained: what §4.2.3 needs to compute its age.
@@ -154,13 +160,14 @@ mod tests {
     }
 
     #[test]
-    fn malformed_age_is_ignored() {
-        for bad in ["-5", "1.5", "abc", ""] {
-            assert_eq!(
-                age_value(&headers(&[("age", bad)])),
-                Duration::ZERO,
-                "{bad}"
-            );
+    fn malformed_age_makes_the_response_stale() {
+        assert_eq!(
+            age_value(&headers(&[("age", " 60 ")])),
+            Duration::from_secs(60)
+        );
+        for bad in ["-5", "1.5", "abc", "", "0,7200", "0, 0", "7200;foo=1"] {
+            assert_eq!(age_value(&headers(&[("age", bad)])), TOO_OLD, "{bad}");
         }
+        assert_eq!(age_value(&headers(&[("age", "0"), ("age", "0")])), TOO_OLD);
     }
 }

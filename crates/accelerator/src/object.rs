@@ -102,13 +102,21 @@ impl Object {
         }
     }
 
-    /// The object after a 304: the new response's headers merged over the stored ones
-    /// (RFC 9111 §4.3.4), new timing and windows, the same body.
-    pub fn refreshed(&self, update: &HeaderMap, timing: Timing, windows: Windows) -> Self {
+    /// The stored headers with a 304's merged over them (RFC 9111 §3.2, §4.3.4): every field
+    /// the 304 carries replaces the stored one, except those describing the stored body and
+    /// its identity, which a 304 cannot change.
+    pub fn merged_headers(&self, update: &HeaderMap) -> HeaderMap {
+        const KEEP: &[&str] = &[
+            "content-length",
+            "content-encoding",
+            "content-range",
+            "content-md5",
+            "etag",
+        ];
         let mut headers = self.headers.clone();
         let mut replaced: Vec<&HeaderName> = Vec::new();
         for (name, value) in update {
-            if name == header::CONTENT_LENGTH || CONSUMED.contains(&name.as_str()) {
+            if KEEP.contains(&name.as_str()) || CONSUMED.contains(&name.as_str()) {
                 continue;
             }
             if !replaced.contains(&name) {
@@ -118,6 +126,12 @@ impl Object {
             headers.append(name.clone(), value.clone());
         }
         strip_hop_by_hop(&mut headers);
+        headers
+    }
+
+    /// The object after a 304: `headers` from [`merged_headers`](Self::merged_headers), new
+    /// timing and windows, the same body.
+    pub fn refreshed(&self, headers: HeaderMap, timing: Timing, windows: Windows) -> Self {
         Self::new(
             self.status,
             headers,

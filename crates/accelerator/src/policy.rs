@@ -58,7 +58,11 @@ pub fn plan(
         return Err("status");
     }
     let (cc, targeted) = effective(headers);
-    if cc.no_store {
+    if cc.must_understand && status.canonical_reason().is_none() {
+        // RFC 9111 §5.2.2.3: only status codes this cache knows the semantics of.
+        return Err("must-understand");
+    }
+    if cc.no_store && !cc.must_understand {
         return Err("no-store");
     }
     if Directives::parse(request, &header::CACHE_CONTROL).no_store {
@@ -174,6 +178,24 @@ mod tests {
             Err("authorization")
         );
         assert_eq!(decide(&[], &[]), Err("no-freshness"));
+        let now = SystemTime::now();
+        let unknown = headers(&[("cache-control", "max-age=60, must-understand, no-store")]);
+        let timing = Timing::new(&unknown, now, now);
+        let config = AcceleratorConfig::default();
+        let status = StatusCode::from_u16(599).unwrap();
+        assert_eq!(
+            plan(&config, &HeaderMap::new(), status, &unknown, &timing),
+            Err("must-understand")
+        );
+        // must-understand overrides no-store for a status the cache understands.
+        assert!(plan(
+            &config,
+            &HeaderMap::new(),
+            StatusCode::OK,
+            &unknown,
+            &timing
+        )
+        .is_ok());
     }
 
     #[test]

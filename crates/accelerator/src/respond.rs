@@ -38,6 +38,11 @@ pub fn serve(
     entry: &str,
 ) -> Option<Response<Body>> {
     let not_modified = object.status == StatusCode::OK && not_modified(object, request);
+    if !not_modified {
+        if let Some(response) = ranged(object, method, request, now, entry) {
+            return Some(response);
+        }
+    }
     let body = if not_modified || method == Method::HEAD {
         seam::empty()
     } else {
@@ -62,11 +67,105 @@ pub fn serve(
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
     }
+    annotate(&mut response, object, now, entry);
+    Some(response)
+}
+
+fn annotate(response: &mut Response<Body>, object: &Object, now: SystemTime, entry: &str) {
     let headers = response.headers_mut();
     headers.insert(header::AGE, HeaderValue::from(object.age(now).as_secs()));
     let ttl = object.ttl(now);
     cache_status(headers, &format!("{entry}; ttl={ttl}"));
+}
+
+/// A 206 (or 416) for a single-range request on a whole stored 200 (RFC 9110 §14); `None`
+/// when the full response is the answer (no range, several ranges, a stale `If-Range`, or a
+/// body still filling).
+fn ranged(
+    object: &Object,
+    method: &Method,
+    request: &HeaderMap,
+    now: SystemTime,
+    entry: &str,
+) -> Option<Response<Body>> {
+    let range = request.get(header::RANGE)?.to_str().ok()?;
+    if object.status != StatusCode::OK || !object.body.is_complete() {
+        return None;
+    }
+    if let Some(condition) = request.get(header::IF_RANGE) {
+        let current = object
+            .headers
+            .get(header::ETAG)
+            .or_else(|| object.headers.get(header::LAST_MODIFIED));
+        if current != Some(condition) || condition.as_bytes().starts_with(b"W/") {
+            return None;
+        }
+    }
+    let whole = object.body.whole()?;
+    let len = whole.len() as u64;
+    let mut response = match byte_range(range, len)? {
+        Some((first, last)) => {
+            let part = whole.slice(first as usize..=last as usize);
+            let mut response = Response::new(if method == Method::HEAD {
+                seam::empty()
+            } else {
+                seam::full(part)
+            });
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+            *response.headers_mut() = object.headers.clone();
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {first}-{last}/{len}")).ok()?,
+            );
+            response
+        }
+        None => {
+            let mut response =
+                seam::status_response(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
+            response.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{len}")).ok()?,
+            );
+            response
+        }
+    };
+    annotate(&mut response, object, now, entry);
     Some(response)
+}
+
+/// Parses a single `bytes=` range against a body of `len` bytes: `Some(Some((first, last)))`
+/// when satisfiable, `Some(None)` when not, `None` when the full body is the answer.
+fn byte_range(spec: &str, len: u64) -> Option<Option<(u64, u64)>> {
+    let set = spec.trim().strip_prefix("bytes=")?;
+    if set.contains(',') {
+        return None;
+    }
+    let (first, last) = set.trim().split_once('-')?;
+    let number = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
+    };
+    let range = match (first.trim().is_empty(), last.trim().is_empty()) {
+        (true, false) => {
+            let suffix = number(last)?;
+            (suffix > 0 && len > 0).then(|| (len.saturating_sub(suffix), len - 1))
+        }
+        (false, true) => {
+            let first = number(first)?;
+            (first < len).then(|| (first, len - 1))
+        }
+        (false, false) => {
+            let (first, last) = (number(first)?, number(last)?);
+            if last < first {
+                return None;
+            }
+            (first < len).then(|| (first, last.min(len - 1)))
+        }
+        (true, true) => return None,
+    };
+    Some(range)
 }
 
 /// Whether the request's preconditions say the client's copy is current.
@@ -125,6 +224,18 @@ mod tests {
         assert!(etag_matches(b"\"x\", W/\"a\"", b"W/\"a\""));
         assert!(etag_matches(b"*", b"\"zzz\""));
         assert!(!etag_matches(b"\"b\"", b"\"a\""));
+    }
+
+    #[test]
+    fn single_byte_ranges() {
+        assert_eq!(byte_range("bytes=0-1", 10), Some(Some((0, 1))));
+        assert_eq!(byte_range("bytes=4-", 10), Some(Some((4, 9))));
+        assert_eq!(byte_range("bytes=-3", 10), Some(Some((7, 9))));
+        assert_eq!(byte_range("bytes=5-100", 10), Some(Some((5, 9))));
+        assert_eq!(byte_range("bytes=10-", 10), Some(None));
+        assert_eq!(byte_range("bytes=0-1,3-4", 10), None);
+        assert_eq!(byte_range("bytes=3-1", 10), None);
+        assert_eq!(byte_range("items=0-1", 10), None);
     }
 
     #[test]

@@ -102,7 +102,7 @@ impl Shared {
                 .await;
         }
         if request.headers().contains_key(header::RANGE) {
-            return self.pass(request, "fwd=bypass; detail=range").await;
+            return self.range(request).await;
         }
         let head = Head::of(&request);
         drop(request);
@@ -217,6 +217,24 @@ impl Shared {
             }
         }
         self.fetch(&head, &key, None, None, "fwd=vary-miss").await
+    }
+
+    /// A range request: answered from a fresh, whole stored response, else passed to the
+    /// origin as it is (partial answers are not stored).
+    async fn range(&self, request: Request<Body>) -> Response<Body> {
+        let key = self.keyer.primary(request.uri(), request.headers());
+        let now = SystemTime::now();
+        if let Some(object) = self.store.lookup(&key, &self.keyer, request.headers()) {
+            if object.freshness(now) == Freshness::Fresh {
+                if let Some(response) =
+                    respond::serve(&object, request.method(), request.headers(), now, "hit")
+                {
+                    self.metrics.hits.inc();
+                    return response;
+                }
+            }
+        }
+        self.pass(request, "fwd=bypass; detail=range").await
     }
 
     /// Refreshes `stale` in a task of its own unless a fetch for `key` is already running.
@@ -397,14 +415,11 @@ impl Shared {
         lead: Option<Lead>,
     ) -> Response<Body> {
         self.metrics.revalidated.inc();
-        let mut merged = stale.headers.clone();
-        for (name, value) in update {
-            merged.insert(name.clone(), value.clone());
-        }
+        let merged = stale.merged_headers(update);
         let windows = policy::plan(&self.config, &head.headers, stale.status, &merged, &timing)
             .map(|plan| plan.windows)
             .unwrap_or_default();
-        let object = Arc::new(stale.refreshed(update, timing, windows));
+        let object = Arc::new(stale.refreshed(merged, timing, windows));
         if windows.lifetime.is_zero() && windows.after_stale().is_zero() {
             self.store.remove_object(key, stale);
         } else {

@@ -30,7 +30,7 @@ pub fn upstream(base: &Uri, timeout: Duration) -> HttpService {
         let authority = authority.clone();
         async move {
             let request = retarget(request, authority);
-            let answer = tokio::time::timeout(timeout, client.request(request)).await;
+            let answer = tokio::time::timeout(timeout, send(&client, request)).await;
             Ok(match answer {
                 Ok(Ok(response)) => {
                     let (mut parts, body) = response.into_parts();
@@ -45,6 +45,28 @@ pub fn upstream(base: &Uri, timeout: Duration) -> HttpService {
             })
         }
     }))
+}
+
+/// Sends `request`; a body-less request that failed on a pooled connection the origin had
+/// already closed (a keep-alive race) is sent once more on a fresh one.
+async fn send(
+    client: &Client<HttpConnector, Body>,
+    request: Request<Body>,
+) -> Result<Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+    let replay = (http_body::Body::size_hint(request.body()).exact() == Some(0)).then(|| {
+        let mut copy = Request::new(crate::seam::empty());
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.headers_mut() = request.headers().clone();
+        copy
+    });
+    match (client.request(request).await, replay) {
+        (Err(error), Some(replay)) if !error.is_connect() => {
+            tracing::debug!(%error, "upstream connection was closed; retrying once");
+            client.request(replay).await
+        }
+        (answer, _) => answer,
+    }
 }
 
 /// Points the request at the upstream, keeping the client's `Host`.
