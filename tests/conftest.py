@@ -56,6 +56,23 @@ def wait_for_port(port, timeout, process=None):
     return False
 
 
+def metric(server, name):
+    """The value of one sample on the server's `/metrics` page (0 when absent)."""
+    for line in server.admin("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_until(predicate, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 class Strata:
     """One running `strata run`."""
 

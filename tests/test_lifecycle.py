@@ -9,23 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from conftest import app, children
-
-
-def metric(server, name):
-    for line in server.admin("/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def wait_until(predicate, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+from conftest import app, children, metric, wait_until
 
 
 def test_crash_fails_only_that_request_and_is_replaced(strata):

@@ -31,6 +31,10 @@ pub struct AcceleratorConfig {
     /// revalidate it with a conditional request instead of fetching it whole.
     #[serde(with = "strata_core::duration")]
     pub keep: Duration,
+    /// How long a soft-purged response is still served (stale, while one background refresh
+    /// replaces it) when its own grace is shorter.
+    #[serde(with = "strata_core::duration")]
+    pub soft_purge_grace: Duration,
     /// How long an uncacheable answer is remembered, so that later requests for the URL go
     /// to the origin in parallel instead of waiting for each other.
     #[serde(with = "strata_core::duration")]
@@ -60,6 +64,7 @@ impl Default for AcceleratorConfig {
             grace: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             keep: Duration::from_secs(3600),
+            soft_purge_grace: Duration::from_secs(60),
             hit_for_miss: Duration::from_secs(120),
             ignore_query: ["utm_*", "fbclid", "gclid", "mc_cid", "mc_eid"]
                 .map(String::from)

@@ -17,7 +17,7 @@ mod fill;
 mod flight;
 mod freshness;
 mod key;
-mod metrics;
+pub mod metrics;
 mod object;
 mod policy;
 mod respond;
@@ -60,6 +60,7 @@ impl Accelerator {
             store: Arc::new(store::Store::new(
                 config.capacity_bytes,
                 config.hit_for_miss,
+                config.soft_purge_grace,
             )),
             flights: flight::Flights::default(),
             metrics: metrics::Metrics::default(),
@@ -111,6 +112,11 @@ impl Accelerator {
             self.shared.metrics.purged.inc();
         }
         purged
+    }
+
+    /// Hit ratio per route (first path segment), busiest first, for `/status`.
+    pub fn routes(&self) -> Vec<metrics::RouteStatus> {
+        self.shared.metrics.routes()
     }
 
     /// Appends the accelerator's metrics in Prometheus text format.

@@ -1,7 +1,10 @@
 //! The accelerator's counters, rendered on the admin listener's `/metrics`.
 
+use std::collections::HashMap;
 use std::fmt::Write;
+use std::sync::Mutex;
 
+use serde::Serialize;
 use strata_core::metrics::{header, render_labeled, Counter};
 
 use crate::store::Store;
@@ -27,9 +30,71 @@ pub struct Metrics {
     pub uncacheable: Counter,
     /// Objects removed or marked stale by purges, bans and unsafe methods.
     pub purged: Counter,
+    /// Lookups and hits per route (first path segment).
+    routes: Mutex<HashMap<String, RouteCount>>,
+}
+
+/// At most this many routes are tracked; later ones count under `(other)`.
+const MAX_ROUTES: usize = 200;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct RouteCount {
+    lookups: u64,
+    hits: u64,
+}
+
+/// One route's line in `/status`.
+#[derive(Debug, Serialize)]
+pub struct RouteStatus {
+    pub route: String,
+    pub lookups: u64,
+    pub hits: u64,
+    pub hit_ratio: f64,
+}
+
+/// The route of a path: its first segment (`/blog/2024/x` → `/blog/`).
+fn route_of(path: &str) -> &str {
+    match path[1.min(path.len())..].find('/') {
+        Some(i) => &path[..i + 2],
+        None => path,
+    }
 }
 
 impl Metrics {
+    /// Counts one lookup of `path`, and whether it was answered from the store.
+    pub fn route(&self, path: &str, hit: bool) {
+        let route = route_of(path);
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if routes.contains_key(route) || routes.len() < MAX_ROUTES {
+            route
+        } else {
+            "(other)"
+        };
+        let count = routes.entry(key.to_owned()).or_default();
+        count.lookups += 1;
+        count.hits += u64::from(hit);
+    }
+
+    /// Hit ratio per route, busiest first.
+    pub fn routes(&self) -> Vec<RouteStatus> {
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<RouteStatus> = routes
+            .iter()
+            .map(|(route, c)| RouteStatus {
+                route: route.clone(),
+                lookups: c.lookups,
+                hits: c.hits,
+                hit_ratio: c.hits as f64 / c.lookups.max(1) as f64,
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            b.lookups
+                .cmp(&a.lookups)
+                .then_with(|| a.route.cmp(&b.route))
+        });
+        out
+    }
+
     pub fn render(&self, store: &Store, out: &mut String) {
         render_labeled(
             out,
@@ -90,5 +155,23 @@ impl Metrics {
             header(out, name, help, "gauge");
             let _ = writeln!(out, "{name} {value}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_first_segments() {
+        assert_eq!(route_of("/blog/2024/x"), "/blog/");
+        assert_eq!(route_of("/about"), "/about");
+        assert_eq!(route_of("/"), "/");
+        let metrics = Metrics::default();
+        metrics.route("/blog/a", true);
+        metrics.route("/blog/b", false);
+        let routes = metrics.routes();
+        assert_eq!(routes[0].route, "/blog/");
+        assert_eq!((routes[0].lookups, routes[0].hits), (2, 1));
     }
 }

@@ -1,7 +1,7 @@
 //! A stored response: its head, its (possibly still filling) body, and the times that decide
 //! whether it is fresh, servable stale, or only good for revalidation.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -63,8 +63,9 @@ pub struct Object {
     pub vary_values: Vec<Option<String>>,
     /// Surrogate keys (`Surrogate-Key`, `Cache-Tag`).
     pub tags: Vec<String>,
-    /// Marked stale by a soft purge.
-    soft_purged: AtomicBool,
+    /// Set by a soft purge: until when (Unix milliseconds) the object may still be served
+    /// stale while it is refreshed; 0 when not purged.
+    soft_purged_until: AtomicU64,
 }
 
 /// Where an object stands at a given moment.
@@ -98,7 +99,7 @@ impl Object {
             vary_names,
             vary_values,
             tags,
-            soft_purged: AtomicBool::new(false),
+            soft_purged_until: AtomicU64::new(0),
         }
     }
 
@@ -149,12 +150,16 @@ impl Object {
     }
 
     pub fn freshness(&self, now: SystemTime) -> Freshness {
+        let purged_until = self.soft_purged_until.load(Ordering::Relaxed);
+        if purged_until != 0 {
+            return if unix_millis(now) < purged_until {
+                Freshness::Grace
+            } else {
+                Freshness::Stale
+            };
+        }
         let age = self.age(now);
-        let lifetime = if self.soft_purged.load(Ordering::Relaxed) {
-            Duration::ZERO
-        } else {
-            self.windows.lifetime
-        };
+        let lifetime = self.windows.lifetime;
         if age < lifetime {
             Freshness::Fresh
         } else if age < lifetime + self.windows.grace {
@@ -186,9 +191,17 @@ impl Object {
         self.headers.contains_key(header::ETAG) || self.headers.contains_key(header::LAST_MODIFIED)
     }
 
-    /// Marks the object stale; it stays servable within its grace.
-    pub fn soft_purge(&self) {
-        self.soft_purged.store(true, Ordering::Relaxed);
+    /// Marks the object stale: for the next `grace` (or its own grace, if longer) it is still
+    /// served while one background refresh replaces it, so no visitor waits for the origin.
+    pub fn soft_purge(&self, grace: Duration) {
+        let until = unix_millis(SystemTime::now() + grace.max(self.windows.grace));
+        // A second soft purge does not extend the first one's window.
+        let _ = self.soft_purged_until.compare_exchange(
+            0,
+            until.max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 
     /// Bytes the object occupies, for the store's budget.
@@ -209,4 +222,9 @@ impl Object {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     }
+}
+
+fn unix_millis(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -106,6 +106,17 @@ impl Shared {
         }
         let head = Head::of(&request);
         drop(request);
+        let response = self.get(head.clone()).await;
+        let hit = response
+            .headers()
+            .get("cache-status")
+            .is_some_and(|v| is_our_hit(v.as_bytes()));
+        self.metrics.route(head.uri.path(), hit);
+        response
+    }
+
+    /// GET and HEAD, once personal requests and ranges are set aside.
+    async fn get(self: &Arc<Self>, head: Head) -> Response<Body> {
         if head.headers.contains_key(header::AUTHORIZATION) {
             // Personal by default: never answered from the store, stored only when the
             // response explicitly allows it (RFC 9111 §3.5).
@@ -540,6 +551,16 @@ impl Shared {
             .insert("strata-purged", HeaderValue::from(purged as u64));
         response
     }
+}
+
+/// Whether this cache's `Cache-Status` entry (the last one) says hit.
+fn is_our_hit(value: &[u8]) -> bool {
+    let ours = value
+        .rsplit(|b| *b == b',')
+        .next()
+        .unwrap_or(value)
+        .trim_ascii();
+    ours.starts_with(b"strata; hit")
 }
 
 fn host_of(uri: &Uri, headers: &HeaderMap) -> String {

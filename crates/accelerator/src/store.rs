@@ -74,6 +74,8 @@ type TagIndex = Arc<Mutex<HashMap<String, HashSet<Arc<str>>>>>;
 /// The store.
 pub struct Store {
     cache: Cache<Arc<str>, Arc<Variants>>,
+    /// How long soft-purged objects stay servable while they are refreshed.
+    soft_grace: Duration,
     tags: TagIndex,
     hit_for_miss: Cache<Arc<str>, ()>,
     pub evictions: Arc<Evictions>,
@@ -88,7 +90,7 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    pub fn new(capacity_bytes: u64, hit_for_miss: Duration) -> Self {
+    pub fn new(capacity_bytes: u64, hit_for_miss: Duration, soft_grace: Duration) -> Self {
         let tags: TagIndex = Arc::default();
         let evictions = Arc::new(Evictions::default());
         let listener = {
@@ -113,6 +115,7 @@ impl Store {
             .build();
         Self {
             cache,
+            soft_grace,
             tags,
             hit_for_miss: Cache::builder()
                 .max_capacity(100_000)
@@ -195,7 +198,7 @@ impl Store {
     pub fn purge(&self, key: &str, soft: bool) -> usize {
         if soft {
             return self.cache.get(key).map_or(0, |v| {
-                v.objects.iter().for_each(|o| o.soft_purge());
+                v.objects.iter().for_each(|o| o.soft_purge(self.soft_grace));
                 v.objects.len()
             });
         }

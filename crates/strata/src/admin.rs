@@ -84,6 +84,9 @@ async fn route(
                 "tiers": tiers,
                 "uptime_seconds": started.elapsed().as_secs(),
                 "app": stack.app.as_ref().map(|app| app.status()),
+                "accelerator": stack.accelerator.as_ref().map(|a| serde_json::json!({
+                    "routes": a.routes(),
+                })),
             });
             typed(status.to_string(), "application/json")
         }
