@@ -269,6 +269,29 @@ def test_tag_purge_ban_and_soft_purge_through_the_admin_listener(origin):
     assert origin.admin_post("/cache/purge?nope=1").status_code == 400
 
 
+def test_application_code_purges_in_process(origin):
+    pages = ["/n1?cc=max-age=60", "/n2?cc=max-age=60&h=Surrogate-Key:news"]
+    for page in pages:
+        origin.get(page)
+    quote = requests.utils.quote
+    answer = origin.get(f"/publish?purge={quote(pages[0], safe='')}&purge_tag=news")
+    assert answer.headers["Purged"] == "2"
+    for page in pages:
+        assert "uri-miss" in status_of(origin.get(page))
+    # Absolute URLs name their host; soft purges keep serving while refreshing.
+    url = f"http://127.0.0.1:{origin.server.port}{pages[0]}"
+    answer = origin.get(f"/publish2?purge={quote(url, safe='')}&soft=1")
+    assert answer.headers["Purged"] == "1"
+    assert "stale-while-revalidate" in status_of(origin.get(pages[0]))
+    assert "Purged" not in origin.get(pages[0]).headers
+
+
+def test_purging_needs_the_accelerator_tier(strata, tmp_path):
+    server = strata(*app("origin", tiers="lb,app"))
+    answer = requests.get(server.url("/p?purge=/x&purge_tag=t"), timeout=10)
+    assert answer.status_code == 200 and answer.headers["Purged"] == "0"
+
+
 def test_large_responses_stream_through_without_being_stored(strata, tmp_path):
     origin = Origin(strata, tmp_path, config="[accelerator]\nmax_object_bytes = 100000\n")
     big = "/big?cc=max-age=60&size=300000"

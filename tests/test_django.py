@@ -22,6 +22,25 @@ def test_anonymous_page_is_cacheable(example):
     assert requests.get(server.url("/static/site.css")).status_code == 200
 
 
+def test_front_page_is_cached_and_purged_by_a_comment(example):
+    """The front page comes from the accelerator until a comment on one of its articles
+    commits: the model signal purges the page's surrogate key in-process."""
+    server = example()
+    first = requests.get(server.url("/"))
+    assert "stored" in first.headers["Cache-Status"]
+    assert "Surrogate-Key" not in first.headers
+    hit = requests.get(server.url("/"), cookies={"_ga": "GA1.1"})
+    assert hit.headers["Cache-Status"].startswith("strata; hit") and hit.text == first.text
+    session = requests.Session()
+    token = csrf_token(session.get(server.url("/articles/1/")).text)
+    posted = session.post(server.url("/articles/1/"),
+                          data={"csrfmiddlewaretoken": token, "author": "ada", "text": "Hi"},
+                          headers={"Referer": server.url("/articles/1/")})
+    assert posted.status_code == 200
+    after = requests.get(server.url("/"))
+    assert "uri-miss" in after.headers["Cache-Status"]
+
+
 def test_form_with_csrf(example):
     server = example()
     session = requests.Session()

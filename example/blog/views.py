@@ -15,9 +15,12 @@ from .models import Article
 
 @cache_control(public=True, max_age=60)
 def index(request):
-    """Anonymous and cacheable: the same page for everyone."""
+    """Anonymous and cacheable: the same page for everyone. Its surrogate keys let a change
+    to any article purge it (signals.py)."""
     articles = Article.objects.all()[:20]
-    return render(request, "blog/index.html", {"articles": articles})
+    response = render(request, "blog/index.html", {"articles": articles})
+    response["Surrogate-Key"] = " ".join(["articles", *(f"article-{a.pk}" for a in articles)])
+    return response
 
 
 def article(request, pk):

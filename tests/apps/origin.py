@@ -2,8 +2,10 @@
 is appended to the file named by ORIGIN_LOG so tests can count what reached the app.
 
 Query parameters: `cc` (Cache-Control), `h` (extra `Name: value` headers, repeatable),
-`status`, `sleep` (seconds), `size` (body bytes), `down` (answer 503 while the file named by
-ORIGIN_DOWN exists).
+`status`, `sleep` (seconds), `size` (body bytes); `purge` / `purge_tag` (call
+`strata.purge_url` / `strata.purge_tags` with the value, repeatable; `soft=1` for soft purges;
+the count comes back in `Purged`). While the file named by ORIGIN_DOWN exists every answer is
+503.
 """
 
 import os
@@ -35,6 +37,13 @@ def application(environ, start_response):
     for extra in params.get("h", []):
         name, _, value = extra.partition(":")
         headers.append((name.strip(), value.strip()))
+    soft = params.get("soft", ["0"])[0] == "1"
+    if "purge" in params or "purge_tag" in params:
+        import strata
+
+        purged = strata.purge_url(*params.get("purge", []), soft=soft)
+        purged += strata.purge_tags(*params.get("purge_tag", []), soft=soft)
+        headers.append(("Purged", str(purged)))
     size = int(params.get("size", ["0"])[0])
     stamp = f"{method} {path} {time.time():.6f} cookie={environ.get('HTTP_COOKIE', '')}\n"
     body = stamp.encode() + b"x" * max(0, size - len(stamp))

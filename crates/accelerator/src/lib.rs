@@ -93,21 +93,21 @@ impl Accelerator {
             .shared
             .keyer
             .primary_for(&host.to_ascii_lowercase(), path, query);
-        self.count(self.shared.store.purge(&key, soft))
+        self.count_purged(self.shared.store.purge(&key, soft))
     }
 
     /// Removes (or marks stale) every object tagged with one of `tags`.
     pub fn purge_tags(&self, tags: &[String], soft: bool) -> usize {
-        self.count(self.shared.store.purge_tags(tags, soft))
+        self.count_purged(self.shared.store.purge_tags(tags, soft))
     }
 
     /// Removes (or marks stale) every URL matching `pattern` (`host/path?query`, `*` matches
     /// any run of characters).
     pub fn ban(&self, pattern: &str, soft: bool) -> usize {
-        self.count(self.shared.store.ban(pattern, soft))
+        self.count_purged(self.shared.store.ban(pattern, soft))
     }
 
-    fn count(&self, purged: usize) -> usize {
+    fn count_purged(&self, purged: usize) -> usize {
         for _ in 0..purged {
             self.shared.metrics.purged.inc();
         }
@@ -122,5 +122,15 @@ impl Accelerator {
     /// Appends the accelerator's metrics in Prometheus text format.
     pub fn render_metrics(&self, out: &mut String) {
         self.shared.metrics.render(&self.shared.store, out);
+    }
+}
+
+impl strata_core::seam::Invalidate for Accelerator {
+    fn purge_urls(&self, urls: &[String], soft: bool) -> usize {
+        urls.iter().map(|url| self.purge_url(url, soft)).sum()
+    }
+
+    fn purge_tags(&self, tags: &[String], soft: bool) -> usize {
+        Accelerator::purge_tags(self, tags, soft)
     }
 }

@@ -29,6 +29,11 @@ pub mod kind {
     /// The application failed after the head was sent; the response must be cut short. The
     /// worker is idle.
     pub const ABORT: u8 = 15;
+    /// Invalidate cached responses (`strata.purge_url`, `strata.purge_tags`): flags, then
+    /// the URLs or tags; answered with `PURGED`.
+    pub const PURGE: u8 = 16;
+    /// How many cached objects a `PURGE` affected (`u32`).
+    pub const PURGED: u8 = 4;
 }
 
 /// Frames larger than this are a protocol error.
@@ -39,6 +44,32 @@ pub const READ_SIZE: u32 = 64 * 1024;
 
 /// Body flag: the request frame carries the whole body.
 pub const BODY_COMPLETE: u8 = 1;
+
+/// `PURGE` flag: mark stale instead of removing.
+pub const PURGE_SOFT: u8 = 1;
+/// `PURGE` flag: the strings are surrogate keys, not URLs.
+pub const PURGE_TAGS: u8 = 2;
+
+/// Encodes a `PURGE` frame.
+pub fn encode_purge(enc: &mut Encoder, flags: u8, items: &[String]) {
+    enc.begin(kind::PURGE).u8(flags).u32(items.len() as u32);
+    for item in items {
+        enc.long(item.as_bytes());
+    }
+    enc.finish();
+}
+
+/// Decodes a `PURGE` payload into its flags and strings.
+pub fn decode_purge(payload: &[u8]) -> Result<(u8, Vec<String>), ProtoError> {
+    let mut dec = Decoder::new(payload);
+    let flags = dec.u8()?;
+    let count = dec.u32()? as usize;
+    let mut items = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
+        items.push(String::from_utf8_lossy(dec.long()?).into_owned());
+    }
+    Ok((flags, items))
+}
 
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +340,20 @@ mod tests {
         let mut payload = Vec::new();
         let kind = read_frame(&mut &bytes[..], &mut payload).unwrap().unwrap();
         (kind, payload)
+    }
+
+    #[test]
+    fn purge_round_trips() {
+        let mut enc = Encoder::new();
+        let items = vec!["example.com/a?b=1".to_owned(), "/é".to_owned()];
+        encode_purge(&mut enc, PURGE_SOFT | PURGE_TAGS, &items);
+        let (kind, payload) = one_frame(enc.bytes());
+        assert_eq!(kind, kind::PURGE);
+        assert_eq!(
+            decode_purge(&payload).unwrap(),
+            (PURGE_SOFT | PURGE_TAGS, items)
+        );
+        assert!(decode_purge(&payload[..payload.len() - 1]).is_err());
     }
 
     #[test]

@@ -25,6 +25,16 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// A tier as the next tier (or the listener) sees it.
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
+/// Invalidation one tier offers the others: the accelerator implements it, the app server's
+/// workers call it from application code (`strata.purge_url`), with no network hop.
+pub trait Invalidate: Send + Sync {
+    /// Removes (or with `soft`, marks stale) every stored variant of each URL
+    /// (`host/path?query`, or with a scheme); returns how many objects were affected.
+    fn purge_urls(&self, urls: &[String], soft: bool) -> usize;
+    /// The same for every object tagged with one of `tags`.
+    fn purge_tags(&self, tags: &[String], soft: bool) -> usize;
+}
+
 /// Where a request came from, inserted into request extensions by the listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {

@@ -46,6 +46,9 @@ impl Stack {
         };
         let accelerator = runs("accelerator")
             .then(|| Accelerator::new(config.accelerator.clone(), backend.clone()));
+        if let (Some(app), Some(accelerator)) = (&app, &accelerator) {
+            app.set_invalidate(Arc::new(accelerator.clone()));
+        }
         let front = accelerator.as_ref().map_or(backend, Accelerator::service);
         Ok(Self {
             app,

@@ -2,14 +2,56 @@
 
 This module is registered before the application is imported, so ``import strata`` works in
 any application Strata serves.  It holds the parts of the WSGI glue that are clearest in
-Python: the ``wsgi.file_wrapper`` class and the warm-up run inside the zygote before workers
-are forked.
+Python (the ``wsgi.file_wrapper`` class, the warm-up run inside the zygote before workers are
+forked) and the application's way to the accelerator: ``purge_url`` and ``purge_tags``.
 """
 
 import io
 import sys
+import threading
+import warnings
 
-__all__ = ["FileWrapper", "warm_up"]
+__all__ = ["FileWrapper", "purge_tags", "purge_url", "warm_up"]
+
+# Set by Strata in each worker: the worker's connection to the master.
+_channel = None
+_SOFT, _TAGS = 1, 2
+
+
+def purge_url(*urls, soft=False):
+    """Removes every cached variant of each URL from the accelerator of this node; returns
+    how many cached responses were affected.  A URL is a path (``"/blog/"``, the host of the
+    request being served) or absolute (``"https://example.com/blog/?page=2"``).  With
+    ``soft=True`` the responses are marked stale instead: visitors keep getting them while one
+    background refresh replaces each.
+
+    Works while a request is being served (views, signal handlers, ``transaction.on_commit``
+    callbacks run by the request); elsewhere it warns and purges nothing."""
+    return _purge(0, urls, soft)
+
+
+def purge_tags(*tags, soft=False):
+    """Like :func:`purge_url`, for every cached response whose ``Surrogate-Key`` (or
+    ``Cache-Tag``) header carried one of ``tags``."""
+    return _purge(_TAGS, tags, soft)
+
+
+def _purge(flags, items, soft):
+    items = [str(item) for item in items]
+    if not items:
+        return 0
+    channel = _channel
+    answer = None
+    if channel is not None and threading.current_thread() is threading.main_thread():
+        answer = channel.purge(flags | (_SOFT if soft else 0), items)
+    if answer is None:
+        warnings.warn(
+            "strata: not serving a request in a Strata worker; purge of %r skipped" % (items,),
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return 0
+    return answer
 
 
 class FileWrapper:

@@ -31,13 +31,16 @@ enum Failure {
     TimedOut,
 }
 
-/// The request body still to be sent to the worker, if it was not read whole.
+/// What the worker may still ask of the exchange while it runs the request: the rest of the
+/// request body (if it was not read whole), and purges of cached responses.
 #[derive(Default)]
 struct PendingBody {
     body: Option<Body>,
     /// The client is gone: body reads fail instead of ending early, so the application does
     /// not act on a truncated body.
     abandoned: bool,
+    /// The request's host: purges of a path (`strata.purge_url("/blog/")`) mean this host.
+    host: String,
 }
 
 /// A worker lent to one exchange. Dropped before the exchange completed (the client went
@@ -84,6 +87,7 @@ impl Drop for Lease {
             let mut rest = PendingBody {
                 body: None,
                 abandoned: true,
+                host: String::new(),
             };
             let mut worker = worker;
             let mut payload = Vec::new();
@@ -135,9 +139,17 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>) -> Response<Body> {
         // A chunked body read whole: give frameworks that rely on it a length.
         vars.push(b"CONTENT_LENGTH", start.len().to_string().as_bytes());
     }
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     let mut rest = PendingBody {
         body,
         abandoned: false,
+        host,
     };
     let mut enc = Encoder::new();
     for _attempt in 0..3 {
@@ -293,7 +305,7 @@ async fn stream(
     }
 }
 
-/// Reads the next frame, answering body reads on the way. Waiting on the worker has no timer
+/// Reads the next frame, answering body reads and purges on the way. Waiting on the worker has no timer
 /// of its own: the supervisor's watchdog kills a worker past its deadline, which ends the read.
 async fn next_frame(
     shared: &Shared,
@@ -308,16 +320,44 @@ async fn next_frame(
             Err(_) if shared.pool.timed_out(worker.id) => return Err(Failure::TimedOut),
             Err(error) => return Err(Failure::Died(error)),
         };
-        if kind != kind::READ {
-            return Ok(kind);
-        }
         let mut enc = Encoder::new();
-        body_reply(&mut enc, rest, deadline).await?;
+        match kind {
+            kind::READ => body_reply(&mut enc, rest, deadline).await?,
+            kind::PURGE => {
+                let purged = purge(shared, payload, &rest.host).map_err(Failure::Died)?;
+                enc.begin(kind::PURGED).u32(purged as u32).finish();
+            }
+            _ => return Ok(kind),
+        }
         worker
             .send(enc.bytes())
             .await
             .map_err(|e| Failure::Died(e.into()))?;
     }
+}
+
+/// Applies a worker's `PURGE`; paths are taken relative to the request's host. Without an
+/// accelerator in this node nothing is stored, so nothing is purged.
+fn purge(shared: &Shared, payload: &[u8], host: &str) -> Result<usize, ProtoError> {
+    let (flags, items) = proto::decode_purge(payload)?;
+    let Some(target) = shared.invalidate.get() else {
+        return Ok(0);
+    };
+    let soft = flags & proto::PURGE_SOFT != 0;
+    if flags & proto::PURGE_TAGS != 0 {
+        return Ok(target.purge_tags(&items, soft));
+    }
+    let urls: Vec<String> = items
+        .into_iter()
+        .map(|url| {
+            if url.starts_with('/') {
+                format!("{host}{url}")
+            } else {
+                url
+            }
+        })
+        .collect();
+    Ok(target.purge_urls(&urls, soft))
 }
 
 /// Encodes the answer to a worker's body read: the next bytes, the end, or an error.

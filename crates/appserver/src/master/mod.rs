@@ -13,12 +13,13 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use serde::Serialize;
 use strata_core::metrics::{self, Counter, Histogram, StatusCounter, LATENCY_BOUNDS};
+use strata_core::seam::Invalidate;
 use strata_core::{Body, HttpService};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
@@ -85,6 +86,8 @@ pub(crate) struct Shared {
     reload: Mutex<Option<ReloadState>>,
     /// What every zygote is started with, but its generation.
     spec: ZygoteSpec,
+    /// Where `strata.purge_url`/`purge_tags` from application code go (the accelerator).
+    invalidate: OnceLock<Arc<dyn Invalidate>>,
 }
 
 /// The last reload, as `/status` shows it.
@@ -198,6 +201,7 @@ impl AppServer {
             generation: AtomicU32::new(generation),
             reload: Mutex::new(None),
             spec: spec.clone(),
+            invalidate: OnceLock::new(),
         });
         let result = async {
             let mut zygote = Zygote::start(&spec).await?;
@@ -236,6 +240,12 @@ impl AppServer {
         BoxCloneSyncService::new(AppService {
             shared: self.shared.clone(),
         })
+    }
+
+    /// Sends the application's `strata.purge_url`/`purge_tags` calls to `target` (set once,
+    /// when the node wires its tiers).
+    pub fn set_invalidate(&self, target: Arc<dyn Invalidate>) {
+        let _ = self.shared.invalidate.set(target);
     }
 
     /// Generation, workers and queue.

@@ -2,6 +2,7 @@
 //! time through the WSGI application, until the master closes its socket.
 
 mod io;
+mod side;
 mod wsgi;
 
 use std::cell::RefCell;
@@ -22,6 +23,8 @@ pub(crate) struct Conn {
     writer: BufWriter<UnixStream>,
     /// Sequence number of the request being served; stale `wsgi.input` objects read nothing.
     seq: u32,
+    /// A request is being served: the master is listening for side requests.
+    serving: bool,
     enc: Encoder,
 }
 
@@ -84,11 +87,15 @@ fn serve(
         reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?),
         writer: BufWriter::with_capacity(64 * 1024, stream),
         seq: 0,
+        serving: false,
         enc: Encoder::new(),
     };
     proto::encode_hello(&mut conn.enc, id, spec.generation, std::process::id());
     conn.flush()?;
     let conn = Rc::new(RefCell::new(conn));
+    Py::new(py, side::Channel::new(conn.clone()))
+        .and_then(|channel| py.import("strata")?.setattr("_channel", channel))
+        .map_err(|err| std::io::Error::other(err.to_string()))?;
     let wsgi = wsgi::Wsgi::new(py, id, conn.clone())
         .map_err(|err| std::io::Error::other(err.to_string()))?;
     let mut payload = Vec::new();

@@ -76,7 +76,11 @@ impl Wsgi {
         payload: &[u8],
     ) -> Result<(), ProtoError> {
         let request = proto::decode_request(payload)?;
-        self.conn.borrow_mut().seq = request.seq;
+        {
+            let mut conn = self.conn.borrow_mut();
+            conn.seq = request.seq;
+            conn.serving = true;
+        }
         let response: SharedResponse = Rc::default();
         let environ = self
             .environ(py, &request, &response)
@@ -108,6 +112,7 @@ impl Wsgi {
             Err(err) => Err(err),
         };
         let mut conn = self.conn.borrow_mut();
+        conn.serving = false;
         let mut response = response.borrow_mut();
         match outcome {
             Ok(()) if response.status.is_none() => {
