@@ -11,16 +11,13 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import RESULTS, ROOT, STRATA, VENV, free_port, wait_port
+from benchlib import RESULTS, ROOT, STRATA, VENV, free_port, measure, table
 
 WORKLOADS = {
     "wsgi-hello": {"module": "hello", "callable": "application", "chdir": ROOT / "tests" / "apps",
@@ -37,7 +34,9 @@ def servers_for(workload, env):
     pin = ["taskset", "-c", "0"]
     servers = {}
     port = free_port()
-    servers["strata"] = (port, pin + [str(STRATA), "run", "--app", target, "--chdir", chdir,
+    # The app server alone: the accelerator would answer the cacheable Django page itself.
+    servers["strata"] = (port, pin + [str(STRATA), "run", "--tiers", "lb,app",
+                                      "--app", target, "--chdir", chdir,
                                       "--virtualenv", str(VENV), "--workers", "2",
                                       "--bind", f"127.0.0.1:{port}",
                                       "--admin", f"127.0.0.1:{free_port()}"])
@@ -51,20 +50,6 @@ def servers_for(workload, env):
                                        "--workers", "2", "--host", "127.0.0.1", "--port", str(port),
                                        "--working-dir", chdir, "--log-level", "warning", target])
     return servers
-
-
-def wrk(port, path, seconds):
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c32", f"-d{seconds}s", "--latency",
-                          f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
-    errors = 0
-    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        errors += int(m.group(1))
-    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        errors += sum(int(x) for x in m.groups())
-    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "errors": errors}
 
 
 CEILING = r"""
@@ -104,40 +89,7 @@ def ceiling(workload, env, seconds=5):
 
 
 def run_workload(workload, rounds, seconds, env):
-    servers = servers_for(workload, env)
-    procs = {}
-    try:
-        for name, (port, command) in servers.items():
-            procs[name] = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL, start_new_session=True)
-        for name, (port, _) in servers.items():
-            wait_port(port)
-            wrk(port, WORKLOADS[workload]["path"], 3)  # discarded warm-up
-        results = {name: [] for name in servers}
-        names = list(servers)
-        for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                results[name].append(wrk(servers[name][0], WORKLOADS[workload]["path"], seconds))
-    finally:
-        for proc in procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-    summary = {}
-    for name, runs in results.items():
-        summary[name] = {
-            "rps": statistics.median(r["rps"] for r in runs),
-            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
-            "errors": sum(r["errors"] for r in runs),
-        }
-    return summary
+    return measure(servers_for(workload, env), WORKLOADS[workload]["path"], rounds, seconds, env)
 
 
 def main():
@@ -161,13 +113,7 @@ def main():
         top = ceiling(workload, env)
         report[workload] = {"servers": summary, "ceiling_calls_per_s": top}
         s = summary["strata"]
-        lines += [f"## {workload}", "",
-                  "| server | req/s | p99 ms | errors | Strata req/s ratio | Strata p99 ratio |",
-                  "|---|---|---|---|---|---|"]
-        for name, row in summary.items():
-            lines.append(f"| {name} | {row['rps']:.0f} | {row['p99_ms']:.2f} | {row['errors']} | "
-                         f"{s['rps'] / row['rps']:.2f} | {s['p99_ms'] / row['p99_ms']:.2f} |")
-        lines += ["", f"Ceiling (app in a tight loop, 2 processes on core 0): {top:.0f} calls/s; "
+        lines += [f"## {workload}", "", *table(summary), "", f"Ceiling (app in a tight loop, 2 processes on core 0): {top:.0f} calls/s; "
                       f"Strata reaches {s['rps'] / top:.1%} of it.", ""]
     text = "\n".join(lines)
     print(text)

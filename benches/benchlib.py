@@ -1,6 +1,14 @@
-"""What the benchmark drivers share: the repository's paths, free ports, waiting for a server."""
+"""What the benchmark drivers share: the repository's paths, free ports, waiting for a server,
+wrk, and the measuring method of ../shared/BENCHMARKS.md (servers pinned to core 0, wrk to
+core 1; every server started up front; each round measures each server once, in rotated
+order, after a discarded warm-up; a server's figure is its median over the rounds)."""
 
+import os
+import re
+import signal
 import socket
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,3 +34,67 @@ def wait_port(port, timeout=60):
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"nothing listening on {port}")
+
+
+def wrk(port, path, seconds, connections=32):
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+                          "--latency", f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(x) for x in m.groups())
+    return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "errors": errors}
+
+
+def measure(servers, path, rounds, seconds, env):
+    """Starts every server (name -> (port, command)), measures them round-robin, stops them;
+    returns name -> median req/s, median p99 and total errors."""
+    procs = {}
+    try:
+        for name, (port, command) in servers.items():
+            procs[name] = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, start_new_session=True)
+        for name, (port, _) in servers.items():
+            wait_port(port)
+            wrk(port, path, 3)  # discarded warm-up
+        results = {name: [] for name in servers}
+        names = list(servers)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                results[name].append(wrk(servers[name][0], path, seconds))
+    finally:
+        for proc in procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    return {
+        name: {
+            "rps": statistics.median(r["rps"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+        }
+        for name, runs in results.items()
+    }
+
+
+def table(summary, reference="strata"):
+    """Markdown rows: each server with the reference's ratios against it."""
+    s = summary[reference]
+    lines = ["| server | req/s | p99 ms | errors | Strata req/s ratio | Strata p99 ratio |",
+             "|---|---|---|---|---|---|"]
+    for name, row in summary.items():
+        lines.append(f"| {name} | {row['rps']:.0f} | {row['p99_ms']:.2f} | {row['errors']} | "
+                     f"{s['rps'] / row['rps']:.2f} | {s['p99_ms'] / row['p99_ms']:.2f} |")
+    return lines

@@ -52,8 +52,7 @@ def origin(suite, tmp_path):
 
 
 def test_cache_tests_suite(strata, suite, origin, tmp_path):
-    server = strata("--tiers", "lb,accelerator",
-                    env={"STRATA_ACCELERATOR__UPSTREAM": origin})
+    server = strata("--tiers", "lb,accelerator", "--upstream", origin)
     env = dict(os.environ, npm_config_base=f"http://127.0.0.1:{server.port}",
                npm_package_config_id="")
     run = subprocess.run(["node", "--no-warnings", "cli.mjs"], cwd=suite, env=env,

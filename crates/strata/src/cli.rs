@@ -53,6 +53,10 @@ struct RunArgs {
     /// Address of the HTTP listener.
     #[arg(long)]
     bind: Option<SocketAddr>,
+    /// Origin the accelerator fronts when this node does not run the app tier
+    /// (http://host:port).
+    #[arg(long)]
+    upstream: Option<String>,
     /// WSGI application as module:callable.
     #[arg(long)]
     app: Option<String>,
@@ -109,6 +113,7 @@ pub fn main() -> ExitCode {
             let overrides = Overrides {
                 tiers: args.tiers,
                 bind: args.bind,
+                upstream: args.upstream,
                 app: args.app,
                 chdir: args.chdir,
                 virtualenv: args.virtualenv,

@@ -91,6 +91,7 @@ impl Default for LogConfig {
 pub struct Overrides {
     pub tiers: Option<Vec<String>>,
     pub bind: Option<SocketAddr>,
+    pub upstream: Option<String>,
     pub app: Option<String>,
     pub chdir: Option<PathBuf>,
     pub virtualenv: Option<PathBuf>,
@@ -109,6 +110,9 @@ impl Overrides {
         }
         if let Some(bind) = self.bind {
             set("lb.bind", bind.to_string().into());
+        }
+        if let Some(upstream) = &self.upstream {
+            set("accelerator.upstream", upstream.clone().into());
         }
         if let Some(app) = &self.app {
             set("app.module", app.clone().into());
