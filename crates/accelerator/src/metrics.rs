@@ -70,9 +70,13 @@ impl Metrics {
         } else {
             "(other)"
         };
-        let count = routes.entry(key.to_owned()).or_default();
-        count.lookups += 1;
-        count.hits += u64::from(hit);
+        if !routes.contains_key(key) {
+            routes.insert(key.to_owned(), RouteCount::default());
+        }
+        if let Some(count) = routes.get_mut(key) {
+            count.lookups += 1;
+            count.hits += u64::from(hit);
+        }
     }
 
     /// Hit ratio per route, busiest first.

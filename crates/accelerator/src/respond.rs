@@ -176,14 +176,12 @@ fn not_modified(object: &Object, request: &HeaderMap) -> bool {
         };
         return etag_matches(inm.as_bytes(), etag.as_bytes());
     }
-    match (
-        parse_date(request, &header::IF_MODIFIED_SINCE),
-        parse_date(&object.headers, &header::LAST_MODIFIED)
-            .or_else(|| parse_date(&object.headers, &header::DATE)),
-    ) {
-        (Some(since), Some(modified)) => modified <= since,
-        _ => false,
-    }
+    let Some(since) = parse_date(request, &header::IF_MODIFIED_SINCE) else {
+        return false;
+    };
+    parse_date(&object.headers, &header::LAST_MODIFIED)
+        .or_else(|| parse_date(&object.headers, &header::DATE))
+        .is_some_and(|modified| modified <= since)
 }
 
 /// Weak comparison of `If-None-Match` members with an entity tag.

@@ -104,31 +104,44 @@ impl Shared {
         if request.headers().contains_key(header::RANGE) {
             return self.range(request).await;
         }
-        let head = Head::of(&request);
-        drop(request);
-        let response = self.get(head.clone()).await;
+        let uri = request.uri().clone();
+        let response = self.get(request).await;
         let hit = response
             .headers()
             .get("cache-status")
             .is_some_and(|v| is_our_hit(v.as_bytes()));
-        self.metrics.route(head.uri.path(), hit);
+        self.metrics.route(uri.path(), hit);
         response
     }
 
-    /// GET and HEAD, once personal requests and ranges are set aside.
-    async fn get(self: &Arc<Self>, head: Head) -> Response<Body> {
-        if head.headers.contains_key(header::AUTHORIZATION) {
+    /// GET and HEAD, once personal requests and ranges are set aside. A fresh hit is
+    /// answered straight from the request; anything else keeps a copy of its head for the
+    /// origin request (and a possible background refresh).
+    async fn get(self: &Arc<Self>, request: Request<Body>) -> Response<Body> {
+        let key = self.keyer.primary(request.uri(), request.headers());
+        if request.headers().contains_key(header::AUTHORIZATION) {
             // Personal by default: never answered from the store, stored only when the
             // response explicitly allows it (RFC 9111 §3.5).
             self.metrics.passes.inc();
-            let key = self.keyer.primary(&head.uri, &head.headers);
+            let head = Head::of(&request);
             return self.fetch(&head, &key, None, None, "fwd=request").await;
         }
-        self.lookup(head).await
+        let now = SystemTime::now();
+        if let Some(object) = self.store.lookup(&key, &self.keyer, request.headers()) {
+            if object.freshness(now) == Freshness::Fresh {
+                let (method, headers) = (request.method(), request.headers());
+                if let Some(response) = respond::serve(&object, method, headers, now, "hit") {
+                    self.metrics.hits.inc();
+                    return response;
+                }
+            }
+        }
+        let head = Head::of(&request);
+        drop(request);
+        self.lookup(head, key).await
     }
 
-    async fn lookup(self: &Arc<Self>, head: Head) -> Response<Body> {
-        let key = self.keyer.primary(&head.uri, &head.headers);
+    async fn lookup(self: &Arc<Self>, head: Head, key: String) -> Response<Body> {
         let only_if_cached =
             crate::directives::Directives::parse(&head.headers, &header::CACHE_CONTROL)
                 .only_if_cached;
