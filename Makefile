@@ -23,10 +23,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-## bench: Strata against Gunicorn and Granian, side by side (installs them into .bench-venv)
+## bench: each tier against the tool it replaces, side by side (installs them for the run)
 bench: build
 	bash benches/appserver.sh
 	bash benches/deploy.sh
+	bash benches/accelerator.sh
 
 build:
 	$(CARGO) build --release --locked

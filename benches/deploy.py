@@ -168,7 +168,8 @@ def main():
     # would configure it; Gunicorn has no equivalent.
     config = tmp / "strata.toml"
     config.write_text('[app]\nwarmup_paths = ["/"]\n')
-    strata = pin + [str(STRATA), "run", "--config", str(config),
+    # The app server alone: the accelerator would answer the cacheable front page itself.
+    strata = pin + [str(STRATA), "run", "--config", str(config), "--tiers", "lb,app",
                     "--app", "mysite.wsgi:application", "--chdir", str(site),
                     "--virtualenv", str(VENV), "--workers", "2", "--bind", f"127.0.0.1:{port}",
                     "--admin", f"127.0.0.1:{admin}"]

@@ -104,6 +104,10 @@ impl Shared {
         if request.headers().contains_key(header::RANGE) {
             return self.range(request).await;
         }
+        if !http_body::Body::is_end_stream(request.body()) {
+            // A GET with a body is outside what a cache key describes: pass it untouched.
+            return self.pass(request, "fwd=bypass; detail=request-body").await;
+        }
         let uri = request.uri().clone();
         let response = self.get(request).await;
         let hit = response
