@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import requests
@@ -185,3 +186,37 @@ def example(strata, example_db, tmp_path):
                       "--virtualenv", str(VENV), *extra, env=full_env, **kwargs)
 
     return start
+
+
+class Origin:
+    """A full stack (listener, accelerator, app server) serving origin.py."""
+
+    def __init__(self, strata, tmp_path, config=None, workers="2"):
+        self.log = tmp_path / "origin.log"
+        self.down = tmp_path / "origin.down"
+        self.log.touch()
+        self.server = strata(*app("origin", "--workers", workers, tiers="lb,accelerator,app"),
+                             env={"ORIGIN_LOG": str(self.log), "ORIGIN_DOWN": str(self.down)},
+                             config=config)
+
+    def get(self, path, **kwargs):
+        return requests.get(self.server.url(path), timeout=30, **kwargs)
+
+    def calls(self, path):
+        """How many requests for `path` (path and query as sent) the app served."""
+        wanted = unquote(path if "?" in path else path + "?")
+        return sum(1 for line in self.log.read_text().splitlines()
+                   if unquote(line.split(" ", 1)[1]) == wanted)
+
+    def admin_post(self, path):
+        return requests.post(f"http://127.0.0.1:{self.server.admin_port}{path}", timeout=30)
+
+
+@pytest.fixture
+def origin(strata, tmp_path):
+    return Origin(strata, tmp_path)
+
+
+def status_of(response):
+    """The response's `Cache-Status` ("" when absent)."""
+    return response.headers.get("Cache-Status", "")

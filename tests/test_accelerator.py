@@ -3,47 +3,14 @@ every call it serves, so each test can count what reached Python."""
 
 import resource
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import unquote
 
-import pytest
 import requests
 
-from conftest import app, metric, wait_until
-
-
-class Origin:
-    """A full stack (listener, accelerator, app server) serving origin.py."""
-
-    def __init__(self, strata, tmp_path, config=None, workers="2"):
-        self.log = tmp_path / "origin.log"
-        self.down = tmp_path / "origin.down"
-        self.log.touch()
-        self.server = strata(*app("origin", "--workers", workers, tiers="lb,accelerator,app"),
-                             env={"ORIGIN_LOG": str(self.log), "ORIGIN_DOWN": str(self.down)},
-                             config=config)
-
-    def get(self, path, **kwargs):
-        return requests.get(self.server.url(path), timeout=30, **kwargs)
-
-    def calls(self, path):
-        """How many requests for `path` (path and query as sent) the app served."""
-        wanted = unquote(path if "?" in path else path + "?")
-        return sum(1 for line in self.log.read_text().splitlines()
-                   if unquote(line.split(" ", 1)[1]) == wanted)
-
-    def admin_post(self, path):
-        return requests.post(f"http://127.0.0.1:{self.server.admin_port}{path}", timeout=30)
-
-
-@pytest.fixture
-def origin(strata, tmp_path):
-    return Origin(strata, tmp_path)
-
-
-def status_of(response):
-    return response.headers.get("Cache-Status", "")
+from conftest import APPS, Origin, app, free_port, metric, status_of, wait_for_port, wait_until
 
 
 def test_fresh_hits_carry_age_and_cache_status(origin):
@@ -197,6 +164,27 @@ def test_stale_if_error_serves_stale_while_the_app_is_down(origin):
     assert origin.get(plain).status_code == 503
     origin.down.unlink()
     assert origin.get(kept).text != first.text
+
+
+def test_stale_if_error_when_the_upstream_is_stopped(strata):
+    """With the accelerator alone in front of another server, stopping that server leaves
+    the stale copy to serve."""
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, str(APPS / "raw_origin.py"), str(port)])
+    try:
+        assert wait_for_port(port, 10, upstream)
+        server = strata("--tiers", "lb,accelerator", "--upstream", f"http://127.0.0.1:{port}")
+        page = "/page?h=Cache-Control:max-age=1, stale-if-error=60"
+        first = requests.get(server.url(page), timeout=10)
+        assert "stored" in status_of(first)
+    finally:
+        upstream.kill()
+        upstream.wait()
+    time.sleep(1.5)
+    stale = requests.get(server.url(page), timeout=10)
+    assert stale.status_code == 200 and stale.text == first.text
+    assert "detail=stale-if-error" in status_of(stale)
+    assert requests.get(server.url("/other"), timeout=10).status_code == 502
 
 
 def test_conditional_requests_are_answered_from_the_store(origin):

@@ -2,9 +2,10 @@
 is appended to the file named by ORIGIN_LOG so tests can count what reached the app.
 
 Query parameters: `cc` (Cache-Control), `h` (extra `Name: value` headers, repeatable),
-`status`, `sleep` (seconds), `size` (body bytes); `purge` / `purge_tag` (call
+`status`, `sleep` (seconds), `size` (body bytes), `validate` (answer 304 when the request's
+`If-None-Match` matches the `ETag` given with `h`); `purge` / `purge_tag` (call
 `strata.purge_url` / `strata.purge_tags` with the value, repeatable; `soft=1` for soft purges;
-the count comes back in `Purged`). While the file named by ORIGIN_DOWN exists every answer is
+the count comes back in `Purged`). Every answer carries `Origin-Time`. While the file named by ORIGIN_DOWN exists every answer is
 503.
 """
 
@@ -31,7 +32,7 @@ def application(environ, start_response):
     if sleep:
         time.sleep(sleep)
     status = params.get("status", ["200"])[0]
-    headers = [("Content-Type", "text/plain")]
+    headers = [("Content-Type", "text/plain"), ("Origin-Time", f"{time.time():.6f}")]
     if "cc" in params:
         headers.append(("Cache-Control", params["cc"][0]))
     for extra in params.get("h", []):
@@ -44,6 +45,11 @@ def application(environ, start_response):
         purged = strata.purge_url(*params.get("purge", []), soft=soft)
         purged += strata.purge_tags(*params.get("purge_tag", []), soft=soft)
         headers.append(("Purged", str(purged)))
+    if "validate" in params:
+        etag = next((v for n, v in headers if n.lower() == "etag"), None)
+        if etag is not None and environ.get("HTTP_IF_NONE_MATCH") == etag:
+            start_response("304 Not Modified", [h for h in headers if h[0] != "Content-Type"])
+            return []
     size = int(params.get("size", ["0"])[0])
     stamp = f"{method} {path} {time.time():.6f} cookie={environ.get('HTTP_COOKIE', '')}\n"
     body = stamp.encode() + b"x" * max(0, size - len(stamp))

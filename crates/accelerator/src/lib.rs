@@ -9,13 +9,16 @@
 //! - `fill`, `object`, `store`: stored responses, bodies that stream while they fill, and the
 //!   moka store with its surrogate-key index.
 //! - `flight`: coalescing of concurrent misses.
-//! - `service`, `respond`: the request flow and the answers it builds.
+//! - `service`, `fetch`, `invalidate`, `respond`: the request flow, origin fetches and
+//!   storing, invalidation by requests, and the answers built from stored responses.
 
 pub mod config;
 mod directives;
+mod fetch;
 mod fill;
 mod flight;
 mod freshness;
+mod invalidate;
 mod key;
 pub mod metrics;
 mod object;

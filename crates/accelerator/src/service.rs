@@ -1,22 +1,19 @@
-//! The request flow: classify, look up, serve fresh or stale, coalesce misses, fetch, store,
-//! revalidate, invalidate.
+//! The request flow: classify, look up, serve fresh or stale, coalesce misses. Fetching and
+//! storing are in `fetch.rs`, invalidation in `invalidate.rs`.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderName};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use strata_core::{seam, Body, ConnInfo, HttpService};
 
 use crate::config::{AcceleratorConfig, Network};
-use crate::fill::{self, Fill};
-use crate::flight::{self, Flights, Join, Lead, Outcome};
-use crate::freshness::Timing;
+use crate::flight::{self, Flights, Join, Outcome};
 use crate::key::Keyer;
 use crate::metrics::Metrics;
 use crate::object::{strip_consumed, strip_hop_by_hop, Freshness, Object};
-use crate::policy;
-use crate::respond::{self, cache_status, is_safe};
+use crate::respond::{self, cache_status};
 use crate::store::Store;
 
 /// Request headers that carry the client's own preconditions: a lookup answers them from the
@@ -42,16 +39,16 @@ pub struct Shared {
 
 /// A request head kept to build origin requests, including background refreshes.
 #[derive(Debug, Clone)]
-struct Head {
-    method: Method,
-    uri: Uri,
+pub(crate) struct Head {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
     version: Version,
-    headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
     info: Option<ConnInfo>,
 }
 
 impl Head {
-    fn of(request: &Request<Body>) -> Self {
+    pub(crate) fn of(request: &Request<Body>) -> Self {
         Self {
             method: request.method().clone(),
             uri: request.uri().clone(),
@@ -62,7 +59,7 @@ impl Head {
     }
 
     /// A body-less GET for this head, as sent to fill the cache.
-    fn fill_request(&self, keyer: &Keyer, strip_cookies: bool) -> Request<Body> {
+    pub(crate) fn fill_request(&self, keyer: &Keyer, strip_cookies: bool) -> Request<Body> {
         let mut request = Request::new(seam::empty());
         *request.method_mut() = Method::GET;
         *request.uri_mut() = self.uri.clone();
@@ -280,240 +277,6 @@ impl Shared {
         });
     }
 
-    /// Fetches `head` from the origin (conditionally when `candidate` has validators),
-    /// stores what may be stored, releases the waiters of `lead`, and answers.
-    async fn fetch(
-        &self,
-        head: &Head,
-        key: &str,
-        candidate: Option<Arc<Object>>,
-        lead: Option<Lead>,
-        forward: &str,
-    ) -> Response<Body> {
-        let mut request = head.fill_request(&self.keyer, self.config.strip_ignored_cookies);
-        if let Some(stale) = candidate.as_ref().filter(|c| c.has_validator()) {
-            for (from, to) in [
-                (header::ETAG, header::IF_NONE_MATCH),
-                (header::LAST_MODIFIED, header::IF_MODIFIED_SINCE),
-            ] {
-                if let Some(value) = stale.headers.get(&from) {
-                    request.headers_mut().insert(to, value.clone());
-                }
-            }
-        }
-        let request_time = SystemTime::now();
-        let response = seam::answer(seam::call(&self.next, request)).await;
-        let response_time = SystemTime::now();
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        let timing = Timing::new(&parts.headers, request_time, response_time);
-
-        if let Some(stale) = &candidate {
-            if parts.status == StatusCode::NOT_MODIFIED && stale.has_validator() {
-                return self.revalidated(head, key, stale, &parts.headers, timing, lead);
-            }
-            if parts.status.is_server_error() && stale.usable_on_error(response_time) {
-                if let Some(response) = respond::serve(
-                    stale,
-                    &head.method,
-                    &head.headers,
-                    response_time,
-                    &format!(
-                        "fwd=stale; fwd-status={}; detail=stale-if-error",
-                        parts.status.as_u16()
-                    ),
-                ) {
-                    self.metrics.stale_error.inc();
-                    if let Some(lead) = lead {
-                        lead.publish(Outcome::Object(stale.clone()));
-                    }
-                    return response;
-                }
-            }
-        }
-
-        let length = content_length(&parts.headers);
-        let plan = policy::plan(
-            &self.config,
-            &head.headers,
-            parts.status,
-            &parts.headers,
-            &timing,
-        )
-        .and_then(|plan| match length {
-            Some(n) if n > self.config.max_object_bytes => Err("too-large"),
-            _ => Ok(plan),
-        });
-        let plan = match plan {
-            Ok(plan) => plan,
-            Err(reason) => {
-                if let Some(stale) = &candidate {
-                    if !parts.status.is_server_error() {
-                        self.store.remove_object(key, stale);
-                    }
-                }
-                self.metrics.uncacheable.inc();
-                self.store.mark_hit_for_miss(key);
-                if let Some(lead) = lead {
-                    lead.publish(Outcome::Uncacheable);
-                }
-                strip_consumed(&mut parts.headers);
-                cache_status(&mut parts.headers, &format!("{forward}; detail={reason}"));
-                let body = if head.method == Method::HEAD {
-                    seam::empty()
-                } else {
-                    body
-                };
-                return Response::from_parts(parts, body);
-            }
-        };
-
-        let tags = surrogate_keys(&parts.headers);
-        let set_cookies: Vec<HeaderValue> = parts
-            .headers
-            .get_all(header::SET_COOKIE)
-            .iter()
-            .cloned()
-            .collect();
-        let mut stored = parts.headers.clone();
-        strip_consumed(&mut stored);
-        stored.remove(header::SET_COOKIE);
-        let vary_values = self.keyer.vary_values(&plan.vary, &head.headers);
-        let fill = Arc::new(Fill::new(length));
-        let object = Arc::new(Object::new(
-            parts.status,
-            stored,
-            fill.clone(),
-            timing,
-            plan.windows,
-            plan.vary,
-            vary_values,
-            tags,
-        ));
-        self.store.insert(key, object.clone());
-        self.spawn_pump(key, body, fill, &object);
-        if let Some(lead) = lead {
-            lead.publish(Outcome::Object(object.clone()));
-        }
-        let now = SystemTime::now();
-        let mut response = respond::serve(
-            &object,
-            &head.method,
-            &head.headers,
-            now,
-            &format!("{forward}; stored"),
-        )
-        .unwrap_or_else(|| {
-            respond::own(
-                StatusCode::BAD_GATEWAY,
-                "origin response broke off",
-                forward,
-            )
-        });
-        // The requester gets its own cookies; the stored copy never carries them.
-        for cookie in set_cookies {
-            response.headers_mut().append(header::SET_COOKIE, cookie);
-        }
-        response
-    }
-
-    fn spawn_pump(&self, key: &str, body: Body, fill: Arc<Fill>, object: &Arc<Object>) {
-        let limit = self.config.max_object_bytes;
-        let key = key.to_owned();
-        let object = object.clone();
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            let whole = fill::pump(body, fill, limit).await;
-            if whole {
-                store.settle(&key, &object);
-            } else {
-                store.remove_object(&key, &object);
-            }
-        });
-    }
-
-    /// A 304 for a stale object: merge the new headers, store, serve (RFC 9111 §4.3.4).
-    fn revalidated(
-        &self,
-        head: &Head,
-        key: &str,
-        stale: &Arc<Object>,
-        update: &HeaderMap,
-        timing: Timing,
-        lead: Option<Lead>,
-    ) -> Response<Body> {
-        self.metrics.revalidated.inc();
-        let merged = stale.merged_headers(update);
-        let windows = policy::plan(&self.config, &head.headers, stale.status, &merged, &timing)
-            .map(|plan| plan.windows)
-            .unwrap_or_default();
-        let object = Arc::new(stale.refreshed(merged, timing, windows));
-        if windows.lifetime.is_zero() && windows.after_stale().is_zero() {
-            self.store.remove_object(key, stale);
-        } else {
-            self.store.insert(key, object.clone());
-        }
-        if let Some(lead) = lead {
-            lead.publish(Outcome::Object(object.clone()));
-        }
-        let now = SystemTime::now();
-        respond::serve(
-            &object,
-            &head.method,
-            &head.headers,
-            now,
-            "fwd=stale; fwd-status=304",
-        )
-        .unwrap_or_else(|| {
-            respond::own(
-                StatusCode::BAD_GATEWAY,
-                "stored body unavailable",
-                "fwd=stale",
-            )
-        })
-    }
-
-    /// Any method but GET, HEAD and PURGE: passed through; a successful unsafe one
-    /// invalidates the target URI and its `Location`/`Content-Location` (RFC 9111 §4.4).
-    async fn other_method(&self, request: Request<Body>) -> Response<Body> {
-        self.metrics.passes.inc();
-        let method = request.method().clone();
-        let target = self.keyer.primary(request.uri(), request.headers());
-        let host = host_of(request.uri(), request.headers());
-        let mut response = self.forward(request).await;
-        if !is_safe(&method)
-            && (response.status().is_success() || response.status().is_redirection())
-        {
-            let mut keys = vec![target];
-            for name in [header::LOCATION, header::CONTENT_LOCATION] {
-                if let Some(key) = response
-                    .headers()
-                    .get(&name)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| self.same_host_key(v, &host))
-                {
-                    keys.push(key);
-                }
-            }
-            let purged: usize = keys.iter().map(|k| self.store.purge(k, false)).sum();
-            for _ in 0..purged {
-                self.metrics.purged.inc();
-            }
-        }
-        cache_status(response.headers_mut(), "fwd=method");
-        response
-    }
-
-    /// The key of a `Location`-style reference if it points at `host`.
-    fn same_host_key(&self, reference: &str, host: &str) -> Option<String> {
-        let uri: Uri = reference.parse().ok()?;
-        match uri.authority() {
-            Some(authority) if !authority.as_str().eq_ignore_ascii_case(host) => None,
-            _ if !reference.starts_with('/') && uri.authority().is_none() => None,
-            _ => Some(self.keyer.primary_for(host, uri.path(), uri.query())),
-        }
-    }
-
     async fn pass(&self, request: Request<Body>, entry: &str) -> Response<Body> {
         self.metrics.passes.inc();
         let mut response = self.forward(request).await;
@@ -521,51 +284,10 @@ impl Shared {
         response
     }
 
-    async fn forward(&self, request: Request<Body>) -> Response<Body> {
+    pub(crate) async fn forward(&self, request: Request<Body>) -> Response<Body> {
         let mut response = seam::answer(seam::call(&self.next, request)).await;
         strip_hop_by_hop(response.headers_mut());
         strip_consumed(response.headers_mut());
-        response
-    }
-
-    /// `PURGE <url>`: from trusted addresses, removes every variant of the URL, or with a
-    /// `Surrogate-Key`/`xkey` header every object tagged with one of its keys; with
-    /// `Strata-Purge: soft` marks them stale instead (they are refreshed in the background).
-    fn purge_request(&self, request: &Request<Body>) -> Response<Body> {
-        let trusted = request
-            .extensions()
-            .get::<ConnInfo>()
-            .is_some_and(|info| self.purge_from.iter().any(|n| n.contains(info.remote.ip())));
-        if !trusted {
-            return respond::own(
-                StatusCode::FORBIDDEN,
-                "PURGE is not allowed from this address",
-                "fwd=method",
-            );
-        }
-        let headers = request.headers();
-        let soft = headers
-            .get("strata-purge")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"soft"));
-        let tags: Vec<String> = ["surrogate-key", "xkey", "cache-tag"]
-            .iter()
-            .flat_map(|name| headers.get_all(*name).iter())
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(split_tags)
-            .collect();
-        let purged = if tags.is_empty() {
-            self.store
-                .purge(&self.keyer.primary(request.uri(), headers), soft)
-        } else {
-            self.store.purge_tags(&tags, soft)
-        };
-        for _ in 0..purged {
-            self.metrics.purged.inc();
-        }
-        let mut response = seam::status_response(StatusCode::OK, &format!("Purged {purged}"));
-        response
-            .headers_mut()
-            .insert("strata-purged", HeaderValue::from(purged as u64));
         response
     }
 }
@@ -578,45 +300,4 @@ fn is_our_hit(value: &[u8]) -> bool {
         .unwrap_or(value)
         .trim_ascii();
     ours.starts_with(b"strata; hit")
-}
-
-fn host_of(uri: &Uri, headers: &HeaderMap) -> String {
-    uri.authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default()
-        .to_ascii_lowercase()
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Surrogate keys of a response: `Surrogate-Key` and `Cache-Tag`, space or comma separated.
-fn surrogate_keys(headers: &HeaderMap) -> Vec<String> {
-    let mut tags: Vec<String> = ["surrogate-key", "cache-tag"]
-        .iter()
-        .flat_map(|name| headers.get_all(*name).iter())
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(split_tags)
-        .collect();
-    tags.sort_unstable();
-    tags.dedup();
-    tags
-}
-
-fn split_tags(value: &str) -> Vec<String> {
-    value
-        .split(|c: char| c == ',' || c.is_ascii_whitespace())
-        .filter(|t| !t.is_empty())
-        .map(str::to_owned)
-        .collect()
 }

@@ -1,0 +1,114 @@
+//! Invalidation by requests: `PURGE` from trusted addresses, and successful unsafe methods,
+//! which invalidate their target and the URLs they point to (RFC 9111 §4.4).
+
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use strata_core::{seam, Body, ConnInfo};
+
+use crate::respond::{self, cache_status, is_safe};
+use crate::service::Shared;
+
+impl Shared {
+    /// Any method but GET, HEAD and PURGE: passed through; a successful unsafe one
+    /// invalidates the target URI and its `Location`/`Content-Location` (RFC 9111 §4.4).
+    pub(crate) async fn other_method(&self, request: Request<Body>) -> Response<Body> {
+        self.metrics.passes.inc();
+        let method = request.method().clone();
+        let target = self.keyer.primary(request.uri(), request.headers());
+        let host = host_of(request.uri(), request.headers());
+        let mut response = self.forward(request).await;
+        if !is_safe(&method)
+            && (response.status().is_success() || response.status().is_redirection())
+        {
+            let mut keys = vec![target];
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(key) = response
+                    .headers()
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| self.same_host_key(v, &host))
+                {
+                    keys.push(key);
+                }
+            }
+            let purged: usize = keys.iter().map(|k| self.store.purge(k, false)).sum();
+            for _ in 0..purged {
+                self.metrics.purged.inc();
+            }
+        }
+        cache_status(response.headers_mut(), "fwd=method");
+        response
+    }
+
+    /// The key of a `Location`-style reference if it points at `host`.
+    fn same_host_key(&self, reference: &str, host: &str) -> Option<String> {
+        let uri: Uri = reference.parse().ok()?;
+        match uri.authority() {
+            Some(authority) if !authority.as_str().eq_ignore_ascii_case(host) => None,
+            _ if !reference.starts_with('/') && uri.authority().is_none() => None,
+            _ => Some(self.keyer.primary_for(host, uri.path(), uri.query())),
+        }
+    }
+
+    /// `PURGE <url>`: from trusted addresses, removes every variant of the URL, or with a
+    /// `Surrogate-Key`/`xkey` header every object tagged with one of its keys; with
+    /// `Strata-Purge: soft` marks them stale instead (they are refreshed in the background).
+    pub(crate) fn purge_request(&self, request: &Request<Body>) -> Response<Body> {
+        let trusted = request
+            .extensions()
+            .get::<ConnInfo>()
+            .is_some_and(|info| self.purge_from.iter().any(|n| n.contains(info.remote.ip())));
+        if !trusted {
+            return respond::own(
+                StatusCode::FORBIDDEN,
+                "PURGE is not allowed from this address",
+                "fwd=method",
+            );
+        }
+        let headers = request.headers();
+        let soft = headers
+            .get("strata-purge")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"soft"));
+        let tags: Vec<String> = ["surrogate-key", "xkey", "cache-tag"]
+            .iter()
+            .flat_map(|name| headers.get_all(*name).iter())
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(split_tags)
+            .collect();
+        let purged = if tags.is_empty() {
+            self.store
+                .purge(&self.keyer.primary(request.uri(), headers), soft)
+        } else {
+            self.store.purge_tags(&tags, soft)
+        };
+        for _ in 0..purged {
+            self.metrics.purged.inc();
+        }
+        let mut response = seam::status_response(StatusCode::OK, &format!("Purged {purged}"));
+        response
+            .headers_mut()
+            .insert("strata-purged", HeaderValue::from(purged as u64));
+        response
+    }
+}
+
+fn host_of(uri: &Uri, headers: &HeaderMap) -> String {
+    uri.authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+pub(crate) fn split_tags(value: &str) -> Vec<String> {
+    value
+        .split(|c: char| c == ',' || c.is_ascii_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
