@@ -80,6 +80,7 @@ class Strata:
     def __init__(self, tmp_path, args, env=None, config=None, wait=True, cwd=None):
         self.port = free_port()
         self.admin_port = free_port()
+        self.cache_port = free_port()
         self.log_path = tmp_path / f"strata-{self.port}.log"
         command = [str(STRATA), "run", "--bind", f"127.0.0.1:{self.port}",
                    "--admin", f"127.0.0.1:{self.admin_port}"]
@@ -89,6 +90,7 @@ class Strata:
             command += ["--config", str(config_path)]
         command += list(args)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+        full_env["STRATA_CACHE__BIND"] = f"127.0.0.1:{self.cache_port}"
         full_env.update(env or {})
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(

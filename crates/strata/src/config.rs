@@ -10,13 +10,17 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use strata_accelerator::AcceleratorConfig;
 use strata_appserver::AppConfig;
+use strata_cache::CacheConfig;
 use strata_lb::LbConfig;
 
 /// Tiers a node can run.
 pub const TIERS: &[&str] = &["lb", "accelerator", "app", "cache", "dbpool"];
 
 /// Tiers this build serves today.
-const AVAILABLE: &[&str] = &["lb", "accelerator", "app"];
+const AVAILABLE: &[&str] = &["lb", "accelerator", "app", "cache"];
+
+/// Tiers a node runs unless told otherwise.
+const DEFAULT_TIERS: &[&str] = &["lb", "accelerator", "app"];
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -27,6 +31,7 @@ pub struct Config {
     pub lb: LbConfig,
     pub accelerator: AcceleratorConfig,
     pub app: AppConfig,
+    pub cache: CacheConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -34,10 +39,11 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            tiers: AVAILABLE.iter().map(|t| t.to_string()).collect(),
+            tiers: DEFAULT_TIERS.iter().map(|t| t.to_string()).collect(),
             lb: LbConfig::default(),
             accelerator: AcceleratorConfig::default(),
             app: AppConfig::default(),
+            cache: CacheConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
         }
@@ -192,7 +198,8 @@ impl Config {
         }
         let has = |tier: &str| self.tiers.iter().any(|t| t == tier);
         let fronts_upstream = has("accelerator") && self.accelerator.upstream.is_some();
-        if !(has("app") || fronts_upstream) {
+        let http_tiers = has("lb") || has("accelerator") || has("app");
+        if http_tiers && !(has("app") || fronts_upstream) {
             return Err(
                 "tiers: without the app tier, run the accelerator with accelerator.upstream set"
                     .into(),
@@ -200,6 +207,7 @@ impl Config {
         }
         self.lb.validate()?;
         self.accelerator.validate()?;
+        self.cache.validate()?;
         self.app.validate()?;
         if !strata_core::logging::valid_level(&self.log.level) {
             return Err(format!(

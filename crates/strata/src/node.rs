@@ -58,7 +58,8 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
         level: config.log.level.clone(),
         json: config.log.format == "json",
     };
-    let stack = Arc::new(Stack::start(&config, log).await?);
+    let shutdown = Shutdown::new();
+    let stack = Arc::new(Stack::start(&config, log, &shutdown).await?);
     let (http, admin_listener) = sockets.listen().await?;
     tracing::info!(
         http = %local(&http),
@@ -66,7 +67,6 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
         "listening"
     );
 
-    let shutdown = Shutdown::new();
     let offered = {
         let (http_fd, admin_fd) = (rustix::io::dup(&http)?, rustix::io::dup(&admin_listener)?);
         let shutdown = shutdown.clone();

@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use strata_accelerator::Accelerator;
 use strata_appserver::{AppServer, LogSpec};
-use strata_core::HttpService;
+use strata_cache::Cache;
+use strata_core::{HttpService, Shutdown};
 
 use crate::config::Config;
 
@@ -21,14 +22,20 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Stack {
     pub app: Option<Arc<AppServer>>,
     pub accelerator: Option<Accelerator>,
+    pub cache: Option<Cache>,
     /// What the HTTP listener hands every request to.
     pub front: HttpService,
 }
 
 impl Stack {
     /// Starts the selected tiers; the app server's first generation is warm on return.
-    pub async fn start(config: &Config, log: LogSpec) -> anyhow::Result<Self> {
+    pub async fn start(config: &Config, log: LogSpec, shutdown: &Shutdown) -> anyhow::Result<Self> {
         let runs = |tier: &str| config.tiers.iter().any(|t| t == tier);
+        let cache = if runs("cache") {
+            Some(Cache::start(&config.cache, shutdown.clone()).await?)
+        } else {
+            None
+        };
         let app = if runs("app") {
             Some(Arc::new(AppServer::start(config.app.clone(), log).await?))
         } else {
@@ -42,7 +49,8 @@ impl Stack {
                     .with_context(|| format!("accelerator.upstream = {upstream:?}"))?;
                 strata_core::client::upstream(&uri, UPSTREAM_TIMEOUT)
             }
-            (None, None) => anyhow::bail!("nothing to serve: no app tier and no upstream"),
+            // A node of non-HTTP tiers (cache) still answers on its HTTP listener, plainly.
+            (None, None) => no_http_tier(),
         };
         let accelerator = runs("accelerator")
             .then(|| Accelerator::new(config.accelerator.clone(), backend.clone()));
@@ -53,6 +61,7 @@ impl Stack {
         Ok(Self {
             app,
             accelerator,
+            cache,
             front,
         })
     }
@@ -65,6 +74,9 @@ impl Stack {
         if let Some(accelerator) = &self.accelerator {
             accelerator.render_metrics(out);
         }
+        if let Some(cache) = &self.cache {
+            cache.render_metrics(out);
+        }
     }
 
     pub async fn stop(&self, forced: bool) {
@@ -72,4 +84,14 @@ impl Stack {
             app.stop(forced).await;
         }
     }
+}
+
+/// The listener's service on a node that runs no HTTP tier.
+fn no_http_tier() -> HttpService {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(|_request| async {
+        Ok(strata_core::seam::status_response(
+            http::StatusCode::NOT_FOUND,
+            "this node runs no HTTP tier",
+        ))
+    }))
 }

@@ -1,0 +1,96 @@
+//! Strata's cache tier: one moka store served over the memcached protocol (text and meta),
+//! on TCP and a Unix socket.
+//!
+//! # Layout
+//! - [`config`]: the `[cache]` section.
+//! - `store`: items, memcached's expiry rules, CAS, atomic read-modify-write commands.
+//! - `text`, `meta`: the two protocols, as steps over a connection's read buffer.
+//! - `server`: listeners and connections; `stats`: `stats` and `/metrics`.
+
+pub mod config;
+mod meta;
+mod server;
+mod stats;
+mod store;
+mod text;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use strata_core::Shutdown;
+use tokio::net::{TcpListener, TcpSocket, UnixListener};
+
+pub use config::CacheConfig;
+
+/// The version `version` and `stats` report (memcached-compatible clients parse it).
+pub const VERSION: &str = "1.6.21-strata";
+
+/// Why the cache tier could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on cache.bind = {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on cache.unix_socket = {path}: {source}")]
+    Unix {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A TCP listener that a new master can bind beside the old one during a binary upgrade
+/// (`SO_REUSEPORT`): the old one stops accepting when it drains.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// The running cache tier.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    ctx: Arc<server::Context>,
+}
+
+impl Cache {
+    /// Binds the listeners and serves until `shutdown`.
+    pub async fn start(config: &CacheConfig, shutdown: Shutdown) -> Result<Self, StartError> {
+        let ctx = Arc::new(server::Context {
+            store: Arc::new(store::Store::new(config.capacity_bytes)),
+            max_item_bytes: config.max_item_bytes as usize,
+            capacity_bytes: config.capacity_bytes,
+            max_connections: config.max_connections,
+            started: Instant::now(),
+            connections: server::Connections::default(),
+        });
+        let tcp = listen(config.bind).map_err(|source| StartError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        tracing::info!(addr = %config.bind, "cache listening");
+        tokio::spawn(server::serve_tcp(tcp, ctx.clone(), shutdown.clone()));
+        if let Some(path) = &config.unix_socket {
+            let _ = std::fs::remove_file(path);
+            let unix = UnixListener::bind(path).map_err(|source| StartError::Unix {
+                path: path.clone(),
+                source,
+            })?;
+            tracing::info!(path = %path.display(), "cache listening");
+            tokio::spawn(server::serve_unix(unix, ctx.clone(), shutdown));
+        }
+        Ok(Self { ctx })
+    }
+
+    /// Appends the cache's metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        stats::render(&self.ctx, out);
+    }
+}

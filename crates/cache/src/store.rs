@@ -1,0 +1,601 @@
+//! The item store: moka weighed in bytes, memcached's expiry rules, flags, CAS values, and the
+//! read-modify-write commands done atomically per key.
+//!
+//! A newly set key is readable at once: moka applies its admission policy only when the
+//! store is over its budget, and inserts are visible before that policy runs.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
+use moka::sync::Cache;
+use moka::Expiry;
+use strata_core::metrics::Counter;
+
+/// Relative expiry times above this are absolute Unix times (memcached's rule).
+const RELATIVE_MAX: i64 = 60 * 60 * 24 * 30;
+
+/// Bytes counted per item on top of its key and value.
+const OVERHEAD: u32 = 64;
+
+/// One stored value.
+#[derive(Debug)]
+pub struct Item {
+    pub value: Bytes,
+    pub flags: u32,
+    pub cas: u64,
+    /// Unix milliseconds at which it expires; 0: never.
+    pub expires_ms: u64,
+    /// Unix milliseconds at which it was stored (for delayed `flush_all`).
+    stored_ms: u64,
+    /// Meta protocol: the right to recompute this item was given to a client (`W`); later
+    /// clients are told someone else is on it (`Z`).
+    pub won: AtomicBool,
+    /// Meta protocol: marked stale (`md ... I`, or `ms ... I` with an old CAS).
+    pub stale: bool,
+}
+
+impl Item {
+    fn new(value: Bytes, flags: u32, cas: u64, expires_ms: u64, stored_ms: u64) -> Self {
+        Self {
+            value,
+            flags,
+            cas,
+            expires_ms,
+            stored_ms,
+            won: AtomicBool::new(false),
+            stale: false,
+        }
+    }
+
+    /// Seconds of life left; -1 when it never expires (meta `t`).
+    pub fn ttl(&self, now_ms: u64) -> i64 {
+        if self.expires_ms == 0 {
+            -1
+        } else {
+            (self.expires_ms.saturating_sub(now_ms) / 1000) as i64
+        }
+    }
+}
+
+/// An expiry time as a client gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expires {
+    Never,
+    At(u64),
+    /// Negative, or an absolute time in the past: gone at once.
+    Already,
+}
+
+impl Expires {
+    /// memcached's rule: 0 never, up to 30 days relative seconds, beyond that an absolute
+    /// Unix time, negative already expired.
+    pub fn from_exptime(exptime: i64, now_ms: u64) -> Self {
+        match exptime {
+            0 => Expires::Never,
+            e if e < 0 => Expires::Already,
+            e if e <= RELATIVE_MAX => Expires::At(now_ms + e as u64 * 1000),
+            e if (e as u64) * 1000 <= now_ms => Expires::Already,
+            e => Expires::At(e as u64 * 1000),
+        }
+    }
+
+    fn ms(self) -> u64 {
+        match self {
+            Expires::Never => 0,
+            Expires::At(ms) => ms,
+            Expires::Already => 1,
+        }
+    }
+}
+
+/// What a storage command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Stored,
+    NotStored,
+    Exists,
+    NotFound,
+}
+
+/// What an arithmetic command did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Value(u64),
+    NotFound,
+    NonNumeric,
+}
+
+/// How a storage command combines with what is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Set,
+    Add,
+    Replace,
+    Append,
+    Prepend,
+    /// Compare-and-swap against this CAS value.
+    Cas(u64),
+}
+
+/// Counters the `stats` command and `/metrics` report.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub get_hits: Counter,
+    pub get_misses: Counter,
+    pub get_expired: Counter,
+    pub cmd_set: Counter,
+    pub cmd_touch: Counter,
+    pub touch_hits: Counter,
+    pub delete_hits: Counter,
+    pub delete_misses: Counter,
+    pub incr_hits: Counter,
+    pub incr_misses: Counter,
+    pub decr_hits: Counter,
+    pub decr_misses: Counter,
+    pub cas_hits: Counter,
+    pub cas_misses: Counter,
+    pub cas_badval: Counter,
+    pub evictions: Counter,
+    pub expired: Counter,
+    pub flushes: Counter,
+}
+
+struct PerItem;
+
+impl Expiry<Bytes, Arc<Item>> for PerItem {
+    fn expire_after_create(&self, _: &Bytes, item: &Arc<Item>, _: Instant) -> Option<Duration> {
+        life(item)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Bytes,
+        item: &Arc<Item>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        life(item)
+    }
+}
+
+fn life(item: &Item) -> Option<Duration> {
+    (item.expires_ms != 0).then(|| Duration::from_millis(item.expires_ms.saturating_sub(now_ms())))
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The store.
+pub struct Store {
+    items: Cache<Bytes, Arc<Item>>,
+    next_cas: AtomicU64,
+    /// A delayed `flush_all`: items stored before this Unix millisecond are gone once it
+    /// passes; 0 when none is pending.
+    flush_at: AtomicU64,
+    pub stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("items", &self.items.entry_count())
+            .finish()
+    }
+}
+
+impl Store {
+    pub fn new(capacity_bytes: u64) -> Self {
+        let stats = Arc::new(Stats::default());
+        let listener = {
+            let stats = stats.clone();
+            move |_key: Arc<Bytes>, _item: Arc<Item>, cause: RemovalCause| match cause {
+                RemovalCause::Size => stats.evictions.inc(),
+                RemovalCause::Expired => stats.expired.inc(),
+                RemovalCause::Explicit | RemovalCause::Replaced => {}
+            }
+        };
+        Self {
+            items: Cache::builder()
+                .max_capacity(capacity_bytes)
+                .weigher(|key: &Bytes, item: &Arc<Item>| {
+                    let bytes = key.len() + item.value.len();
+                    u32::try_from(bytes)
+                        .unwrap_or(u32::MAX)
+                        .saturating_add(OVERHEAD)
+                })
+                .expire_after(PerItem)
+                .eviction_listener(listener)
+                .build(),
+            next_cas: AtomicU64::new(1),
+            flush_at: AtomicU64::new(0),
+            stats,
+        }
+    }
+
+    fn cas(&self) -> u64 {
+        self.next_cas.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether `item` is still alive at `now`.
+    fn live(&self, item: &Item, now: u64) -> bool {
+        if item.expires_ms != 0 && item.expires_ms <= now {
+            return false;
+        }
+        let flush = self.flush_at.load(Ordering::Relaxed);
+        !(flush != 0 && now >= flush && item.stored_ms <= flush)
+    }
+
+    fn item(&self, value: Bytes, flags: u32, expires: Expires, now: u64) -> Arc<Item> {
+        Arc::new(Item::new(value, flags, self.cas(), expires.ms(), now))
+    }
+
+    /// The live item under `key`.
+    pub fn get(&self, key: &[u8]) -> Option<Arc<Item>> {
+        let now = now_ms();
+        let found = self.items.get(key);
+        match found {
+            Some(item) if self.live(&item, now) => {
+                self.stats.get_hits.inc();
+                Some(item)
+            }
+            Some(_) => {
+                self.stats.get_expired.inc();
+                self.stats.get_misses.inc();
+                None
+            }
+            None => {
+                self.stats.get_misses.inc();
+                None
+            }
+        }
+    }
+
+    /// A storage command (`set`, `add`, `replace`, `append`, `prepend`, `cas`).
+    pub fn store(&self, key: &[u8], value: Bytes, flags: u32, exptime: i64, mode: Mode) -> Outcome {
+        self.stats.cmd_set.inc();
+        let now = now_ms();
+        let expires = Expires::from_exptime(exptime, now);
+        let key = Bytes::copy_from_slice(key);
+        if mode == Mode::Set {
+            if expires == Expires::Already {
+                self.items.invalidate(&key);
+            } else {
+                self.items
+                    .insert(key, self.item(value, flags, expires, now));
+            }
+            return Outcome::Stored;
+        }
+        let mut outcome = Outcome::NotStored;
+        self.items.entry(key).and_compute_with(|existing| {
+            let current = existing
+                .map(|e| e.into_value())
+                .filter(|item| self.live(item, now));
+            let (result, op) = match (mode, current) {
+                (Mode::Add, Some(_)) | (Mode::Replace | Mode::Append | Mode::Prepend, None) => {
+                    (Outcome::NotStored, Op::Nop)
+                }
+                (Mode::Cas(_), None) => (Outcome::NotFound, Op::Nop),
+                (Mode::Cas(expected), Some(item)) if item.cas != expected => {
+                    (Outcome::Exists, Op::Nop)
+                }
+                (Mode::Append | Mode::Prepend, Some(item)) => {
+                    let mut joined = BytesMut::with_capacity(item.value.len() + value.len());
+                    let (first, second) = if mode == Mode::Append {
+                        (&item.value, &value)
+                    } else {
+                        (&value, &item.value)
+                    };
+                    joined.extend_from_slice(first);
+                    joined.extend_from_slice(second);
+                    let kept = Arc::new(Item::new(
+                        joined.freeze(),
+                        item.flags,
+                        self.cas(),
+                        item.expires_ms,
+                        now,
+                    ));
+                    (Outcome::Stored, Op::Put(kept))
+                }
+                (_, _) if expires == Expires::Already => (Outcome::Stored, Op::Remove),
+                (_, _) => (
+                    Outcome::Stored,
+                    Op::Put(self.item(value.clone(), flags, expires, now)),
+                ),
+            };
+            outcome = result;
+            op
+        });
+        match (mode, outcome) {
+            (Mode::Cas(_), Outcome::Stored) => self.stats.cas_hits.inc(),
+            (Mode::Cas(_), Outcome::Exists) => self.stats.cas_badval.inc(),
+            (Mode::Cas(_), Outcome::NotFound) => self.stats.cas_misses.inc(),
+            _ => {}
+        }
+        outcome
+    }
+
+    /// Unlinks `key` (what a failed set does, so no stale value survives it).
+    pub fn remove(&self, key: &[u8]) {
+        self.items.invalidate(key);
+    }
+
+    /// `delete`: whether a live item was removed.
+    pub fn delete(&self, key: &[u8]) -> bool {
+        let now = now_ms();
+        let removed = self
+            .items
+            .remove(key)
+            .is_some_and(|item| self.live(&item, now));
+        if removed {
+            self.stats.delete_hits.inc();
+        } else {
+            self.stats.delete_misses.inc();
+        }
+        removed
+    }
+
+    /// `incr` (`decr` when `up` is false): the new value. Increments wrap at 2^64,
+    /// decrements stop at 0; the item keeps its flags and expiry.
+    pub fn count(&self, key: &[u8], delta: u64, up: bool) -> Counted {
+        let now = now_ms();
+        let mut outcome = Counted::NotFound;
+        self.update(key, now, |item| {
+            let number = std::str::from_utf8(&item.value)
+                .ok()
+                .map(str::trim_end)
+                .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|t| t.parse::<u64>().ok());
+            let Some(number) = number else {
+                outcome = Counted::NonNumeric;
+                return Op::Nop;
+            };
+            let next = if up {
+                number.wrapping_add(delta)
+            } else {
+                number.saturating_sub(delta)
+            };
+            outcome = Counted::Value(next);
+            Op::Put(Arc::new(Item::new(
+                Bytes::from(next.to_string()),
+                item.flags,
+                self.cas(),
+                item.expires_ms,
+                now,
+            )))
+        });
+        let (hits, misses) = if up {
+            (&self.stats.incr_hits, &self.stats.incr_misses)
+        } else {
+            (&self.stats.decr_hits, &self.stats.decr_misses)
+        };
+        match outcome {
+            Counted::Value(_) => hits.inc(),
+            Counted::NotFound => misses.inc(),
+            Counted::NonNumeric => {}
+        }
+        outcome
+    }
+
+    /// `touch`: a new expiry for a live item; returns it with its new expiry.
+    pub fn touch(&self, key: &[u8], exptime: i64) -> Option<Arc<Item>> {
+        self.stats.cmd_touch.inc();
+        let now = now_ms();
+        let expires = Expires::from_exptime(exptime, now);
+        let mut touched = None;
+        self.update(key, now, |item| {
+            if expires == Expires::Already {
+                touched = Some(item);
+                return Op::Remove;
+            }
+            let renewed = Arc::new(Item {
+                won: AtomicBool::new(item.won.load(Ordering::Relaxed)),
+                stale: item.stale,
+                ..Item::new(
+                    item.value.clone(),
+                    item.flags,
+                    item.cas,
+                    expires.ms(),
+                    item.stored_ms,
+                )
+            });
+            touched = Some(renewed.clone());
+            Op::Put(renewed)
+        });
+        if touched.is_some() {
+            self.stats.touch_hits.inc();
+        }
+        touched
+    }
+
+    /// `flush_all [delay]`: every item stored until then is gone (after `delay` seconds).
+    pub fn flush(&self, delay: u64) {
+        self.stats.flushes.inc();
+        if delay == 0 {
+            self.flush_at.store(0, Ordering::Relaxed);
+            self.items.invalidate_all();
+        } else {
+            self.flush_at
+                .store(now_ms() + delay * 1000, Ordering::Relaxed);
+        }
+    }
+
+    /// Meta `mg ... N<ttl>` on a miss: creates an empty placeholder that lives `exptime`,
+    /// whose recache right goes to the caller. Returns `None` when someone else created one
+    /// first (the caller then reads theirs).
+    pub fn vivify(&self, key: &[u8], exptime: i64) -> Option<Arc<Item>> {
+        let now = now_ms();
+        let expires = Expires::from_exptime(exptime, now);
+        let mut created = None;
+        self.items
+            .entry(Bytes::copy_from_slice(key))
+            .and_compute_with(|existing| {
+                if existing.is_some_and(|e| self.live(e.value(), now)) {
+                    return Op::Nop;
+                }
+                let item = self.item(Bytes::new(), 0, expires, now);
+                item.won.store(true, Ordering::Relaxed);
+                created = Some(item.clone());
+                Op::Put(item)
+            });
+        created
+    }
+
+    /// Meta `md ... I`: keeps the item but marks it stale with a new CAS (and expiry, when
+    /// given), so the next reader recomputes it while others may still use it.
+    pub fn mark_stale(&self, key: &[u8], exptime: Option<i64>) -> bool {
+        let now = now_ms();
+        let mut marked = false;
+        self.update(key, now, |item| {
+            marked = true;
+            let expires_ms =
+                exptime.map_or(item.expires_ms, |e| Expires::from_exptime(e, now).ms());
+            Op::Put(Arc::new(Item {
+                stale: true,
+                ..Item::new(
+                    item.value.clone(),
+                    item.flags,
+                    self.cas(),
+                    expires_ms,
+                    item.stored_ms,
+                )
+            }))
+        });
+        marked
+    }
+
+    /// Replaces the live item under `key` with what `change` makes of it, atomically;
+    /// `change` is not called when there is no live item.
+    fn update(&self, key: &[u8], now: u64, change: impl FnOnce(Arc<Item>) -> Op<Arc<Item>>) {
+        self.items
+            .entry(Bytes::copy_from_slice(key))
+            .and_compute_with(|existing| {
+                match existing
+                    .map(|e| e.into_value())
+                    .filter(|i| self.live(i, now))
+                {
+                    Some(item) => change(item),
+                    None => Op::Nop,
+                }
+            });
+    }
+
+    /// Items and bytes held (as weighed).
+    pub fn size(&self) -> (u64, u64) {
+        self.items.run_pending_tasks();
+        (self.items.entry_count(), self.items.weighted_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Store {
+        Store::new(1024 * 1024)
+    }
+
+    fn value(s: &Store, key: &str) -> Option<String> {
+        s.get(key.as_bytes())
+            .map(|i| String::from_utf8_lossy(&i.value).into_owned())
+    }
+
+    #[test]
+    fn expiry_rules() {
+        let now = 1_000_000_000_000;
+        assert_eq!(Expires::from_exptime(0, now), Expires::Never);
+        assert_eq!(Expires::from_exptime(-1, now), Expires::Already);
+        assert_eq!(Expires::from_exptime(10, now), Expires::At(now + 10_000));
+        let absolute = now / 1000 + 100;
+        assert_eq!(
+            Expires::from_exptime(absolute as i64, now),
+            Expires::At(absolute * 1000)
+        );
+        assert_eq!(
+            Expires::from_exptime(RELATIVE_MAX + 1, now),
+            Expires::Already
+        );
+    }
+
+    #[test]
+    fn storage_modes() {
+        let s = store();
+        assert_eq!(s.store(b"k", "a".into(), 5, 0, Mode::Add), Outcome::Stored);
+        assert_eq!(
+            s.store(b"k", "b".into(), 5, 0, Mode::Add),
+            Outcome::NotStored
+        );
+        assert_eq!(
+            s.store(b"x", "b".into(), 5, 0, Mode::Replace),
+            Outcome::NotStored
+        );
+        assert_eq!(
+            s.store(b"k", "b".into(), 0, 0, Mode::Append),
+            Outcome::Stored
+        );
+        assert_eq!(
+            s.store(b"k", "0".into(), 0, 0, Mode::Prepend),
+            Outcome::Stored
+        );
+        assert_eq!(value(&s, "k").as_deref(), Some("0ab"));
+        assert_eq!(s.get(b"k").unwrap().flags, 5, "append keeps the flags");
+        let cas = s.get(b"k").unwrap().cas;
+        assert_eq!(
+            s.store(b"k", "c".into(), 0, 0, Mode::Cas(cas + 100)),
+            Outcome::Exists
+        );
+        assert_eq!(
+            s.store(b"k", "c".into(), 0, 0, Mode::Cas(cas)),
+            Outcome::Stored
+        );
+        assert_eq!(
+            s.store(b"z", "c".into(), 0, 0, Mode::Cas(cas)),
+            Outcome::NotFound
+        );
+        assert_eq!(
+            s.store(b"k", "gone".into(), 0, -1, Mode::Set),
+            Outcome::Stored
+        );
+        assert_eq!(value(&s, "k"), None, "a negative exptime expires at once");
+    }
+
+    #[test]
+    fn counters() {
+        let s = store();
+        assert_eq!(s.count(b"n", 1, true), Counted::NotFound);
+        s.store(b"n", "10".into(), 2, 0, Mode::Set);
+        assert_eq!(s.count(b"n", 5, true), Counted::Value(15));
+        assert_eq!(s.count(b"n", 100, false), Counted::Value(0));
+        s.store(b"n", u64::MAX.to_string().into(), 2, 0, Mode::Set);
+        assert_eq!(s.count(b"n", 2, true), Counted::Value(1));
+        assert_eq!(s.get(b"n").unwrap().flags, 2);
+        s.store(b"t", "abc".into(), 0, 0, Mode::Set);
+        assert_eq!(s.count(b"t", 1, true), Counted::NonNumeric);
+    }
+
+    #[test]
+    fn touch_delete_and_flush() {
+        let s = store();
+        s.store(b"a", "1".into(), 0, 0, Mode::Set);
+        assert!(s.touch(b"a", 100).unwrap().expires_ms > now_ms());
+        assert!(s.touch(b"missing", 100).is_none());
+        assert!(s.delete(b"a"));
+        assert!(!s.delete(b"a"));
+        s.store(b"b", "1".into(), 0, 0, Mode::Set);
+        s.flush(0);
+        assert_eq!(value(&s, "b"), None);
+        s.store(b"c", "1".into(), 0, 0, Mode::Set);
+        assert_eq!(
+            value(&s, "c").as_deref(),
+            Some("1"),
+            "a set after a flush is kept"
+        );
+    }
+}
