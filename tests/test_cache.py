@@ -5,13 +5,15 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 from pymemcache.exceptions import MemcacheClientError, MemcacheServerError
 
-from conftest import APPS, metric
+from conftest import APPS, app, metric
 
 
 @pytest.fixture
@@ -167,3 +169,55 @@ def test_metrics_and_connection_limit(strata):
     assert refused == b"SERVER_ERROR too many open connections\r\n"
     for sock in held:
         sock.close()
+
+
+def test_strata_cache_backend_over_the_worker_channel(strata, tmp_path):
+    log = tmp_path / "dogpile.log"
+    log.touch()
+    server = strata(*app("dogpile", "--workers", "4", tiers="lb,app,cache"),
+                    env={"DOGPILE_LOG": str(log)})
+    assert requests.get(server.url("/ops"), timeout=10).text == "ok"
+    # The values are the ones TCP clients see (pymemcache's encoding).
+    assert client(server).get(":1:b") == b"4"
+
+
+def test_get_or_set_is_computed_once_across_workers(strata, tmp_path):
+    log = tmp_path / "dogpile.log"
+    log.touch()
+    server = strata(*app("dogpile", "--workers", "4", tiers="lb,app,cache"),
+                    env={"DOGPILE_LOG": str(log)})
+    with ThreadPoolExecutor(16) as pool:
+        bodies = list(pool.map(lambda _: requests.get(server.url("/hot"), timeout=30).text,
+                               range(32)))
+    assert len(set(bodies)) == 1, "everyone got the one computed value"
+    runs = log.read_text().split()
+    assert len(runs) == 1, runs
+    # Marked stale: one worker recomputes, the others are served the stale value meanwhile.
+    assert requests.get(server.url("/mark-stale"), timeout=10).text == "HD\r\n"
+    with ThreadPoolExecutor(8) as pool:
+        after = list(pool.map(lambda _: requests.get(server.url("/hot"), timeout=30).text,
+                              range(8)))
+    assert len(log.read_text().split()) == 2
+    assert bodies[0] in after, "the stale value was served while the winner recomputed"
+    assert metric(server, 'strata_cache_commands_total{outcome="get_hit"}') > 0
+
+
+def test_strata_cache_backend_outside_strata_falls_back_to_a_local_store(tmp_path):
+    script = (
+        "import warnings\n"
+        "import django\n"
+        "from django.conf import settings\n"
+        "settings.configure(CACHES={'default': {'BACKEND': 'strata.django.StrataCache'}})\n"
+        "django.setup()\n"
+        "from django.core.cache import cache\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    cache.set('k', 'v')\n"
+        "    assert cache.get('k') == 'v'\n"
+        "    assert cache.get_or_set('x', lambda: 1) == 1\n"
+        "assert any('local in-process cache' in str(w.message) for w in caught), caught\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -34,6 +34,11 @@ pub mod kind {
     pub const PURGE: u8 = 16;
     /// How many cached objects a `PURGE` affected (`u32`).
     pub const PURGED: u8 = 4;
+    /// Memcached protocol commands for the node's cache tier (`strata.django.StrataCache`);
+    /// answered with `CACHE_REPLY`.
+    pub const CACHE: u8 = 17;
+    /// The cache tier's answers to a `CACHE` frame.
+    pub const CACHE_REPLY: u8 = 5;
 }
 
 /// Frames larger than this are a protocol error.

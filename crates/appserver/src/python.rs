@@ -18,6 +18,10 @@ pub const PYTHON_VERSION: &str = env!("STRATA_PYTHON_VERSION");
 
 const STRATA_PY: &str = include_str!("../python/strata/__init__.py");
 
+/// Submodules of the embedded package, imported on demand.
+const SUBMODULES: &[(&str, &str)] =
+    &[("strata.django", include_str!("../python/strata/django.py"))];
+
 /// Initialises CPython and prepares `sys.path` for the application.
 pub fn initialise(py: Python<'_>, spec: &ZygoteSpec) -> PyResult<()> {
     let sys = py.import("sys")?;
@@ -36,13 +40,18 @@ pub fn initialise(py: Python<'_>, spec: &ZygoteSpec) -> PyResult<()> {
     } else {
         path.insert(0, os.call_method0("getcwd")?)?;
     }
-    let module = PyModule::from_code(
-        py,
-        &CString::new(STRATA_PY).expect("no NUL in source"),
-        c"strata/__init__.py",
-        c"strata",
-    )?;
-    sys.getattr("modules")?.set_item("strata", module)?;
+    // The submodules' sources go in before the package's code runs, which installs their
+    // importer: build the module by hand so its namespace can be seeded.
+    let module = PyModule::new(py, "strata")?;
+    let sources = pyo3::types::PyDict::new(py);
+    for (name, source) in SUBMODULES {
+        sources.set_item(name, source)?;
+    }
+    module.setattr("_embedded_sources", sources)?;
+    module.setattr("__file__", "strata/__init__.py")?;
+    sys.getattr("modules")?.set_item("strata", &module)?;
+    let code = CString::new(STRATA_PY).expect("no NUL in source");
+    py.run(&code, Some(&module.dict()), None)?;
     // A worker killed at its timeout first gets SIGUSR1, which dumps every thread's stack.
     let signal = py.import("signal")?.getattr("SIGUSR1")?;
     py.import("faulthandler")?.call_method1(

@@ -94,3 +94,24 @@ impl Cache {
         stats::render(&self.ctx, out);
     }
 }
+
+impl strata_core::seam::Memcache for Cache {
+    fn execute(&self, commands: &[u8]) -> Vec<u8> {
+        let mut out = bytes::BytesMut::new();
+        let mut rest = commands;
+        while !rest.is_empty() {
+            match text::step(rest, &self.ctx, &mut out) {
+                text::Step::Done(n) => rest = &rest[n..],
+                text::Step::Swallow { consumed, skip } => {
+                    rest = &rest[(consumed + skip).min(rest.len())..];
+                }
+                text::Step::Need => {
+                    out.extend_from_slice(b"CLIENT_ERROR incomplete command\r\n");
+                    break;
+                }
+                text::Step::Close => break,
+            }
+        }
+        out.to_vec()
+    }
+}

@@ -35,6 +35,15 @@ pub trait Invalidate: Send + Sync {
     fn purge_tags(&self, tags: &[String], soft: bool) -> usize;
 }
 
+/// The cache tier as other tiers reach it in-process: memcached protocol commands (text or
+/// meta) in, the answers out, with no socket. The app server's workers use it for the Django
+/// cache backend (`strata.django.StrataCache`).
+pub trait Memcache: Send + Sync {
+    /// Runs every command in `commands` (each complete, values included) and returns the
+    /// answers as a memcached server would write them.
+    fn execute(&self, commands: &[u8]) -> Vec<u8>;
+}
+
 /// Where a request came from, inserted into request extensions by the listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {

@@ -57,6 +57,9 @@ impl Stack {
         if let (Some(app), Some(accelerator)) = (&app, &accelerator) {
             app.set_invalidate(Arc::new(accelerator.clone()));
         }
+        if let (Some(app), Some(cache)) = (&app, &cache) {
+            app.set_memcache(Arc::new(cache.clone()));
+        }
         let front = accelerator.as_ref().map_or(backend, Accelerator::service);
         Ok(Self {
             app,

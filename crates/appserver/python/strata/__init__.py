@@ -17,6 +17,36 @@ __all__ = ["FileWrapper", "purge_tags", "purge_url", "warm_up"]
 _channel = None
 _SOFT, _TAGS = 1, 2
 
+# Inside Strata the package is compiled into the binary: its submodules' sources are handed
+# over here and imported on demand (outside, they are files next to this one).
+_embedded_sources = globals().get("_embedded_sources", {})
+
+
+class _EmbeddedFinder:
+    """Imports `strata.<name>` from the sources compiled into the binary."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name not in _embedded_sources:
+            return None
+        import importlib.util
+
+        return importlib.util.spec_from_loader(name, _EmbeddedFinder)
+
+    @staticmethod
+    def create_module(spec):
+        return None
+
+    @staticmethod
+    def exec_module(module):
+        source = _embedded_sources[module.__name__]
+        exec(compile(source, module.__name__.replace(".", "/") + ".py", "exec"), module.__dict__)
+
+
+if _embedded_sources:
+    __path__ = []  # a package, so that `import strata.django` works
+    sys.meta_path.insert(0, _EmbeddedFinder)
+
 
 def purge_url(*urls, soft=False):
     """Removes every cached variant of each URL from the accelerator of this node; returns
@@ -90,17 +120,20 @@ def _warm_django(log):
     from django.urls import get_resolver
     from django.utils import translation
 
-    resolver = get_resolver()
-    resolver.url_patterns
-    # The reverse map is built per active language; only LocaleMiddleware switches languages.
-    if settings.USE_I18N and "django.middleware.locale.LocaleMiddleware" in settings.MIDDLEWARE:
-        languages = [code for code, _ in settings.LANGUAGES]
-    else:
-        languages = [settings.LANGUAGE_CODE]
-    for code in languages:
-        with translation.override(code):
-            resolver.reverse_dict
-    resolver.reverse_dict
+    # A project configured in code (settings.configure) may have no URLconf at all.
+    has_urls = bool(getattr(settings, "ROOT_URLCONF", None))
+    languages = [settings.LANGUAGE_CODE]
+    if has_urls:
+        resolver = get_resolver()
+        resolver.url_patterns
+        # The reverse map is built per active language; only LocaleMiddleware switches them.
+        locale = "django.middleware.locale.LocaleMiddleware" in settings.MIDDLEWARE
+        if settings.USE_I18N and locale:
+            languages = [code for code, _ in settings.LANGUAGES]
+        for code in languages:
+            with translation.override(code):
+                resolver.reverse_dict
+        resolver.reverse_dict
     for engine in engines.all():
         inner = getattr(engine, "engine", None)
         if inner is not None:

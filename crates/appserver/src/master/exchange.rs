@@ -305,7 +305,7 @@ async fn stream(
     }
 }
 
-/// Reads the next frame, answering body reads and purges on the way. Waiting on the worker has no timer
+/// Reads the next frame, answering body reads, purges and cache commands on the way. Waiting on the worker has no timer
 /// of its own: the supervisor's watchdog kills a worker past its deadline, which ends the read.
 async fn next_frame(
     shared: &Shared,
@@ -326,6 +326,13 @@ async fn next_frame(
             kind::PURGE => {
                 let purged = purge(shared, payload, &rest.host).map_err(Failure::Died)?;
                 enc.begin(kind::PURGED).u32(purged as u32).finish();
+            }
+            kind::CACHE => {
+                let answer = match shared.memcache.get() {
+                    Some(cache) => cache.execute(payload),
+                    None => b"SERVER_ERROR this node runs no cache tier\r\n".to_vec(),
+                };
+                enc.frame(kind::CACHE_REPLY, &answer);
             }
             _ => return Ok(kind),
         }

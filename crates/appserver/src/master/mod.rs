@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use serde::Serialize;
 use strata_core::metrics::{self, Counter, Histogram, StatusCounter, LATENCY_BOUNDS};
-use strata_core::seam::Invalidate;
+use strata_core::seam::{Invalidate, Memcache};
 use strata_core::{Body, HttpService};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     spec: ZygoteSpec,
     /// Where `strata.purge_url`/`purge_tags` from application code go (the accelerator).
     invalidate: OnceLock<Arc<dyn Invalidate>>,
+    /// Where `strata.django.StrataCache` commands go (the cache tier).
+    memcache: OnceLock<Arc<dyn Memcache>>,
 }
 
 /// The last reload, as `/status` shows it.
@@ -202,6 +204,7 @@ impl AppServer {
             reload: Mutex::new(None),
             spec: spec.clone(),
             invalidate: OnceLock::new(),
+            memcache: OnceLock::new(),
         });
         let result = async {
             let mut zygote = Zygote::start(&spec).await?;
@@ -246,6 +249,11 @@ impl AppServer {
     /// when the node wires its tiers).
     pub fn set_invalidate(&self, target: Arc<dyn Invalidate>) {
         let _ = self.shared.invalidate.set(target);
+    }
+
+    /// Sends the application's cache commands (`strata.django.StrataCache`) to `target`.
+    pub fn set_memcache(&self, target: Arc<dyn Memcache>) {
+        let _ = self.shared.memcache.set(target);
     }
 
     /// Generation, workers and queue.

@@ -1,8 +1,10 @@
 //! Side requests: what application code asks of the master while a request is being served
-//! (today, purges of the accelerator's cache), over the worker's own connection.
+//! (purges of the accelerator's cache, commands for the cache tier), over the worker's own
+//! connection.
 
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
 use super::SharedConn;
 use crate::proto::{self, kind};
@@ -19,32 +21,58 @@ impl Channel {
     }
 }
 
+impl Channel {
+    /// Sends one frame and reads the answer, which must be of kind `reply`; `None` when no
+    /// request is being served.
+    fn ask(
+        &self,
+        encode: impl FnOnce(&mut proto::Encoder),
+        reply: u8,
+    ) -> PyResult<Option<Vec<u8>>> {
+        let mut conn = self.conn.borrow_mut();
+        if !conn.serving {
+            return Ok(None);
+        }
+        encode(&mut conn.enc);
+        let mut payload = Vec::new();
+        let answer = conn
+            .flush()
+            .map_err(proto::ProtoError::from)
+            .and_then(|()| proto::read_frame(&mut conn.reader, &mut payload));
+        match answer {
+            Ok(Some(kind)) if kind == reply => Ok(Some(payload)),
+            Ok(other) => Err(PyOSError::new_err(format!(
+                "protocol error: frame {other:?} where {reply} was expected"
+            ))),
+            Err(error) => Err(PyOSError::new_err(format!(
+                "master connection lost: {error}"
+            ))),
+        }
+    }
+}
+
 #[pymethods]
 impl Channel {
     /// Purges URLs (or, with the tags flag, surrogate keys); returns how many cached objects
     /// were affected, or `None` when no request is being served (the master only listens to a
     /// worker during an exchange).
     fn purge(&self, flags: u8, items: Vec<String>) -> PyResult<Option<u32>> {
-        let mut conn = self.conn.borrow_mut();
-        if !conn.serving {
-            return Ok(None);
-        }
-        proto::encode_purge(&mut conn.enc, flags, &items);
-        let mut payload = Vec::new();
-        let reply = conn
-            .flush()
-            .map_err(proto::ProtoError::from)
-            .and_then(|()| proto::read_frame(&mut conn.reader, &mut payload));
-        match reply {
-            Ok(Some(kind::PURGED)) if payload.len() == 4 => Ok(Some(u32::from_le_bytes(
-                payload[..4].try_into().expect("4 bytes"),
-            ))),
-            Ok(other) => Err(PyOSError::new_err(format!(
-                "protocol error while purging: frame {other:?}"
-            ))),
-            Err(error) => Err(PyOSError::new_err(format!(
-                "master connection lost: {error}"
-            ))),
-        }
+        let answer = self.ask(|enc| proto::encode_purge(enc, flags, &items), kind::PURGED)?;
+        Ok(answer.map(|payload| {
+            payload
+                .get(..4)
+                .map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        }))
+    }
+
+    /// Runs memcached protocol `commands` in the node's cache tier and returns the answers;
+    /// `None` when no request is being served.
+    fn cache<'py>(
+        &self,
+        py: Python<'py>,
+        commands: &[u8],
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let answer = self.ask(|enc| enc.frame(kind::CACHE, commands), kind::CACHE_REPLY)?;
+        Ok(answer.map(|payload| PyBytes::new(py, &payload)))
     }
 }
