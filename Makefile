@@ -28,6 +28,7 @@ bench: build
 	bash benches/appserver.sh
 	bash benches/deploy.sh
 	bash benches/accelerator.sh
+	bash benches/cache.sh
 
 build:
 	$(CARGO) build --release --locked

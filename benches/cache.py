@@ -1,0 +1,91 @@
+"""Cache tier benchmark driver (run through benches/cache.sh).
+
+A 90 % get / 10 % set mix over 10 000 keys, 100-byte and 10-KB values, 50 closed-loop
+connections: Strata (`--tiers cache`) and memcached 1.6 (one thread, as the project's notes
+found it has the better p99 on two cores), each pinned to core 0; the load generator
+(crates/cache/examples/memload.rs) on core 1. Each round measures both, in rotated order;
+figures are medians of the rounds.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import statistics
+import subprocess
+
+from benchlib import RESULTS, ROOT, STRATA, free_port, wait_port
+
+MEMLOAD = ROOT / "target" / "release" / "examples" / "memload"
+SIZES = {"100B": 100, "10KB": 10240}
+
+
+def load(port, seconds, size):
+    out = subprocess.run(["taskset", "-c", "1", str(MEMLOAD), f"127.0.0.1:{port}", "50",
+                          str(seconds), str(size), "90"], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    ports = {"strata": free_port(), "memcached": free_port()}
+    env["STRATA_CACHE__BIND"] = f"127.0.0.1:{ports['strata']}"
+    env["STRATA_CACHE__CAPACITY_BYTES"] = str(512 * 1024 * 1024)
+    commands = {
+        "strata": ["taskset", "-c", "0", str(STRATA), "run", "--tiers", "cache",
+                   "--bind", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"],
+        "memcached": ["taskset", "-c", "0", "memcached", "-u", "root", "-t", "1", "-m", "512",
+                      "-U", "0", "-l", "127.0.0.1", "-p", str(ports["memcached"])],
+    }
+    procs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+             for name, cmd in commands.items()}
+    report = {}
+    lines = [f"# Cache benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}", "",
+             f"90 % get / 10 % set, 10 000 keys, 50 connections, {args.seconds}s per run; "
+             f"server on core 0, load generator on core 1; median of {args.rounds} rounds.", ""]
+    try:
+        for port in ports.values():
+            wait_port(port)
+        for workload, size in SIZES.items():
+            runs = {name: [] for name in ports}
+            for name, port in ports.items():
+                load(port, 3, size)  # discarded warm-up
+            names = list(ports)
+            for r in range(args.rounds):
+                for name in names[r % 2:] + names[:r % 2]:
+                    runs[name].append(load(ports[name], args.seconds, size))
+            summary = {name: {"ops": statistics.median(x["ops"] for x in rs),
+                              "p99_ms": statistics.median(x["p99_ms"] for x in rs)}
+                       for name, rs in runs.items()}
+            report[workload] = summary
+            s, m = summary["strata"], summary["memcached"]
+            lines += [f"## {workload} values", "",
+                      "| server | ops/s | p99 ms |", "|---|---|---|",
+                      f"| strata | {s['ops']:.0f} | {s['p99_ms']:.2f} |",
+                      f"| memcached | {m['ops']:.0f} | {m['p99_ms']:.2f} |", "",
+                      f"Strata / memcached: {s['ops'] / m['ops']:.2f}x ops/s, "
+                      f"{s['p99_ms'] / m['p99_ms']:.2f}x p99.", ""]
+    finally:
+        for proc in procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            proc.wait(15)
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M}"
+    (RESULTS / f"cache-{stamp}.md").write_text(text + "\n")
+    (RESULTS / f"cache-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
