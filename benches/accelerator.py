@@ -9,7 +9,6 @@ hyper server answering the same body from memory (crates/lb/examples/fixed_body.
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import RESULTS, ROOT, STRATA, free_port, measure, table, wait_port
+from benchlib import ROOT, STRATA, free_port, measure, table, save, wait_port
 
 SIZES = {"hit-1k": 1024, "hit-100k": 100 * 1024}
 
@@ -119,12 +118,7 @@ def main():
         origin.terminate()
         origin.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M}"
-    (RESULTS / f"accelerator-{stamp}.md").write_text(text + "\n")
-    (RESULTS / f"accelerator-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    save("accelerator", lines, report)
 
 
 if __name__ == "__main__":

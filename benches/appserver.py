@@ -9,7 +9,6 @@ processes sharing core 0.
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import RESULTS, ROOT, STRATA, VENV, free_port, measure, table
+from benchlib import ROOT, STRATA, VENV, free_port, measure, save, table
 
 WORKLOADS = {
     "wsgi-hello": {"module": "hello", "callable": "application", "chdir": ROOT / "tests" / "apps",
@@ -115,12 +114,7 @@ def main():
         s = summary["strata"]
         lines += [f"## {workload}", "", *table(summary), "", f"Ceiling (app in a tight loop, 2 processes on core 0): {top:.0f} calls/s; "
                       f"Strata reaches {s['rps'] / top:.1%} of it.", ""]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M}"
-    (RESULTS / f"appserver-{stamp}.md").write_text(text + "\n")
-    (RESULTS / f"appserver-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    save("appserver", lines, report)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -3,6 +3,8 @@ wrk, and the measuring method of ../shared/BENCHMARKS.md (servers pinned to core
 core 1; every server started up front; each round measures each server once, in rotated
 order, after a discarded warm-up; a server's figure is its median over the rounds)."""
 
+import datetime
+import json
 import os
 import re
 import signal
@@ -69,16 +71,7 @@ def measure(servers, path, rounds, seconds, env):
             for name in order:
                 results[name].append(wrk(servers[name][0], path, seconds))
     finally:
-        for proc in procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop(procs.values())
     return {
         name: {
             "rps": statistics.median(r["rps"] for r in runs),
@@ -98,3 +91,28 @@ def table(summary, reference="strata"):
         lines.append(f"| {name} | {row['rps']:.0f} | {row['p99_ms']:.2f} | {row['errors']} | "
                      f"{s['rps'] / row['rps']:.2f} | {s['p99_ms'] / row['p99_ms']:.2f} |")
     return lines
+
+
+def stop(procs):
+    """Stops servers started with `start_new_session=True`: SIGTERM, then SIGKILL after 15 s."""
+    procs = list(procs)
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def save(name, lines, report):
+    """Prints the Markdown report and writes it, with its JSON, to benches/results/."""
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M}"
+    (RESULTS / f"{name}-{stamp}.md").write_text(text + "\n")
+    (RESULTS / f"{name}-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")

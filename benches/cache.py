@@ -11,11 +11,10 @@ import argparse
 import datetime
 import json
 import os
-import signal
 import statistics
 import subprocess
 
-from benchlib import RESULTS, ROOT, STRATA, free_port, wait_port
+from benchlib import ROOT, STRATA, free_port, save, stop, wait_port
 
 MEMLOAD = ROOT / "target" / "release" / "examples" / "memload"
 SIZES = {"100B": 100, "10KB": 10240}
@@ -73,18 +72,8 @@ def main():
                       f"Strata / memcached: {s['ops'] / m['ops']:.2f}x ops/s, "
                       f"{s['p99_ms'] / m['p99_ms']:.2f}x p99.", ""]
     finally:
-        for proc in procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            proc.wait(15)
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M}"
-    (RESULTS / f"cache-{stamp}.md").write_text(text + "\n")
-    (RESULTS / f"cache-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+        stop(procs.values())
+    save("cache", lines, report)
 
 
 if __name__ == "__main__":
