@@ -200,6 +200,8 @@ def test_get_or_set_is_computed_once_across_workers(strata, tmp_path):
     assert len(log.read_text().split()) == 2
     assert bodies[0] in after, "the stale value was served while the winner recomputed"
     assert metric(server, 'strata_cache_commands_total{outcome="get_hit"}') > 0
+    assert metric(server, 'strata_cache_leases_total{result="won"}') == 2
+    assert metric(server, 'strata_cache_leases_total{result="waited"}') >= 1
 
 
 def test_strata_cache_backend_outside_strata_falls_back_to_a_local_store(tmp_path):
@@ -215,6 +217,11 @@ def test_strata_cache_backend_outside_strata_falls_back_to_a_local_store(tmp_pat
         "    cache.set('k', 'v')\n"
         "    assert cache.get('k') == 'v'\n"
         "    assert cache.get_or_set('x', lambda: 1) == 1\n"
+        "    cache.set('t', 1, tags=['a'])\n"
+        "    cache.delete_tags('a')\n"
+        "    assert cache.get('t') is None\n"
+        "    cache.set('p:1', 1)\n"
+        "    assert cache.delete_prefix('p:') == 1\n"
         "assert any('local in-process cache' in str(w.message) for w in caught), caught\n"
         "print('ok')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

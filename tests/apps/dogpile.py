@@ -52,6 +52,21 @@ def ops():
         raise AssertionError("incr of a missing key raises ValueError")
     assert cache.get_or_set("fresh", lambda: "made") == "made"
     assert cache.get_or_set("fresh", lambda: "again") == "made"
+    # Tags: invalidating one drops every value carrying it, and only those.
+    cache.set("p1", "page one", tags=["post:1", "posts"])
+    cache.set("p2", "page two", tags=["post:2", "posts"])
+    cache.set("other", "kept")
+    cache.delete_tags("post:1")
+    assert cache.get("p1") is None and cache.get("p2") == "page two"
+    assert cache.get_many(["p1", "p2", "other"]) == {"p2": "page two", "other": "kept"}
+    assert cache.get_or_set("p3", lambda: "three", tags=["posts"]) == "three"
+    cache.delete_tags("posts")
+    assert cache.get("p2") is None
+    assert cache.get_or_set("p3", lambda: "three again", tags=["posts"]) == "three again"
+    # Prefixes.
+    cache.set_many({"user:1:a": 1, "user:1:b": 2, "user:2:a": 3})
+    assert cache.delete_prefix("user:1:") == 2
+    assert cache.get("user:1:a") is None and cache.get("user:2:a") == 3
     return "ok"
 
 

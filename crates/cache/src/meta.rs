@@ -148,6 +148,11 @@ fn get(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) {
         }
     }
     let others_won = !won && item.won.load(Ordering::Relaxed);
+    if won {
+        ctx.store.stats.lease_wins.inc();
+    } else if others_won {
+        ctx.store.stats.lease_waits.inc();
+    }
     if flags.has(b'v') {
         let _ = write!(Writer(out), "VA {}", item.value.len());
     } else {

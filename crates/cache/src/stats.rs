@@ -57,6 +57,8 @@ pub fn write(group: Option<&[u8]>, ctx: &Context, out: &mut BytesMut) {
             stat("curr_items", &items);
             stat("evictions", &s.evictions.get());
             stat("expired_unfetched", &s.expired.get());
+            stat("lease_wins", &s.lease_wins.get());
+            stat("lease_waits", &s.lease_waits.get());
         }
         Some(b"settings") => {
             stat("maxbytes", &ctx.capacity_bytes);
@@ -88,6 +90,14 @@ pub fn render(ctx: &Context, out: &mut String) {
             ("touch", s.cmd_touch.get()),
             ("flush", s.flushes.get()),
         ],
+    );
+    render_labeled(
+        out,
+        "strata_cache_leases_total",
+        "get_or_set leases: rights to compute handed out, and reads told to wait for them.",
+        "counter",
+        "result",
+        [("won", s.lease_wins.get()), ("waited", s.lease_waits.get())],
     );
     render_labeled(
         out,

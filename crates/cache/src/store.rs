@@ -142,6 +142,10 @@ pub struct Stats {
     pub evictions: Counter,
     pub expired: Counter,
     pub flushes: Counter,
+    /// Meta reads told that another client is computing the value (`Z`): lease waits.
+    pub lease_waits: Counter,
+    /// Recompute rights handed out (`W`).
+    pub lease_wins: Counter,
 }
 
 struct PerItem;
@@ -487,6 +491,19 @@ impl Store {
             });
     }
 
+    /// Removes every item whose key starts with `prefix`; returns how many.
+    pub fn delete_prefix(&self, prefix: &[u8]) -> usize {
+        let keys: Vec<Arc<Bytes>> = self
+            .items
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(key, _)| key)
+            .collect();
+        keys.iter()
+            .filter(|key| self.items.remove(key.as_ref()).is_some())
+            .count()
+    }
+
     /// Items and bytes held (as weighed).
     pub fn size(&self) -> (u64, u64) {
         self.items.run_pending_tasks();
@@ -578,6 +595,17 @@ mod tests {
         assert_eq!(s.get(b"n").unwrap().flags, 2);
         s.store(b"t", "abc".into(), 0, 0, Mode::Set);
         assert_eq!(s.count(b"t", 1, true), Counted::NonNumeric);
+    }
+
+    #[test]
+    fn prefix_delete() {
+        let s = store();
+        for key in ["p:1", "p:2", "q:1"] {
+            s.store(key.as_bytes(), "v".into(), 0, 0, Mode::Set);
+        }
+        assert_eq!(s.delete_prefix(b"p:"), 2);
+        assert_eq!(value(&s, "q:1").as_deref(), Some("v"));
+        assert_eq!(value(&s, "p:1"), None);
     }
 
     #[test]

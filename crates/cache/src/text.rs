@@ -131,6 +131,17 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
             Step::Done(line_len)
         }
         b"quit" => Step::Close,
+        // Strata's extension (the Django backend's `delete_prefix`); memcached says ERROR.
+        b"strata_delete_prefix" => {
+            match tokens.get(1).filter(|p| valid_key(p)) {
+                Some(prefix) => {
+                    let removed = ctx.store.delete_prefix(prefix);
+                    let _ = write!(Writer(out), "DELETED {removed}\r\n");
+                }
+                None => out.extend_from_slice(b"CLIENT_ERROR bad command line format\r\n"),
+            }
+            Step::Done(line_len)
+        }
         b"mn" => {
             out.extend_from_slice(b"MN\r\n");
             Step::Done(line_len)

@@ -7,6 +7,10 @@ worker of the node exactly one computes a missing key, or a key marked stale, or
 ``OPTIONS = {"refresh_ahead": seconds}``) a key about to expire; the others get the value
 still stored, or wait for the winner up to ``lease_timeout`` seconds.
 
+Extras: ``set(..., tags=[...])`` and ``get_or_set(..., tags=[...])`` tag a value, and
+``delete_tags(*tags)`` invalidates every value carrying one of them (on any node sharing the
+tags' keys); ``delete_prefix(prefix)`` removes every key that starts with ``prefix``.
+
 Outside Strata (``manage.py``, test runs, task workers) the same settings keep working: the
 backend warns once and uses a local in-process store (Django's ``LocMemCache``).
 """
@@ -46,6 +50,25 @@ def _decode(data, flags):
     if flags == _INT:
         return int(data)
     return pickle.loads(data)
+
+
+class _Tagged:
+    """A value stored with the versions its tags had; stale once any tag moved on."""
+
+    __slots__ = ("value", "versions")
+
+    def __init__(self, value, versions):
+        self.value = value
+        self.versions = versions
+
+    def __getstate__(self):
+        return (self.value, self.versions)
+
+    def __setstate__(self, state):
+        self.value, self.versions = state
+
+
+_TAG_PREFIX = "strata-tag:"
 
 
 class _Reader:
@@ -146,9 +169,14 @@ class StrataCache(BaseCache):
         k = self._key(key, version)
         answer = self._ask(b"get %s\r\n" % k)
         if answer is None:
-            return self._fallback().get(key, default, version)
+            missing = object()
+            found = self._fallback().get(key, missing, version)
+            return default if found is missing else self._untag(found, default)
         values = self._values(answer)
-        return _decode(*values[k]) if k in values else default
+        if k not in values:
+            return default
+        value = self._untag(_decode(*values[k]), default)
+        return value
 
     def get_many(self, keys, version=None):
         originals = {self._key(key, version): key for key in keys}
@@ -156,14 +184,20 @@ class StrataCache(BaseCache):
             return {}
         answer = self._ask(b"get %s\r\n" % b" ".join(originals))
         if answer is None:
-            return self._fallback().get_many(keys, version)
-        return {originals[k]: _decode(*v) for k, v in self._values(answer).items()}
+            raw = self._fallback().get_many(keys, version)
+        else:
+            raw = {originals[k]: _decode(*v) for k, v in self._values(answer).items()}
+        missing = object()
+        found = {key: self._untag(value, missing) for key, value in raw.items()}
+        return {key: value for key, value in found.items() if value is not missing}
 
     def has_key(self, key, version=None):
         sentinel = object()
         return self.get(key, sentinel, version) is not sentinel
 
-    def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+    def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None, tags=()):
+        if tags:
+            value = _Tagged(value, self._tag_versions(tags, create=True))
         k = self._key(key, version)
         answer = self._ask(self._store_command(b"set", k, value, self.get_backend_timeout(timeout)))
         if answer is None:
@@ -225,7 +259,7 @@ class StrataCache(BaseCache):
         if self._ask(b"flush_all\r\n") is None:
             self._fallback().clear()
 
-    def get_or_set(self, key, default, timeout=DEFAULT_TIMEOUT, version=None):
+    def get_or_set(self, key, default, timeout=DEFAULT_TIMEOUT, version=None, tags=()):
         """The value under `key`; computed (when `default` is callable) by exactly one caller
         across the node's workers while the others wait for it or get the stale value."""
         k = self._key(key, version)
@@ -235,7 +269,13 @@ class StrataCache(BaseCache):
         while True:
             answer = self._ask(b"mg %s v f N%d%s\r\n" % (k, lease, ahead))
             if answer is None:
-                return self._fallback().get_or_set(key, default, timeout, version)
+                missing = object()
+                value = self.get(key, missing, version)
+                if value is missing:
+                    value = default() if callable(default) else default
+                    if value is not None:
+                        self.set(key, value, timeout, version, tags=tags)
+                return value
             reader = _Reader(answer)
             head = reader.line().split(b" ")
             if head[0] != b"VA":
@@ -247,8 +287,54 @@ class StrataCache(BaseCache):
             if b"W" in flags or (placeholder and time.monotonic() >= deadline):
                 value = default() if callable(default) else default
                 if value is not None:
-                    self.set(key, value, timeout, version)
+                    self.set(key, value, timeout, version, tags=tags)
                 return value
             if not placeholder:
-                return _decode(data, client_flags)
+                missing = object()
+                value = self._untag(_decode(data, client_flags), missing)
+                if value is not missing:
+                    return value
+                # Its tags were invalidated: compute it again, once.
+                self._ask(b"md %s I\r\n" % k)
+                continue
             time.sleep(self._poll)
+
+    # -- extras: tags and prefixes ----------------------------------------------------------
+
+    def _tag_versions(self, tags, create=False):
+        keys = [_TAG_PREFIX + tag for tag in tags]
+        found = self.get_many(keys, version=0)
+        if create:
+            for key in keys:
+                if key not in found:
+                    fresh = "%x" % time.time_ns()
+                    if not self.add(key, fresh, timeout=None, version=0):
+                        fresh = self.get(key, version=0)
+                    found[key] = fresh
+        return {key[len(_TAG_PREFIX):]: found.get(key) for key in keys}
+
+    def _untag(self, value, default):
+        if not isinstance(value, _Tagged):
+            return value
+        current = self._tag_versions(list(value.versions))
+        return value.value if current == value.versions else default
+
+    def delete_tags(self, *tags):
+        """Invalidates every value stored with one of `tags`."""
+        stamp = "%x" % time.time_ns()
+        self.set_many({_TAG_PREFIX + tag: stamp for tag in tags}, timeout=None, version=0)
+
+    def delete_prefix(self, prefix, version=None):
+        """Removes every key starting with `prefix` (after Django's key prefix and version);
+        returns how many."""
+        made = self.make_key(prefix, version=version)
+        answer = self._ask(b"strata_delete_prefix %s\r\n" % made.encode())
+        if answer is None:
+            local = self._fallback()
+            doomed = [k for k in list(local._cache) if k.startswith(made)]
+            for k in doomed:
+                local._delete(k)
+            return len(doomed)
+        if not answer.startswith(b"DELETED "):
+            raise ValueError("cache: %s" % answer.decode(errors="replace").strip())
+        return int(answer.split()[1])
