@@ -1,6 +1,7 @@
 """The cache tier: Strata's memcached, driven by real clients (pymemcache, Django's
 PyMemcacheCache) and by raw bytes for the error paths."""
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -228,3 +229,13 @@ def test_strata_cache_backend_outside_strata_falls_back_to_a_local_store(tmp_pat
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_memccapable_suite_passes(cache):
+    """libmemcached's protocol checks (memccapable, 27 text-protocol tests; memcached passes
+    all). .ci/run installs it from apt."""
+    tool = shutil.which("memccapable")
+    assert tool, "memccapable is needed (apt-get install libmemcached-tools)"
+    result = subprocess.run([tool, "-h", "127.0.0.1", "-p", str(cache.cache_port), "-a"],
+                            capture_output=True, text=True, timeout=120)
+    assert "All tests passed" in result.stdout, result.stdout + result.stderr

@@ -11,7 +11,8 @@ use strata_core::metrics::{header, render_labeled};
 use crate::server::Context;
 use crate::text::{unix_now, Writer};
 
-/// Answers `stats` (general) or `stats settings`; other groups answer an empty list.
+/// Answers `stats` (general), `stats settings`, and (empty) `items`, `slabs`, `sizes`,
+/// `conns`; anything else is an `ERROR`, as memcached answers it.
 pub fn write(group: Option<&[u8]>, ctx: &Context, out: &mut BytesMut) {
     let mut stat = |name: &str, value: &dyn std::fmt::Display| {
         let _ = write!(Writer(out), "STAT {name} {value}\r\n");
@@ -67,7 +68,11 @@ pub fn write(group: Option<&[u8]>, ctx: &Context, out: &mut BytesMut) {
             stat("evictions", &"on");
             stat("cas_enabled", &"yes");
         }
-        Some(_) => {}
+        Some(b"items" | b"slabs" | b"sizes" | b"conns") => {}
+        Some(_) => {
+            out.extend_from_slice(b"ERROR\r\n");
+            return;
+        }
     }
     out.extend_from_slice(b"END\r\n");
 }

@@ -123,7 +123,13 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
             Step::Done(line_len)
         }
         b"verbosity" => {
-            reply_unless_noreply(&tokens, 2, b"OK\r\n", out);
+            // As memcached: one or two arguments (the last may be noreply); the level itself
+            // changes nothing here.
+            if matches!(tokens.len(), 2 | 3) {
+                reply_unless_noreply(&tokens, tokens.len() - 1, b"OK\r\n", out);
+            } else {
+                out.extend_from_slice(b"ERROR\r\n");
+            }
             Step::Done(line_len)
         }
         b"stats" => {
