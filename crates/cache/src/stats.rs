@@ -12,7 +12,7 @@ use crate::server::Context;
 use crate::text::{unix_now, Writer};
 
 /// Answers `stats` (general), `stats settings`, and (empty) `items`, `slabs`, `sizes`,
-/// `conns`; anything else is an `ERROR`, as memcached answers it.
+/// `conns`, `cachedump`; anything else is an `ERROR`, as memcached answers it.
 pub fn write(group: Option<&[u8]>, ctx: &Context, out: &mut BytesMut) {
     let mut stat = |name: &str, value: &dyn std::fmt::Display| {
         let _ = write!(Writer(out), "STAT {name} {value}\r\n");
@@ -68,7 +68,7 @@ pub fn write(group: Option<&[u8]>, ctx: &Context, out: &mut BytesMut) {
             stat("evictions", &"on");
             stat("cas_enabled", &"yes");
         }
-        Some(b"items" | b"slabs" | b"sizes" | b"conns") => {}
+        Some(b"items" | b"slabs" | b"sizes" | b"conns" | b"cachedump") => {}
         Some(_) => {
             out.extend_from_slice(b"ERROR\r\n");
             return;

@@ -184,6 +184,9 @@ pub struct Store {
     /// A delayed `flush_all`: items stored before this Unix millisecond are gone once it
     /// passes; 0 when none is pending.
     flush_at: AtomicU64,
+    /// An immediate `flush_all`: items with a CAS below this are gone (moka drops them
+    /// lazily, and its read-modify-write entries would still see them).
+    flushed_below: AtomicU64,
     pub stats: Arc<Stats>,
 }
 
@@ -220,6 +223,7 @@ impl Store {
                 .build(),
             next_cas: AtomicU64::new(1),
             flush_at: AtomicU64::new(0),
+            flushed_below: AtomicU64::new(0),
             stats,
         }
     }
@@ -231,6 +235,9 @@ impl Store {
     /// Whether `item` is still alive at `now`.
     fn live(&self, item: &Item, now: u64) -> bool {
         if item.expires_ms != 0 && item.expires_ms <= now {
+            return false;
+        }
+        if item.cas < self.flushed_below.load(Ordering::Relaxed) {
             return false;
         }
         let flush = self.flush_at.load(Ordering::Relaxed);
@@ -424,6 +431,7 @@ impl Store {
         self.stats.flushes.inc();
         if delay == 0 {
             self.flush_at.store(0, Ordering::Relaxed);
+            self.flushed_below.store(self.cas(), Ordering::Relaxed);
             self.items.invalidate_all();
         } else {
             self.flush_at
@@ -619,6 +627,8 @@ mod tests {
         s.store(b"b", "1".into(), 0, 0, Mode::Set);
         s.flush(0);
         assert_eq!(value(&s, "b"), None);
+        assert!(!s.delete(b"b"), "a flushed item is not there to delete");
+        assert_eq!(s.store(b"b", "2".into(), 0, 0, Mode::Add), Outcome::Stored);
         s.store(b"c", "1".into(), 0, 0, Mode::Set);
         assert_eq!(
             value(&s, "c").as_deref(),

@@ -137,6 +137,13 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
             Step::Done(line_len)
         }
         b"quit" => Step::Close,
+        b"cache_memlimit" => {
+            // moka cannot change its budget while running; say so rather than pretend.
+            out.extend_from_slice(
+                b"SERVER_ERROR cache_memlimit is not supported: set cache.capacity_bytes\r\n",
+            );
+            Step::Done(line_len)
+        }
         // Strata's extension (the Django backend's `delete_prefix`); memcached says ERROR.
         b"strata_delete_prefix" => {
             match tokens.get(1).filter(|p| valid_key(p)) {
