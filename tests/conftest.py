@@ -97,7 +97,8 @@ class Strata:
             command, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env,
             cwd=cwd or tmp_path,
         )
-        if wait and not wait_for_port(self.port, 60, self.process):
+        # The admin listener listens last, once every tier (and the HTTP listener) is up.
+        if wait and not wait_for_port(self.admin_port, 60, self.process):
             raise AssertionError(f"strata did not start:\n{self.log()}")
 
     def url(self, path="/"):

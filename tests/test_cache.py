@@ -259,3 +259,9 @@ def test_pymemcache_integration_suite(cache):
               if line.startswith("FAILED")}
     assert failed == {"test/test_integration.py::test_misc"}, result.stdout[-3000:]
     assert " 94 passed" in result.stdout, result.stdout[-500:]
+
+
+def test_a_cache_node_has_no_http_listener(cache):
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", cache.port), timeout=2).close()
+    assert cache.status()["tiers"] == ["cache"]

@@ -181,6 +181,13 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, String
 }
 
 impl Config {
+    /// Whether this node runs an HTTP tier (and so listens on `lb.bind`).
+    pub fn runs_http(&self) -> bool {
+        self.tiers
+            .iter()
+            .any(|t| matches!(t.as_str(), "lb" | "accelerator" | "app"))
+    }
+
     /// Checks what serde cannot, naming the key at fault.
     pub fn validate(&self) -> Result<(), String> {
         for tier in &self.tiers {
@@ -198,8 +205,7 @@ impl Config {
         }
         let has = |tier: &str| self.tiers.iter().any(|t| t == tier);
         let fronts_upstream = has("accelerator") && self.accelerator.upstream.is_some();
-        let http_tiers = has("lb") || has("accelerator") || has("app");
-        if http_tiers && !(has("app") || fronts_upstream) {
+        if self.runs_http() && !(has("app") || fronts_upstream) {
             return Err(
                 "tiers: without the app tier, run the accelerator with accelerator.upstream set"
                     .into(),

@@ -3,7 +3,8 @@
 //!
 //! 1. The running master listens on `admin.upgrade_socket` (by default a path derived from
 //!    `lb.bind`'s port in the temporary directory).
-//! 2. The new master connects and receives the HTTP and admin listeners. It warms its own app
+//! 2. The new master connects and receives the HTTP listener (if the node has HTTP tiers)
+//!    and the admin listener. It warms its own app
 //!    server while the old one keeps serving, then serves the same sockets and sends `R`.
 //! 3. The old master unlinks the upgrade socket, answers `A` and shuts down gracefully; the
 //!    new master binds the upgrade socket for the next upgrade.
@@ -30,7 +31,8 @@ pub fn default_path(port: u16) -> PathBuf {
 
 /// The listeners a new master inherits.
 pub struct Inherited {
-    pub http: std::net::TcpListener,
+    /// `None` when the old master ran no HTTP tier.
+    pub http: Option<std::net::TcpListener>,
     pub admin: std::net::TcpListener,
     /// Tells the old master the new one serves; returns once it has let go of the path.
     confirm: UnixStream,
@@ -57,7 +59,12 @@ pub fn receive(path: &Path) -> std::io::Result<Inherited> {
     let mut fds = fds.into_iter();
     match (byte[0], fds.next(), fds.next()) {
         (b'L', Some(http), Some(admin)) => Ok(Inherited {
-            http: std::net::TcpListener::from(http),
+            http: Some(std::net::TcpListener::from(http)),
+            admin: std::net::TcpListener::from(admin),
+            confirm: stream,
+        }),
+        (b'A', Some(admin), None) => Ok(Inherited {
+            http: None,
             admin: std::net::TcpListener::from(admin),
             confirm: stream,
         }),
@@ -77,9 +84,10 @@ impl Inherited {
     }
 }
 
-/// Offers `http` and `admin` to a new master on `path` until one takes them; then starts this
-/// node's graceful shutdown. Runs on a thread of its own; returns whether it handed over.
-pub fn offer(path: PathBuf, http: OwnedFd, admin: OwnedFd, shutdown: Shutdown) -> bool {
+/// Offers `http` (when the node has one) and `admin` to a new master on `path` until one
+/// takes them; then starts this node's graceful shutdown. Runs on a thread of its own;
+/// returns whether it handed over.
+pub fn offer(path: PathBuf, http: Option<OwnedFd>, admin: OwnedFd, shutdown: Shutdown) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
@@ -97,13 +105,14 @@ pub fn offer(path: PathBuf, http: OwnedFd, admin: OwnedFd, shutdown: Shutdown) -
         if shutdown.stage() != Stage::Running {
             break;
         }
-        let fds = [http.as_fd(), admin.as_fd()];
+        let fds: Vec<_> = http.iter().map(|h| h.as_fd()).chain([admin.as_fd()]).collect();
+        let tag: &[u8] = if http.is_some() { b"L" } else { b"A" };
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         control.push(SendAncillaryMessage::ScmRights(&fds));
         if let Err(error) = rustix::net::sendmsg(
             &stream,
-            &[IoSlice::new(b"L")],
+            &[IoSlice::new(tag)],
             &mut control,
             SendFlags::empty(),
         ) {

@@ -47,9 +47,16 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
         tracing::info!("upgrade: took the listeners over; warming up");
         Sockets::Inherited(inherited)
     } else {
+        let http = if config.runs_http() {
+            Some(
+                bind(config.lb.bind)
+                    .with_context(|| format!("cannot bind lb.bind = {}", config.lb.bind))?,
+            )
+        } else {
+            None
+        };
         Sockets::Bound {
-            http: bind(config.lb.bind)
-                .with_context(|| format!("cannot bind lb.bind = {}", config.lb.bind))?,
+            http,
             admin: bind(config.admin.bind)
                 .with_context(|| format!("cannot bind admin.bind = {}", config.admin.bind))?,
         }
@@ -60,15 +67,16 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
     };
     let shutdown = Shutdown::new();
     let stack = Arc::new(Stack::start(&config, log, &shutdown).await?);
-    let (http, admin_listener) = sockets.listen().await?;
+    let (http, admin_listener) = sockets.listen(&config).await?;
     tracing::info!(
-        http = %local(&http),
+        http = %http.as_ref().map_or_else(|| "-".to_owned(), local),
         admin = %local(&admin_listener),
         "listening"
     );
 
     let offered = {
-        let (http_fd, admin_fd) = (rustix::io::dup(&http)?, rustix::io::dup(&admin_listener)?);
+        let http_fd = http.as_ref().map(rustix::io::dup).transpose()?;
+        let admin_fd = rustix::io::dup(&admin_listener)?;
         let shutdown = shutdown.clone();
         let path = upgrade_path.clone();
         std::thread::spawn(move || handoff::offer(path, http_fd, admin_fd, shutdown))
@@ -86,15 +94,15 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
         config.clone(),
         shutdown.clone(),
     ));
-    strata_lb::serve(
-        http,
-        stack.front.clone(),
-        config.lb.clone(),
-        shutdown.clone(),
-    )
-    .await;
+    match (http, stack.front.clone()) {
+        (Some(http), Some(front)) => {
+            strata_lb::serve(http, front, config.lb.clone(), shutdown.clone()).await
+        }
+        // A node of non-HTTP tiers (cache) runs until it is told to stop.
+        _ => shutdown.requested().await,
+    }
     let forced = shutdown.stage() == Stage::Forced;
-    tracing::info!(forced, "listener drained; stopping the app server");
+    tracing::info!(forced, "listener drained; stopping the tiers");
     let _ = admin.await;
     stack.stop(forced).await;
     // After a handoff the upgrade socket path belongs to the new master.
@@ -110,17 +118,23 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
 }
 
 /// The node's listening sockets before they serve: bound here (listening only once the app is
-/// warm), or taken over, already listening, from the master being upgraded.
+/// warm), or taken over, already listening, from the master being upgraded. A node that runs
+/// no HTTP tier has no HTTP listener.
 enum Sockets {
-    Bound { http: TcpSocket, admin: TcpSocket },
+    Bound {
+        http: Option<TcpSocket>,
+        admin: TcpSocket,
+    },
     Inherited(handoff::Inherited),
 }
 
 impl Sockets {
-    async fn listen(self) -> anyhow::Result<(TcpListener, TcpListener)> {
+    async fn listen(self, config: &Config) -> anyhow::Result<(Option<TcpListener>, TcpListener)> {
         match self {
             Sockets::Bound { http, admin } => Ok((
-                http.listen(1024).context("cannot listen on lb.bind")?,
+                http.map(|h| h.listen(1024))
+                    .transpose()
+                    .context("cannot listen on lb.bind")?,
                 admin.listen(128).context("cannot listen on admin.bind")?,
             )),
             Sockets::Inherited(inherited) => {
@@ -128,7 +142,17 @@ impl Sockets {
                     listener.set_nonblocking(true)?;
                     TcpListener::from_std(listener)
                 };
-                let http = adopt(inherited.http.try_clone()?)?;
+                // The new master's tiers decide: an inherited HTTP listener it does not need is
+                // closed; one it needs but did not inherit is bound.
+                let http = match (&inherited.http, config.runs_http()) {
+                    (Some(http), true) => Some(adopt(http.try_clone()?)?),
+                    (None, true) => Some(
+                        bind(config.lb.bind)
+                            .and_then(|s| s.listen(1024))
+                            .with_context(|| format!("cannot bind lb.bind = {}", config.lb.bind))?,
+                    ),
+                    (_, false) => None,
+                };
                 let admin = adopt(inherited.admin.try_clone()?)?;
                 // Serving from here on (the kernel queues for both masters); let the old go.
                 tokio::task::spawn_blocking(move || inherited.confirm())

@@ -23,8 +23,8 @@ pub struct Stack {
     pub app: Option<Arc<AppServer>>,
     pub accelerator: Option<Accelerator>,
     pub cache: Option<Cache>,
-    /// What the HTTP listener hands every request to.
-    pub front: HttpService,
+    /// What the HTTP listener hands every request to; `None` on a node of non-HTTP tiers.
+    pub front: Option<HttpService>,
 }
 
 impl Stack {
@@ -42,25 +42,26 @@ impl Stack {
             None
         };
         let backend = match (&app, &config.accelerator.upstream) {
-            (Some(app), _) => app.service(),
-            (None, Some(upstream)) => {
+            (Some(app), _) => Some(app.service()),
+            (None, Some(upstream)) if runs("accelerator") => {
                 let uri = upstream
                     .parse()
                     .with_context(|| format!("accelerator.upstream = {upstream:?}"))?;
-                strata_core::client::upstream(&uri, UPSTREAM_TIMEOUT)
+                Some(strata_core::client::upstream(&uri, UPSTREAM_TIMEOUT))
             }
-            // A node of non-HTTP tiers (cache) still answers on its HTTP listener, plainly.
-            (None, None) => no_http_tier(),
+            _ => None,
         };
-        let accelerator = runs("accelerator")
-            .then(|| Accelerator::new(config.accelerator.clone(), backend.clone()));
+        let accelerator = backend
+            .as_ref()
+            .filter(|_| runs("accelerator"))
+            .map(|backend| Accelerator::new(config.accelerator.clone(), backend.clone()));
         if let (Some(app), Some(accelerator)) = (&app, &accelerator) {
             app.set_invalidate(Arc::new(accelerator.clone()));
         }
         if let (Some(app), Some(cache)) = (&app, &cache) {
             app.set_memcache(Arc::new(cache.clone()));
         }
-        let front = accelerator.as_ref().map_or(backend, Accelerator::service);
+        let front = accelerator.as_ref().map(Accelerator::service).or(backend);
         Ok(Self {
             app,
             accelerator,
@@ -87,14 +88,4 @@ impl Stack {
             app.stop(forced).await;
         }
     }
-}
-
-/// The listener's service on a node that runs no HTTP tier.
-fn no_http_tier() -> HttpService {
-    tower::util::BoxCloneSyncService::new(tower::service_fn(|_request| async {
-        Ok(strata_core::seam::status_response(
-            http::StatusCode::NOT_FOUND,
-            "this node runs no HTTP tier",
-        ))
-    }))
 }
