@@ -105,7 +105,11 @@ pub fn offer(path: PathBuf, http: Option<OwnedFd>, admin: OwnedFd, shutdown: Shu
         if shutdown.stage() != Stage::Running {
             break;
         }
-        let fds: Vec<_> = http.iter().map(|h| h.as_fd()).chain([admin.as_fd()]).collect();
+        let fds: Vec<_> = http
+            .iter()
+            .map(|h| h.as_fd())
+            .chain([admin.as_fd()])
+            .collect();
         let tag: &[u8] = if http.is_some() { b"L" } else { b"A" };
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
         let mut control = SendAncillaryBuffer::new(&mut space);
