@@ -1,6 +1,7 @@
 """The cache tier: Strata's memcached, driven by real clients (pymemcache, Django's
 PyMemcacheCache) and by raw bytes for the error paths."""
 
+import re
 import shutil
 import socket
 import subprocess
@@ -265,3 +266,30 @@ def test_a_cache_node_has_no_http_listener(cache):
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", cache.port), timeout=2).close()
     assert cache.status()["tiers"] == ["cache"]
+
+
+def test_djangos_own_cache_tests_pass_against_strata(cache, tmp_path):
+    """Django's test suite for its memcached backend (`cache.tests.PyMemcacheCacheTests`, from
+    the sdist of the installed Django) with the `pymemcache` cache pointed at Strata."""
+    import django
+
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                    "--no-binary", ":all:", f"Django=={django.__version__}", "-d", str(tmp_path)],
+                   check=True, timeout=300)
+    archive = next(tmp_path.glob("*.tar.gz"))
+    subprocess.run(["tar", "xzf", str(archive), "-C", str(tmp_path)], check=True)
+    tests = next(tmp_path.glob("*/tests"))
+    (tests / "strata_settings.py").write_text(
+        "from test_sqlite import *  # noqa\n"
+        "CACHES = {\n"
+        "    'default': {'BACKEND': 'django.core.cache.backends.locmem.LocMemCache'},\n"
+        "    'pymemcache': {'BACKEND': 'django.core.cache.backends.memcached.PyMemcacheCache',\n"
+        f"                   'LOCATION': '127.0.0.1:{cache.cache_port}'}},\n"
+        "}\n")
+    result = subprocess.run(
+        [sys.executable, "runtests.py", "--settings=strata_settings", "--parallel=1",
+         "cache.tests.PyMemcacheCacheTests"],
+        cwd=tests, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ran = re.search(r"Ran (\d+) tests", result.stderr)
+    assert ran and int(ran.group(1)) >= 50 and "\nOK" in result.stderr, result.stderr[-1000:]
