@@ -311,3 +311,22 @@ def test_metrics_and_status_report_the_cache(origin):
     assert metric(origin.server, "strata_accelerator_stored_bytes") > 0
     routes = {r["route"]: r for r in origin.server.status()["accelerator"]["routes"]}
     assert routes["/blog/"]["lookups"] == 3 and routes["/blog/"]["hits"] == 1
+
+
+def test_microcache_default_ttl_and_grace_for_pages_that_state_no_freshness(strata, tmp_path):
+    """`default_ttl` and `grace` make a one-second microcache of anonymous pages that give no
+    freshness themselves; personal and cookie-setting answers still pass."""
+    origin = Origin(strata, tmp_path, config='[accelerator]\ndefault_ttl = "1s"\ngrace = "30s"\n')
+    page = "/micro"
+    first = origin.get(page)
+    assert "stored" in status_of(first)
+    assert status_of(origin.get(page)).startswith("strata; hit")
+    time.sleep(1.2)
+    stale = origin.get(page)
+    assert stale.text == first.text and "stale-while-revalidate" in status_of(stale)
+    assert wait_until(lambda: origin.calls(page) == 2)
+    for personal in ("/micro?cc=private", "/micro2?h=Set-Cookie:a=b"):
+        origin.get(personal)
+        assert not status_of(origin.get(personal)).startswith("strata; hit")
+    origin.get(page, cookies={"sessionid": "s"})
+    assert origin.calls(page) == 3
