@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import unquote
@@ -223,3 +224,50 @@ def origin(strata, tmp_path):
 def status_of(response):
     """The response's `Cache-Status` ("" when absent)."""
     return response.headers.get("Cache-Status", "")
+
+
+PG_PASSWORD = "strata-test"
+
+
+class Postgres:
+    """A private PostgreSQL server: initdb into a temporary directory, on a free port,
+    password (SCRAM) logins over TCP. Under root it runs as the `postgres` user."""
+
+    def __init__(self):
+        bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        assert bins, "PostgreSQL server binaries are needed (/usr/lib/postgresql/*/bin)"
+        self.bin = bins[-1].parent
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="strata-pg-"))
+        self.root.chmod(0o755)
+        self.data = self.root / "data"
+        self.data.mkdir()
+        self.as_user = []
+        if os.geteuid() == 0:
+            shutil.chown(self.data, "postgres", "postgres")
+            shutil.chown(self.root, "postgres", "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        pwfile = self.root / "pw"
+        pwfile.write_text(PG_PASSWORD + "\n")
+        pwfile.chmod(0o644)
+        self.run("initdb", "-D", str(self.data), "-U", "postgres", "--pwfile", str(pwfile),
+                 "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8")
+        self.run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "start",
+                 "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1")
+
+    def run(self, tool, *args):
+        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self):
+        subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m",
+                        "fast", "-w", "stop"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    server = Postgres()
+    yield server
+    server.stop()

@@ -11,13 +11,14 @@ use serde::{Deserialize, Serialize};
 use strata_accelerator::AcceleratorConfig;
 use strata_appserver::AppConfig;
 use strata_cache::CacheConfig;
+use strata_dbpool::DbPoolConfig;
 use strata_lb::LbConfig;
 
 /// Tiers a node can run.
 pub const TIERS: &[&str] = &["lb", "accelerator", "app", "cache", "dbpool"];
 
 /// Tiers this build serves today.
-const AVAILABLE: &[&str] = &["lb", "accelerator", "app", "cache"];
+const AVAILABLE: &[&str] = &["lb", "accelerator", "app", "cache", "dbpool"];
 
 /// Tiers a node runs unless told otherwise.
 const DEFAULT_TIERS: &[&str] = &["lb", "accelerator", "app"];
@@ -32,6 +33,7 @@ pub struct Config {
     pub accelerator: AcceleratorConfig,
     pub app: AppConfig,
     pub cache: CacheConfig,
+    pub dbpool: DbPoolConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -44,6 +46,7 @@ impl Default for Config {
             accelerator: AcceleratorConfig::default(),
             app: AppConfig::default(),
             cache: CacheConfig::default(),
+            dbpool: DbPoolConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
         }
@@ -214,6 +217,7 @@ impl Config {
         self.lb.validate()?;
         self.accelerator.validate()?;
         self.cache.validate()?;
+        self.dbpool.validate()?;
         self.app.validate()?;
         if !strata_core::logging::valid_level(&self.log.level) {
             return Err(format!(

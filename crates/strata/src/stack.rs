@@ -12,6 +12,7 @@ use strata_accelerator::Accelerator;
 use strata_appserver::{AppServer, LogSpec};
 use strata_cache::Cache;
 use strata_core::{HttpService, Shutdown};
+use strata_dbpool::DbPool;
 
 use crate::config::Config;
 
@@ -23,6 +24,7 @@ pub struct Stack {
     pub app: Option<Arc<AppServer>>,
     pub accelerator: Option<Accelerator>,
     pub cache: Option<Cache>,
+    pub dbpool: Option<DbPool>,
     /// What the HTTP listener hands every request to; `None` on a node of non-HTTP tiers.
     pub front: Option<HttpService>,
 }
@@ -33,6 +35,11 @@ impl Stack {
         let runs = |tier: &str| config.tiers.iter().any(|t| t == tier);
         let cache = if runs("cache") {
             Some(Cache::start(&config.cache, shutdown.clone()).await?)
+        } else {
+            None
+        };
+        let dbpool = if runs("dbpool") {
+            Some(DbPool::start(&config.dbpool, shutdown.clone()).await?)
         } else {
             None
         };
@@ -66,6 +73,7 @@ impl Stack {
             app,
             accelerator,
             cache,
+            dbpool,
             front,
         })
     }
@@ -80,6 +88,9 @@ impl Stack {
         }
         if let Some(cache) = &self.cache {
             cache.render_metrics(out);
+        }
+        if let Some(dbpool) = &self.dbpool {
+            dbpool.render_metrics(out);
         }
     }
 

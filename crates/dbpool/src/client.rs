@@ -1,0 +1,100 @@
+//! One client connection, session mode: startup, a server connection for the whole session,
+//! messages relayed both ways, the server connection reset and pooled again at the end.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::pool::Pool;
+use crate::wire::{self, Startup};
+
+/// Serves one client until it leaves.
+pub async fn serve(mut client: TcpStream, pool: Arc<Pool>, user: String) {
+    if let Err(error) = session(&mut client, &pool, &user).await {
+        tracing::debug!(%error, "dbpool client ended");
+    }
+}
+
+async fn session(client: &mut TcpStream, pool: &Pool, expected_user: &str) -> std::io::Result<()> {
+    let params = loop {
+        match wire::read_startup(client).await {
+            Ok(Startup::Encryption) => client.write_all(b"N").await?,
+            Ok(Startup::Cancel { .. }) => return Ok(()),
+            Ok(Startup::Params(params)) => break params,
+            Err(error) => {
+                let mut out = BytesMut::new();
+                wire::error_response(&mut out, "FATAL", "08P01", &error.to_string());
+                return client.write_all(&out).await;
+            }
+        }
+    };
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let user = get("user").unwrap_or_default();
+    let database = get("database").unwrap_or_else(|| user.clone());
+    let mut out = BytesMut::new();
+    if user != expected_user {
+        let text = format!("role \"{user}\" is not served by this pooler");
+        wire::error_response(&mut out, "FATAL", "28000", &text);
+        return client.write_all(&out).await;
+    }
+    let mut lent = match pool.acquire(&database).await {
+        Ok(lent) => lent,
+        Err(error) => {
+            let code = match error {
+                crate::pool::AcquireError::Timeout(_) => "53300",
+                crate::pool::AcquireError::Server(_) => "08006",
+            };
+            wire::error_response(&mut out, "FATAL", code, &error.to_string());
+            return client.write_all(&out).await;
+        }
+    };
+    wire::authentication_ok(&mut out);
+    for (name, value) in &lent.conn.params {
+        wire::parameter_status(&mut out, name, value);
+    }
+    wire::backend_key_data(&mut out, lent.conn.pid, lent.conn.key);
+    wire::ready_for_query(&mut out, b'I');
+    client.write_all(&out).await?;
+    let clean = relay(client, &mut lent.conn.stream).await;
+    if clean {
+        pool.release(lent).await;
+    }
+    Ok(())
+}
+
+/// Relays until the client sends Terminate (true: the server connection can be reused after
+/// a reset) or either side goes away (false).
+async fn relay(client: &mut TcpStream, server: &mut TcpStream) -> bool {
+    let (mut client_read, mut client_write) = client.split();
+    let (mut server_read, mut server_write) = server.split();
+    let mut message = BytesMut::new();
+    let mut answers = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            tag = wire::read_message(&mut client_read, &mut message) => match tag {
+                Ok(b'X') => return true,
+                Ok(_) => {
+                    if server_write.write_all(&message).await.is_err() {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            },
+            read = server_read.read(&mut answers) => match read {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => {
+                    if client_write.write_all(&answers[..n]).await.is_err() {
+                        return false;
+                    }
+                }
+            },
+        }
+    }
+}

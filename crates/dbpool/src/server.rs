@@ -1,0 +1,192 @@
+//! Server connections: log into PostgreSQL (SCRAM-SHA-256, md5, cleartext or trust), remember
+//! what it reported (parameters, backend key), and reset a connection between clients.
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::wire::{self, WireError};
+
+/// One logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// `ParameterStatus` values the server reported, for the clients that get this connection.
+    pub params: Vec<(String, String)>,
+    pub pid: i32,
+    pub key: i32,
+}
+
+/// Why a server connection could not be made or kept.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot reach PostgreSQL at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("PostgreSQL refused the login: {0}")]
+    Refused(String),
+    #[error("PostgreSQL asked for an authentication method the pooler does not speak")]
+    Method,
+    #[error("PostgreSQL asked for a password and none is configured (dbpool.server_password)")]
+    NoPassword,
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The message (`M` field) of an `ErrorResponse`, whole message framing included.
+pub fn error_text(message: &[u8]) -> String {
+    message
+        .get(5..)
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .take_while(|field| !field.is_empty())
+        .find_map(|field| field.strip_prefix(b"M"))
+        .map(|text| String::from_utf8_lossy(text).into_owned())
+        .unwrap_or_default()
+}
+
+impl ServerConn {
+    /// Connects to `addr` and logs in as `user` to `database`.
+    pub async fn connect(
+        addr: &str,
+        user: &str,
+        database: &str,
+        password: Option<&str>,
+    ) -> Result<Self, ServerError> {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ServerError::Connect {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        stream.set_nodelay(true)?;
+        let mut out = BytesMut::new();
+        let params = [
+            ("user", user),
+            ("database", database),
+            ("client_encoding", "UTF8"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut out)?;
+        stream.write_all(&out).await?;
+        let mut conn = Self {
+            stream,
+            params: Vec::new(),
+            pid: 0,
+            key: 0,
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        let mut buf = BytesMut::new();
+        loop {
+            wire::read_message(&mut conn.stream, &mut buf).await?;
+            let mut parse = buf.clone();
+            let Some(message) = backend::Message::parse(&mut parse)? else {
+                return Err(ServerError::Method);
+            };
+            out.clear();
+            match message {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    let password = password.ok_or(ServerError::NoPassword)?;
+                    frontend::password_message(password.as_bytes(), &mut out)?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let password = password.ok_or(ServerError::NoPassword)?;
+                    let hash = md5_hash(user.as_bytes(), password.as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                }
+                backend::Message::AuthenticationSasl(_) => {
+                    let password = password.ok_or(ServerError::NoPassword)?;
+                    // The mechanisms: NUL-terminated names after the tag, length and code.
+                    let offered = buf
+                        .get(9..)
+                        .unwrap_or_default()
+                        .split(|b| *b == 0)
+                        .any(|name| name == sasl::SCRAM_SHA_256.as_bytes());
+                    if !offered {
+                        return Err(ServerError::Method);
+                    }
+                    let state = sasl::ScramSha256::new(
+                        password.as_bytes(),
+                        sasl::ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        state.message(),
+                        &mut out,
+                    )?;
+                    scram = Some(state);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let state = scram.as_mut().ok_or(ServerError::Method)?;
+                    state.update(body.data())?;
+                    frontend::sasl_response(state.message(), &mut out)?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let state = scram.as_mut().ok_or(ServerError::Method)?;
+                    state.finish(body.data())?;
+                }
+                backend::Message::ParameterStatus(body) => {
+                    conn.params
+                        .push((body.name()?.to_owned(), body.value()?.to_owned()));
+                }
+                backend::Message::BackendKeyData(body) => {
+                    conn.pid = body.process_id();
+                    conn.key = body.secret_key();
+                }
+                backend::Message::ReadyForQuery(_) => return Ok(conn),
+                backend::Message::ErrorResponse(_) => {
+                    return Err(ServerError::Refused(error_text(&buf)));
+                }
+                backend::Message::NoticeResponse(_) => {}
+                _ => return Err(ServerError::Method),
+            }
+            if !out.is_empty() {
+                conn.stream.write_all(&out).await?;
+            }
+        }
+    }
+
+    /// Returns the connection to a clean state between clients (`DISCARD ALL` rolls back
+    /// nothing: a client that left mid-transaction first gets its transaction aborted by
+    /// `ROLLBACK`). Errors mean the connection must not be reused.
+    pub async fn reset(&mut self) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        // Two queries: DISCARD ALL may not run inside the implicit transaction of one.
+        frontend::query("ROLLBACK", &mut out)?;
+        frontend::query("DISCARD ALL", &mut out)?;
+        self.stream.write_all(&out).await?;
+        let mut buf = BytesMut::new();
+        let mut ready = 0;
+        loop {
+            let tag = wire::read_message(&mut self.stream, &mut buf).await?;
+            match tag {
+                b'Z' => {
+                    ready += 1;
+                    if ready < 2 {
+                        continue;
+                    }
+                    let status = buf.get(5).copied().unwrap_or(b'E');
+                    return if status == b'I' {
+                        Ok(())
+                    } else {
+                        Err(ServerError::Refused(
+                            "the reset left a transaction open".into(),
+                        ))
+                    };
+                }
+                b'E' => {
+                    let text = error_text(&buf);
+                    buf.advance(buf.len());
+                    tracing::debug!(error = %text, "server reset reported an error");
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The PostgreSQL wire protocol as the pooler needs it: the untyped startup packets, framing of
+//! typed messages, and the few messages the pooler writes itself.
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Largest message accepted from a client (PostgreSQL's own limit for most messages is 1 GiB;
+/// a pooler need not buffer more than a query).
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+/// Largest startup packet.
+const MAX_STARTUP: usize = 10_000;
+
+const PROTOCOL_3: i32 = 196_608;
+const SSL_REQUEST: i32 = 80_877_103;
+const GSSENC_REQUEST: i32 = 80_877_104;
+const CANCEL_REQUEST: i32 = 80_877_102;
+
+/// What a client's first packet asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Startup {
+    /// TLS or GSS encryption: answered `N`, then the client sends its startup message.
+    Encryption,
+    /// A query cancel for a backend.
+    Cancel { pid: i32, key: i32 },
+    /// Protocol 3.0, with `user`, `database` and the other parameters.
+    Params(Vec<(String, String)>),
+}
+
+/// Why a client's bytes were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("invalid startup packet")]
+    BadStartup,
+    #[error("unsupported protocol version {0}")]
+    Protocol(i32),
+    #[error("message of {0} bytes is too large")]
+    TooLarge(usize),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one startup-phase packet.
+pub async fn read_startup<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Startup, WireError> {
+    let len = stream.read_i32().await?;
+    if !(8..=MAX_STARTUP as i32).contains(&len) {
+        return Err(WireError::BadStartup);
+    }
+    let mut body = vec![0u8; len as usize - 4];
+    stream.read_exact(&mut body).await?;
+    let code = i32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
+    match code {
+        SSL_REQUEST | GSSENC_REQUEST => Ok(Startup::Encryption),
+        CANCEL_REQUEST if body.len() == 12 => Ok(Startup::Cancel {
+            pid: i32::from_be_bytes(body[4..8].try_into().expect("4 bytes")),
+            key: i32::from_be_bytes(body[8..12].try_into().expect("4 bytes")),
+        }),
+        PROTOCOL_3 => {
+            let mut params = Vec::new();
+            let mut fields = body[4..].split(|b| *b == 0);
+            while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                if name.is_empty() {
+                    break;
+                }
+                let text =
+                    |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| WireError::BadStartup);
+                params.push((text(name)?, text(value)?));
+            }
+            Ok(Startup::Params(params))
+        }
+        other => Err(WireError::Protocol(other)),
+    }
+}
+
+/// Reads one typed message (tag, length, body) whole into `buf`; returns its tag.
+pub async fn read_message<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut BytesMut,
+) -> Result<u8, WireError> {
+    let tag = stream.read_u8().await?;
+    let len = stream.read_i32().await?;
+    if len < 4 || len as usize > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len.max(0) as usize));
+    }
+    buf.clear();
+    buf.put_u8(tag);
+    buf.put_i32(len);
+    let start = buf.len();
+    buf.resize(start + len as usize - 4, 0);
+    stream.read_exact(&mut buf[start..]).await?;
+    Ok(tag)
+}
+
+fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    out.put_u8(tag);
+    let at = out.len();
+    out.put_i32(0);
+    body(out);
+    let len = (out.len() - at) as i32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+pub fn authentication_ok(out: &mut BytesMut) {
+    message(out, b'R', |b| b.put_i32(0));
+}
+
+pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
+    message(out, b'S', |b| {
+        b.put_slice(name.as_bytes());
+        b.put_u8(0);
+        b.put_slice(value.as_bytes());
+        b.put_u8(0);
+    });
+}
+
+pub fn backend_key_data(out: &mut BytesMut, pid: i32, key: i32) {
+    message(out, b'K', |b| {
+        b.put_i32(pid);
+        b.put_i32(key);
+    });
+}
+
+pub fn ready_for_query(out: &mut BytesMut, status: u8) {
+    message(out, b'Z', |b| b.put_u8(status));
+}
+
+/// An `ErrorResponse` with severity FATAL or ERROR, a SQLSTATE and a message.
+pub fn error_response(out: &mut BytesMut, severity: &str, code: &str, text: &str) {
+    message(out, b'E', |b| {
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', text),
+        ] {
+            b.put_u8(field);
+            b.put_slice(value.as_bytes());
+            b.put_u8(0);
+        }
+        b.put_u8(0);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(code: i32, rest: &[u8]) -> Vec<u8> {
+        let mut p = ((8 + rest.len()) as i32).to_be_bytes().to_vec();
+        p.extend_from_slice(&code.to_be_bytes());
+        p.extend_from_slice(rest);
+        p
+    }
+
+    #[tokio::test]
+    async fn startup_packets() {
+        let bytes = packet(PROTOCOL_3, b"user\0app\0database\0db\0\0");
+        assert_eq!(
+            read_startup(&mut &bytes[..]).await.unwrap(),
+            Startup::Params(vec![
+                ("user".into(), "app".into()),
+                ("database".into(), "db".into())
+            ])
+        );
+        let ssl = packet(SSL_REQUEST, b"");
+        assert_eq!(
+            read_startup(&mut &ssl[..]).await.unwrap(),
+            Startup::Encryption
+        );
+        let mut cancel = packet(CANCEL_REQUEST, &7i32.to_be_bytes());
+        cancel.extend_from_slice(&9i32.to_be_bytes());
+        cancel[3] = 16;
+        assert_eq!(
+            read_startup(&mut &cancel[..]).await.unwrap(),
+            Startup::Cancel { pid: 7, key: 9 }
+        );
+        assert!(read_startup(&mut &packet(1234, b"")[..]).await.is_err());
+        assert!(read_startup(&mut &[0xff, 0xff, 0xff, 0xff][..])
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn typed_messages_are_framed_whole() {
+        let mut out = BytesMut::new();
+        ready_for_query(&mut out, b'I');
+        error_response(&mut out, "ERROR", "08P01", "bad");
+        let mut reader = &out[..];
+        let mut buf = BytesMut::new();
+        assert_eq!(read_message(&mut reader, &mut buf).await.unwrap(), b'Z');
+        assert_eq!(&buf[..], b"Z\0\0\0\x05I");
+        assert_eq!(read_message(&mut reader, &mut buf).await.unwrap(), b'E');
+        assert!(read_message(&mut &b"Q\0\0\0\x01"[..], &mut buf)
+            .await
+            .is_err());
+    }
+}

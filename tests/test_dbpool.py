@@ -1,0 +1,94 @@
+"""The PostgreSQL pooler against a real PostgreSQL started by the test harness, driven by
+psycopg."""
+
+import socket
+import struct
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from conftest import PG_PASSWORD, free_port, metric
+
+
+@pytest.fixture
+def pooler(strata, postgres):
+    """Starts a node running only the pooler, in front of the test PostgreSQL."""
+
+    def start(extra=""):
+        port = free_port()
+        config = ("[dbpool]\n"
+                  f'bind = "127.0.0.1:{port}"\n'
+                  f'server = "127.0.0.1:{postgres.port}"\n'
+                  f'server_user = "postgres"\nserver_password = "{PG_PASSWORD}"\n' + extra)
+        server = strata("--tiers", "dbpool", config=config)
+        server.dbpool_port = port
+        return server
+
+    return start
+
+
+def connect(server, **kwargs):
+    params = dict(host="127.0.0.1", port=server.dbpool_port, user="postgres",
+                  dbname="postgres", connect_timeout=10)
+    params.update(kwargs)
+    return psycopg.connect(**params)
+
+
+def test_queries_go_through_and_server_connections_are_reused_clean(pooler):
+    server = pooler('pool_size = 1\n')
+    with connect(server) as conn:
+        first_pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        assert conn.execute("select 1 + 1").fetchone()[0] == 2
+        assert conn.info.parameter_status("server_version")
+        conn.execute("create temp table scratch (x int)")
+        conn.execute("set statement_timeout = '1234ms'")
+        conn.commit()
+    with connect(server) as conn:
+        assert conn.execute("select pg_backend_pid()").fetchone()[0] == first_pid
+        assert conn.execute("show statement_timeout").fetchone()[0] != "1234ms"
+        assert conn.execute(
+            "select count(*) from pg_tables where tablename = 'scratch'").fetchone()[0] == 0
+    assert metric(server, 'strata_dbpool_events_total{event="opened"}') == 1
+    assert metric(server, 'strata_dbpool_events_total{event="lent"}') == 2
+
+
+def test_a_client_that_vanishes_mid_transaction_leaves_nothing_behind(pooler):
+    server = pooler('pool_size = 1\n')
+    with connect(server, autocommit=True) as setup:
+        setup.execute("drop table if exists vanish; create table vanish (x int)")
+    # A client process that dies mid-transaction, without saying goodbye.
+    script = (
+        "import os, psycopg\n"
+        f"c = psycopg.connect(host='127.0.0.1', port={server.dbpool_port}, user='postgres',"
+        " dbname='postgres')\n"
+        "c.execute('insert into vanish values (1)')\n"
+        "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    with connect(server) as conn:
+        assert conn.execute("select count(*) from vanish").fetchone()[0] == 0
+    assert metric(server, 'strata_dbpool_events_total{event="opened"}') >= 2
+
+
+def test_a_full_pool_answers_a_clear_error_after_the_wait(pooler):
+    server = pooler('pool_size = 1\nquery_wait_timeout = "1s"\n')
+    with connect(server):
+        with pytest.raises(psycopg.OperationalError, match="no server connection became free"):
+            connect(server)
+    with connect(server) as conn:
+        assert conn.execute("select 1").fetchone()[0] == 1
+
+
+def test_bad_clients_get_errors_and_harm_no_one(pooler):
+    server = pooler()
+    with pytest.raises(psycopg.OperationalError, match="not served by this pooler"):
+        connect(server, user="mallory")
+    with socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=5) as sock:
+        sock.sendall(struct.pack("!ii", 8, 1234) + b"garbage")
+        answer = sock.recv(1024)
+        assert answer[:1] == b"E" and b"unsupported protocol" in answer
+    with pytest.raises(psycopg.OperationalError):
+        connect(server, dbname="no_such_database")
+    with connect(server) as conn:
+        assert conn.execute("select 1").fetchone()[0] == 1
