@@ -92,3 +92,18 @@ def test_bad_clients_get_errors_and_harm_no_one(pooler):
         connect(server, dbname="no_such_database")
     with connect(server) as conn:
         assert conn.execute("select 1").fetchone()[0] == 1
+
+
+def test_answers_a_client_never_read_do_not_reach_the_next_client(pooler):
+    server = pooler('pool_size = 1\n')
+    params = b"user\0postgres\0database\0postgres\0\0"
+    with socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10) as sock:
+        sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+        greeting = b""
+        while not greeting.endswith(b"Z\0\0\0\x05I"):
+            greeting += sock.recv(4096)
+        query = b"select pg_sleep(0.3), 'left over'\0"
+        sock.sendall(b"Q" + struct.pack("!i", 4 + len(query)) + query + b"X\0\0\0\x04")
+    with connect(server) as conn:
+        assert conn.execute("select 42").fetchone()[0] == 42
+        assert conn.execute("select 'clean'").fetchone()[0] == "clean"

@@ -1,7 +1,7 @@
 //! Server connections: log into PostgreSQL (SCRAM-SHA-256, md5, cleartext or trust), remember
 //! what it reported (parameters, backend key), and reset a connection between clients.
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::AsyncWriteExt;
@@ -156,23 +156,29 @@ impl ServerConn {
     /// nothing: a client that left mid-transaction first gets its transaction aborted by
     /// `ROLLBACK`). Errors mean the connection must not be reused.
     pub async fn reset(&mut self) -> Result<(), ServerError> {
+        // Answers to what the last client sent but never read may come first: a marker only
+        // this reset knows tells where they end. DISCARD ALL goes on its own, as it may not run
+        // inside the implicit transaction of a multi-statement query.
+        let marker = format!(
+            "strata-reset-{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
         let mut out = BytesMut::new();
-        // Two queries: DISCARD ALL may not run inside the implicit transaction of one.
         frontend::query("ROLLBACK", &mut out)?;
+        frontend::query(&format!("SELECT '{marker}'"), &mut out)?;
         frontend::query("DISCARD ALL", &mut out)?;
         self.stream.write_all(&out).await?;
         let mut buf = BytesMut::new();
-        let mut ready = 0;
+        let (mut marked, mut discarded) = (false, false);
         loop {
             let tag = wire::read_message(&mut self.stream, &mut buf).await?;
             match tag {
-                b'Z' => {
-                    ready += 1;
-                    if ready < 2 {
-                        continue;
-                    }
-                    let status = buf.get(5).copied().unwrap_or(b'E');
-                    return if status == b'I' {
+                b'D' if buf.ends_with(marker.as_bytes()) => marked = true,
+                b'C' if marked && buf.get(5..) == Some(&b"DISCARD ALL\0"[..]) => discarded = true,
+                b'Z' if discarded => {
+                    return if buf.get(5) == Some(&b'I') {
                         Ok(())
                     } else {
                         Err(ServerError::Refused(
@@ -181,9 +187,7 @@ impl ServerConn {
                     };
                 }
                 b'E' => {
-                    let text = error_text(&buf);
-                    buf.advance(buf.len());
-                    tracing::debug!(error = %text, "server reset reported an error");
+                    tracing::debug!(error = %error_text(&buf), "server reset reported an error")
                 }
                 _ => {}
             }
