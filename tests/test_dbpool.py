@@ -5,6 +5,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import psycopg
 import pytest
@@ -107,3 +109,16 @@ def test_answers_a_client_never_read_do_not_reach_the_next_client(pooler):
     with connect(server) as conn:
         assert conn.execute("select 42").fetchone()[0] == 42
         assert conn.execute("select 'clean'").fetchone()[0] == "clean"
+
+
+def test_cancel_requests_reach_the_clients_server_connection(pooler):
+    server = pooler()
+    with connect(server) as conn:
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(10)")
+        assert time.monotonic() - started < 5
+        conn.rollback()
+        assert conn.execute("select 1").fetchone()[0] == 1

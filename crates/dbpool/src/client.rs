@@ -21,7 +21,9 @@ async fn session(client: &mut TcpStream, pool: &Pool, expected_user: &str) -> st
     let params = loop {
         match wire::read_startup(client).await {
             Ok(Startup::Encryption) => client.write_all(b"N").await?,
-            Ok(Startup::Cancel { .. }) => return Ok(()),
+            // In session mode a client holds the key of its own server connection: pass the
+            // cancel on to PostgreSQL as it is.
+            Ok(Startup::Cancel { pid, key }) => return pool.cancel(pid, key).await,
             Ok(Startup::Params(params)) => break params,
             Err(error) => {
                 let mut out = BytesMut::new();

@@ -120,6 +120,13 @@ impl Pool {
         })
     }
 
+    /// Forwards a cancel request for backend `pid` to PostgreSQL.
+    pub async fn cancel(&self, pid: i32, key: i32) -> std::io::Result<()> {
+        let mut stream = tokio::net::TcpStream::connect(&self.config.server).await?;
+        let packet = crate::wire::cancel_request(pid, key);
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &packet).await
+    }
+
     /// Takes a connection back after resetting it; a connection that fails its reset is
     /// closed, never handed to another client.
     pub async fn release(&self, mut lent: Lent) {

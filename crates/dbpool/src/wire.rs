@@ -90,6 +90,16 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     Ok(tag)
 }
 
+/// A cancel request for backend `pid` with its secret `key`.
+pub fn cancel_request(pid: i32, key: i32) -> [u8; 16] {
+    let mut packet = [0u8; 16];
+    packet[..4].copy_from_slice(&16i32.to_be_bytes());
+    packet[4..8].copy_from_slice(&CANCEL_REQUEST.to_be_bytes());
+    packet[8..12].copy_from_slice(&pid.to_be_bytes());
+    packet[12..].copy_from_slice(&key.to_be_bytes());
+    packet
+}
+
 fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     out.put_u8(tag);
     let at = out.len();
