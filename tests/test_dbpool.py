@@ -33,7 +33,7 @@ def pooler(strata, postgres):
 
 def connect(server, **kwargs):
     params = dict(host="127.0.0.1", port=server.dbpool_port, user="postgres",
-                  dbname="postgres", connect_timeout=10)
+                  password=PG_PASSWORD, dbname="postgres", connect_timeout=10)
     params.update(kwargs)
     return psycopg.connect(**params)
 
@@ -64,7 +64,7 @@ def test_a_client_that_vanishes_mid_transaction_leaves_nothing_behind(pooler):
     script = (
         "import os, psycopg\n"
         f"c = psycopg.connect(host='127.0.0.1', port={server.dbpool_port}, user='postgres',"
-        " dbname='postgres')\n"
+        f" password='{PG_PASSWORD}', dbname='postgres')\n"
         "c.execute('insert into vanish values (1)')\n"
         "os._exit(0)\n")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
@@ -86,6 +86,8 @@ def test_bad_clients_get_errors_and_harm_no_one(pooler):
     server = pooler()
     with pytest.raises(psycopg.OperationalError, match="not served by this pooler"):
         connect(server, user="mallory")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(server, password="wrong")
     with socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=5) as sock:
         sock.sendall(struct.pack("!ii", 8, 1234) + b"garbage")
         answer = sock.recv(1024)
@@ -97,7 +99,7 @@ def test_bad_clients_get_errors_and_harm_no_one(pooler):
 
 
 def test_answers_a_client_never_read_do_not_reach_the_next_client(pooler):
-    server = pooler('pool_size = 1\n')
+    server = pooler('pool_size = 1\nauth = "trust"\n')
     params = b"user\0postgres\0database\0postgres\0\0"
     with socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10) as sock:
         sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)

@@ -8,16 +8,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::pool::Pool;
+use crate::scram;
 use crate::wire::{self, Startup};
 
+/// Who may log in.
+#[derive(Debug)]
+pub struct Login {
+    /// The one role clients name.
+    pub user: String,
+    /// The password their SCRAM proof must match; `None`: trusted.
+    pub password: Option<String>,
+}
+
 /// Serves one client until it leaves.
-pub async fn serve(mut client: TcpStream, pool: Arc<Pool>, user: String) {
-    if let Err(error) = session(&mut client, &pool, &user).await {
+pub async fn serve(mut client: TcpStream, pool: Arc<Pool>, login: Arc<Login>) {
+    if let Err(error) = session(&mut client, &pool, &login).await {
         tracing::debug!(%error, "dbpool client ended");
     }
 }
 
-async fn session(client: &mut TcpStream, pool: &Pool, expected_user: &str) -> std::io::Result<()> {
+async fn session(client: &mut TcpStream, pool: &Pool, login: &Login) -> std::io::Result<()> {
     let params = loop {
         match wire::read_startup(client).await {
             Ok(Startup::Encryption) => client.write_all(b"N").await?,
@@ -41,10 +51,17 @@ async fn session(client: &mut TcpStream, pool: &Pool, expected_user: &str) -> st
     let user = get("user").unwrap_or_default();
     let database = get("database").unwrap_or_else(|| user.clone());
     let mut out = BytesMut::new();
-    if user != expected_user {
+    if user != login.user {
         let text = format!("role \"{user}\" is not served by this pooler");
         wire::error_response(&mut out, "FATAL", "28000", &text);
         return client.write_all(&out).await;
+    }
+    if let Some(password) = &login.password {
+        if let Err(error) = authenticate(client, password).await {
+            let text = format!("password authentication failed for user \"{user}\" ({error})");
+            wire::error_response(&mut out, "FATAL", "28P01", &text);
+            return client.write_all(&out).await;
+        }
     }
     let mut lent = match pool.acquire(&database).await {
         Ok(lent) => lent,
@@ -69,6 +86,65 @@ async fn session(client: &mut TcpStream, pool: &Pool, expected_user: &str) -> st
         pool.release(lent).await;
     }
     Ok(())
+}
+
+/// Runs a SCRAM-SHA-256 exchange with the client; on success the client has proven it
+/// knows `password` (and has checked that the pooler knows it too).
+async fn authenticate(client: &mut TcpStream, password: &str) -> Result<(), String> {
+    let mut out = BytesMut::new();
+    wire::authentication_sasl(&mut out);
+    client.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut message = BytesMut::new();
+    let first = sasl_data(client, &mut message, true).await?;
+    let random: [u8; 32] = random_bytes().map_err(|e| e.to_string())?;
+    let exchange = scram::server_first(&first, &random).map_err(|e| e.to_string())?;
+    out.clear();
+    wire::authentication_sasl_step(&mut out, 11, exchange.message());
+    client.write_all(&out).await.map_err(|e| e.to_string())?;
+    let last = sasl_data(client, &mut message, false).await?;
+    let server_final = exchange
+        .verify(&last, password)
+        .map_err(|e| e.to_string())?;
+    out.clear();
+    wire::authentication_sasl_step(&mut out, 12, server_final.as_bytes());
+    client.write_all(&out).await.map_err(|e| e.to_string())
+}
+
+/// The SCRAM payload of a client's `SASLInitialResponse` (`initial`) or `SASLResponse`.
+async fn sasl_data(
+    client: &mut TcpStream,
+    message: &mut BytesMut,
+    initial: bool,
+) -> Result<Vec<u8>, String> {
+    let tag = wire::read_message(client, message)
+        .await
+        .map_err(|e| e.to_string())?;
+    if tag != b'p' {
+        return Err("expected a SASL response".into());
+    }
+    let body = &message[5..];
+    if !initial {
+        return Ok(body.to_vec());
+    }
+    let end = body
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or("malformed SASL response")?;
+    if &body[..end] != b"SCRAM-SHA-256" {
+        return Err("unsupported SASL mechanism".into());
+    }
+    Ok(body
+        .get(end + 5..)
+        .ok_or("malformed SASL response")?
+        .to_vec())
+}
+
+/// Fresh random bytes from the kernel.
+fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    use std::io::Read;
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Relays until the client sends Terminate (true: the server connection can be reused after

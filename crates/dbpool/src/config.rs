@@ -17,6 +17,9 @@ pub struct DbPoolConfig {
     pub server_user: String,
     /// Its password (SCRAM-SHA-256, md5 or cleartext, whichever the server asks for).
     pub server_password: Option<String>,
+    /// How clients log in: `scram-sha-256` (with `server_user` and `server_password`) or
+    /// `trust` (any client that names `server_user`; for loopback only).
+    pub auth: String,
     /// `session`: a client keeps one server connection until it disconnects.
     pub pool_mode: String,
     /// Server connections per database.
@@ -33,6 +36,7 @@ impl Default for DbPoolConfig {
             server: "127.0.0.1:5432".into(),
             server_user: "postgres".into(),
             server_password: None,
+            auth: "scram-sha-256".into(),
             pool_mode: "session".into(),
             pool_size: 20,
             query_wait_timeout: Duration::from_secs(30),
@@ -48,6 +52,18 @@ impl DbPoolConfig {
                 "dbpool.pool_mode = {:?}: this build pools by session only",
                 self.pool_mode
             ));
+        }
+        match self.auth.as_str() {
+            "trust" => {}
+            "scram-sha-256" if self.server_password.is_some() => {}
+            "scram-sha-256" => {
+                return Err("dbpool.auth = \"scram-sha-256\" needs dbpool.server_password".into())
+            }
+            other => {
+                return Err(format!(
+                    "dbpool.auth = {other:?}: expected \"scram-sha-256\" or \"trust\""
+                ))
+            }
         }
         if self.pool_size == 0 {
             return Err("dbpool.pool_size = 0: must be at least 1".into());

@@ -3,19 +3,21 @@
 //!
 //! This build pools by session: a client keeps one server connection until it disconnects,
 //! then the connection is reset (`ROLLBACK`, `DISCARD ALL`) and lent to the next client.
-//! Clients are trusted (bind the pooler to loopback); the pooler logs into PostgreSQL with
-//! SCRAM-SHA-256, md5 or cleartext.
+//! Clients log in with SCRAM-SHA-256 against the configured password (or are trusted, with
+//! `auth = "trust"`); the pooler logs into PostgreSQL with SCRAM-SHA-256, md5 or cleartext.
 //!
 //! # Layout
 //! - [`config`]: the `[dbpool]` section.
 //! - `wire`: startup packets, message framing, the messages the pooler writes itself.
 //! - `server`: logging into PostgreSQL, resetting a connection.
 //! - `pool`: connections per database, bounded, with a wait timeout.
+//! - `scram`: SCRAM-SHA-256 on the server side, for client logins.
 //! - `client`: one client session.
 
 mod client;
 pub mod config;
 mod pool;
+mod scram;
 mod server;
 mod wire;
 
@@ -51,7 +53,11 @@ impl DbPool {
             })?;
         tracing::info!(addr = %config.bind, server = %config.server, "dbpool listening");
         let pool = Arc::new(pool::Pool::new(config.clone()));
-        let user = config.server_user.clone();
+        let login = Arc::new(client::Login {
+            user: config.server_user.clone(),
+            password: (config.auth == "scram-sha-256")
+                .then(|| config.server_password.clone().unwrap_or_default()),
+        });
         let accepting = pool.clone();
         tokio::spawn(async move {
             loop {
@@ -62,7 +68,7 @@ impl DbPool {
                 match accepted {
                     Ok((stream, _)) => {
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(client::serve(stream, accepting.clone(), user.clone()));
+                        tokio::spawn(client::serve(stream, accepting.clone(), login.clone()));
                     }
                     Err(error) => {
                         tracing::warn!(%error, "dbpool: accept failed");

@@ -113,6 +113,22 @@ pub fn authentication_ok(out: &mut BytesMut) {
     message(out, b'R', |b| b.put_i32(0));
 }
 
+/// `AuthenticationSASL` offering SCRAM-SHA-256.
+pub fn authentication_sasl(out: &mut BytesMut) {
+    message(out, b'R', |b| {
+        b.put_i32(10);
+        b.put_slice(b"SCRAM-SHA-256\0\0");
+    });
+}
+
+/// `AuthenticationSASLContinue` (11) or `AuthenticationSASLFinal` (12) with `data`.
+pub fn authentication_sasl_step(out: &mut BytesMut, code: i32, data: &[u8]) {
+    message(out, b'R', |b| {
+        b.put_i32(code);
+        b.put_slice(data);
+    });
+}
+
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
     message(out, b'S', |b| {
         b.put_slice(name.as_bytes());

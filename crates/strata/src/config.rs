@@ -217,7 +217,10 @@ impl Config {
         self.lb.validate()?;
         self.accelerator.validate()?;
         self.cache.validate()?;
-        self.dbpool.validate()?;
+        if has("dbpool") {
+            // Its login settings only make sense where it runs.
+            self.dbpool.validate()?;
+        }
         self.app.validate()?;
         if !strata_core::logging::valid_level(&self.log.level) {
             return Err(format!(
