@@ -124,3 +124,9 @@ def test_cancel_requests_reach_the_clients_server_connection(pooler):
         assert time.monotonic() - started < 5
         conn.rollback()
         assert conn.execute("select 1").fetchone()[0] == 1
+
+
+def test_unix_socket_clients(pooler, tmp_path):
+    server = pooler(f'unix_socket_dir = "{tmp_path}"\n')
+    with connect(server, host=str(tmp_path)) as conn:
+        assert conn.execute("select 7").fetchone()[0] == 7

@@ -4,8 +4,12 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A client's connection: TCP or a Unix socket.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 
 use crate::pool::Pool;
 use crate::scram;
@@ -21,13 +25,13 @@ pub struct Login {
 }
 
 /// Serves one client until it leaves.
-pub async fn serve(mut client: TcpStream, pool: Arc<Pool>, login: Arc<Login>) {
+pub async fn serve<S: Stream>(mut client: S, pool: Arc<Pool>, login: Arc<Login>) {
     if let Err(error) = session(&mut client, &pool, &login).await {
         tracing::debug!(%error, "dbpool client ended");
     }
 }
 
-async fn session(client: &mut TcpStream, pool: &Pool, login: &Login) -> std::io::Result<()> {
+async fn session<S: Stream>(client: &mut S, pool: &Pool, login: &Login) -> std::io::Result<()> {
     let params = loop {
         match wire::read_startup(client).await {
             Ok(Startup::Encryption) => client.write_all(b"N").await?,
@@ -90,7 +94,7 @@ async fn session(client: &mut TcpStream, pool: &Pool, login: &Login) -> std::io:
 
 /// Runs a SCRAM-SHA-256 exchange with the client; on success the client has proven it
 /// knows `password` (and has checked that the pooler knows it too).
-async fn authenticate(client: &mut TcpStream, password: &str) -> Result<(), String> {
+async fn authenticate<S: Stream>(client: &mut S, password: &str) -> Result<(), String> {
     let mut out = BytesMut::new();
     wire::authentication_sasl(&mut out);
     client.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -111,8 +115,8 @@ async fn authenticate(client: &mut TcpStream, password: &str) -> Result<(), Stri
 }
 
 /// The SCRAM payload of a client's `SASLInitialResponse` (`initial`) or `SASLResponse`.
-async fn sasl_data(
-    client: &mut TcpStream,
+async fn sasl_data<S: Stream>(
+    client: &mut S,
     message: &mut BytesMut,
     initial: bool,
 ) -> Result<Vec<u8>, String> {
@@ -149,8 +153,8 @@ fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
 
 /// Relays until the client sends Terminate (true: the server connection can be reused after
 /// a reset) or either side goes away (false).
-async fn relay(client: &mut TcpStream, server: &mut TcpStream) -> bool {
-    let (mut client_read, mut client_write) = client.split();
+async fn relay<S: Stream>(client: &mut S, server: &mut TcpStream) -> bool {
+    let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = server.split();
     let mut message = BytesMut::new();
     let mut answers = vec![0u8; 64 * 1024];

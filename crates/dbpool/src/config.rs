@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 pub struct DbPoolConfig {
     /// Address clients (psycopg, psql) connect to.
     pub bind: SocketAddr,
+    /// Also listen in this directory on a Unix socket named as PostgreSQL names its own
+    /// (`.s.PGSQL.<bind port>`): clients give the directory as their host.
+    pub unix_socket_dir: Option<std::path::PathBuf>,
     /// The PostgreSQL server, as `host:port`.
     pub server: String,
     /// The role the pooler logs into PostgreSQL as; clients name it too.
@@ -33,6 +36,7 @@ impl Default for DbPoolConfig {
     fn default() -> Self {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            unix_socket_dir: None,
             server: "127.0.0.1:5432".into(),
             server_user: "postgres".into(),
             server_password: None,

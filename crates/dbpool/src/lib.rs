@@ -24,15 +24,16 @@ mod wire;
 use std::sync::Arc;
 
 use strata_core::Shutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 
 pub use config::DbPoolConfig;
 
 /// Why the pooler could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on dbpool.bind = {addr}: {source}")]
+#[error("cannot listen on dbpool.{key} = {at}: {source}")]
 pub struct StartError {
-    addr: std::net::SocketAddr,
+    key: &'static str,
+    at: String,
     source: std::io::Error,
 }
 
@@ -48,9 +49,24 @@ impl DbPool {
         let listener = TcpListener::bind(config.bind)
             .await
             .map_err(|source| StartError {
-                addr: config.bind,
+                key: "bind",
+                at: config.bind.to_string(),
                 source,
             })?;
+        let unix = match &config.unix_socket_dir {
+            Some(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{}", config.bind.port()));
+                let _ = std::fs::remove_file(&path);
+                let listener = UnixListener::bind(&path).map_err(|source| StartError {
+                    key: "unix_socket_dir",
+                    at: path.display().to_string(),
+                    source,
+                })?;
+                tracing::info!(path = %path.display(), "dbpool listening");
+                Some(listener)
+            }
+            None => None,
+        };
         tracing::info!(addr = %config.bind, server = %config.server, "dbpool listening");
         let pool = Arc::new(pool::Pool::new(config.clone()));
         let login = Arc::new(client::Login {
@@ -58,26 +74,59 @@ impl DbPool {
             password: (config.auth == "scram-sha-256")
                 .then(|| config.server_password.clone().unwrap_or_default()),
         });
-        let accepting = pool.clone();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    () = shutdown.requested() => return,
-                };
-                match accepted {
-                    Ok((stream, _)) => {
-                        let _ = stream.set_nodelay(true);
-                        tokio::spawn(client::serve(stream, accepting.clone(), login.clone()));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "dbpool: accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
-                }
+        if let Some(unix) = unix {
+            let unix = Arc::new(unix);
+            let accept = move || {
+                let unix = unix.clone();
+                async move { Ok(unix.accept().await?.0) }
+            };
+            tokio::spawn(accept_loop(
+                accept,
+                pool.clone(),
+                login.clone(),
+                shutdown.clone(),
+            ));
+        }
+        let listener = Arc::new(listener);
+        let accept = move || {
+            let listener = listener.clone();
+            async move {
+                let (stream, _) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
             }
-        });
+        };
+        tokio::spawn(accept_loop(accept, pool.clone(), login, shutdown));
         Ok(Self { pool })
+    }
+}
+
+/// Serves every client `accept` yields until shutdown.
+async fn accept_loop<S, F, A>(
+    mut accept: F,
+    pool: Arc<pool::Pool>,
+    login: Arc<client::Login>,
+    shutdown: Shutdown,
+) where
+    S: client::Stream + 'static,
+    F: FnMut() -> A,
+    A: std::future::Future<Output = std::io::Result<S>>,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = accept() => accepted,
+            () = shutdown.requested() => return,
+        };
+        match accepted {
+            Ok(stream) => {
+                tokio::spawn(client::serve(stream, pool.clone(), login.clone()));
+            }
+            Err(error) => {
+                // Running out of file descriptors must not spin the loop.
+                tracing::warn!(%error, "dbpool: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
