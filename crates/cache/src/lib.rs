@@ -76,7 +76,7 @@ impl Cache {
             source,
         })?;
         tracing::info!(addr = %config.bind, "cache listening");
-        tokio::spawn(server::serve_tcp(tcp, ctx.clone(), shutdown.clone()));
+        tokio::spawn(server::serve(tcp, ctx.clone(), shutdown.clone()));
         if let Some(path) = &config.unix_socket {
             let _ = std::fs::remove_file(path);
             let unix = UnixListener::bind(path).map_err(|source| StartError::Unix {
@@ -84,7 +84,7 @@ impl Cache {
                 source,
             })?;
             tracing::info!(path = %path.display(), "cache listening");
-            tokio::spawn(server::serve_unix(unix, ctx.clone(), shutdown));
+            tokio::spawn(server::serve(unix, ctx.clone(), shutdown));
         }
         Ok(Self { ctx })
     }

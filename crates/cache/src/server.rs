@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
+use strata_core::listen::{accept_until, Accept};
 use strata_core::metrics::Counter;
 use strata_core::Shutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
 use crate::store::Store;
@@ -34,52 +34,15 @@ pub struct Connections {
     pub rejected: Counter,
 }
 
-/// Accepts on `listener` until shutdown.
-pub async fn serve_tcp(listener: TcpListener, ctx: Arc<Context>, shutdown: Shutdown) {
-    let listener = Arc::new(listener);
-    let accept = move || {
-        let listener = listener.clone();
-        async move {
-            let (stream, _) = listener.accept().await?;
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-    };
-    serve(accept, ctx, shutdown).await;
-}
-
-/// Accepts on a Unix socket until shutdown.
-pub async fn serve_unix(listener: UnixListener, ctx: Arc<Context>, shutdown: Shutdown) {
-    let listener = Arc::new(listener);
-    let accept = move || {
-        let listener = listener.clone();
-        async move { Ok(listener.accept().await?.0) }
-    };
-    serve(accept, ctx, shutdown).await;
-}
-
-async fn serve<S, F, A>(mut accept: F, ctx: Arc<Context>, shutdown: Shutdown)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    F: FnMut() -> A,
-    A: std::future::Future<Output = std::io::Result<S>>,
-{
+/// Serves the connections of `listener` (TCP or Unix) until shutdown, at most
+/// `max_connections` at a time.
+pub async fn serve<L: Accept>(listener: L, ctx: Arc<Context>, shutdown: Shutdown) {
     let slots = Arc::new(Semaphore::new(ctx.max_connections));
-    loop {
-        let stream = tokio::select! {
-            accepted = accept() => match accepted {
-                Ok(stream) => stream,
-                Err(error) => {
-                    // Running out of file descriptors must not spin the loop.
-                    tracing::warn!(%error, "cache: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.requested() => return,
-        };
-        spawn(stream, &ctx, &slots, &shutdown);
-    }
+    let stop = shutdown.clone();
+    accept_until(listener, stop, "cache", |stream| {
+        spawn(stream, &ctx, &slots, &shutdown)
+    })
+    .await;
 }
 
 fn spawn<S>(mut stream: S, ctx: &Arc<Context>, slots: &Arc<Semaphore>, shutdown: &Shutdown)

@@ -6,6 +6,7 @@
 //! - [`client`]: the seam's client side, for a next tier on another host or any HTTP origin.
 //! - [`shutdown`]: shutdown passed as a value to every `run()`.
 //! - [`metrics`]: lock-free counters and histograms rendered in Prometheus text format.
+//! - [`listen`]: accept loops for tiers with protocols of their own (TCP and Unix).
 //! - [`duration`]: human durations (`"30s"`, `"250ms"`) for configuration files.
 //!
 //! This crate never depends on a tier; tiers depend on it.
@@ -13,6 +14,7 @@
 pub mod channel_body;
 pub mod client;
 pub mod duration;
+pub mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod seam;

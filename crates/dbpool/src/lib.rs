@@ -23,6 +23,7 @@ mod wire;
 
 use std::sync::Arc;
 
+use strata_core::listen::accept_until;
 use strata_core::Shutdown;
 use tokio::net::{TcpListener, UnixListener};
 
@@ -75,58 +76,22 @@ impl DbPool {
                 .then(|| config.server_password.clone().unwrap_or_default()),
         });
         if let Some(unix) = unix {
-            let unix = Arc::new(unix);
-            let accept = move || {
-                let unix = unix.clone();
-                async move { Ok(unix.accept().await?.0) }
-            };
-            tokio::spawn(accept_loop(
-                accept,
-                pool.clone(),
-                login.clone(),
-                shutdown.clone(),
-            ));
+            let handle = serve(pool.clone(), login.clone());
+            tokio::spawn(accept_until(unix, shutdown.clone(), "dbpool", handle));
         }
-        let listener = Arc::new(listener);
-        let accept = move || {
-            let listener = listener.clone();
-            async move {
-                let (stream, _) = listener.accept().await?;
-                let _ = stream.set_nodelay(true);
-                Ok(stream)
-            }
-        };
-        tokio::spawn(accept_loop(accept, pool.clone(), login, shutdown));
+        let handle = serve(pool.clone(), login);
+        tokio::spawn(accept_until(listener, shutdown, "dbpool", handle));
         Ok(Self { pool })
     }
 }
 
-/// Serves every client `accept` yields until shutdown.
-async fn accept_loop<S, F, A>(
-    mut accept: F,
+/// Starts a session for each accepted client.
+fn serve<S: client::Stream + 'static>(
     pool: Arc<pool::Pool>,
     login: Arc<client::Login>,
-    shutdown: Shutdown,
-) where
-    S: client::Stream + 'static,
-    F: FnMut() -> A,
-    A: std::future::Future<Output = std::io::Result<S>>,
-{
-    loop {
-        let accepted = tokio::select! {
-            accepted = accept() => accepted,
-            () = shutdown.requested() => return,
-        };
-        match accepted {
-            Ok(stream) => {
-                tokio::spawn(client::serve(stream, pool.clone(), login.clone()));
-            }
-            Err(error) => {
-                // Running out of file descriptors must not spin the loop.
-                tracing::warn!(%error, "dbpool: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
+) -> impl FnMut(S) {
+    move |stream| {
+        tokio::spawn(client::serve(stream, pool.clone(), login.clone()));
     }
 }
 
