@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from conftest import PG_PASSWORD, free_port, metric
+from conftest import PG_PASSWORD, free_port, metric, wait_until
 
 
 @pytest.fixture
@@ -74,10 +74,23 @@ def test_a_client_that_vanishes_mid_transaction_leaves_nothing_behind(pooler):
 
 
 def test_a_full_pool_answers_a_clear_error_after_the_wait(pooler):
-    server = pooler('pool_size = 1\nquery_wait_timeout = "1s"\n')
+    server = pooler('pool_size = 1\nquery_wait_timeout = "2s"\n')
+
+    def pool_state():
+        return server.status()["dbpool"]["databases"][0]
+
     with connect(server):
+        assert pool_state() == {"database": "postgres", "active": 1, "idle": 0, "waiting": 0}
+        waiter = threading.Thread(target=lambda: pytest.raises(psycopg.OperationalError,
+                                                                connect, server))
+        waiter.start()
+        assert wait_until(lambda: pool_state()["waiting"] == 1)
         with pytest.raises(psycopg.OperationalError, match="no server connection became free"):
             connect(server)
+        waiter.join()
+    assert wait_until(lambda: pool_state() == {"database": "postgres", "active": 0, "idle": 1,
+                                               "waiting": 0})
+    assert metric(server, 'strata_dbpool_connections{database="postgres",state="idle"}') == 1
     with connect(server) as conn:
         assert conn.execute("select 1").fetchone()[0] == 1
 

@@ -21,6 +21,7 @@ mod scram;
 mod server;
 mod wire;
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use strata_core::listen::accept_until;
@@ -96,6 +97,11 @@ fn serve<S: client::Stream + 'static>(
 }
 
 impl DbPool {
+    /// Each database's pool: active, idle and waiting.
+    pub fn status(&self) -> Vec<pool::DatabaseStatus> {
+        self.pool.status()
+    }
+
     /// Appends the pooler's metrics in Prometheus text format.
     pub fn render_metrics(&self, out: &mut String) {
         let c = &self.pool.counts;
@@ -113,5 +119,25 @@ impl DbPool {
                 ("server_error", c.server_errors.get()),
             ],
         );
+        let name = "strata_dbpool_connections";
+        strata_core::metrics::header(
+            out,
+            name,
+            "Server connections by database and state; clients waiting for one.",
+            "gauge",
+        );
+        for db in self.pool.status() {
+            for (state, value) in [
+                ("active", db.active),
+                ("idle", db.idle),
+                ("waiting", db.waiting),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{name}{{database=\"{}\",state=\"{state}\"}} {value}",
+                    db.database
+                );
+            }
+        }
     }
 }

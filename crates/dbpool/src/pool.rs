@@ -31,6 +31,18 @@ pub struct Lent {
 #[derive(Default)]
 struct Database {
     idle: Vec<ServerConn>,
+    /// Clients waiting for a connection to this database.
+    waiting: usize,
+}
+
+/// One database's pool, as `/status` and `/metrics` show it.
+#[derive(Debug, serde::Serialize)]
+pub struct DatabaseStatus {
+    pub database: String,
+    /// Server connections lent to clients (or being opened for them).
+    pub active: usize,
+    pub idle: usize,
+    pub waiting: usize,
 }
 
 /// What the pool counts, for `/metrics`.
@@ -83,10 +95,19 @@ impl Pool {
     /// waits up to `query_wait_timeout` for one to be given back.
     pub async fn acquire(&self, database: &str) -> Result<Lent, AcquireError> {
         let wait = self.config.query_wait_timeout;
-        let slot = tokio::time::timeout(wait, self.slots(database).acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok);
+        let slots = self.slots(database);
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => Some(slot),
+            Err(_) => {
+                self.count_waiting(database, true);
+                let slot = tokio::time::timeout(wait, slots.acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                self.count_waiting(database, false);
+                slot
+            }
+        };
         let Some(slot) = slot else {
             self.counts.timeouts.inc();
             return Err(AcquireError::Timeout(wait));
@@ -118,6 +139,33 @@ impl Pool {
             database: database.to_owned(),
             _slot: slot,
         })
+    }
+
+    fn count_waiting(&self, database: &str, arriving: bool) {
+        let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, db)) = databases.get_mut(database) {
+            if arriving {
+                db.waiting += 1;
+            } else {
+                db.waiting = db.waiting.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Every database's pool, by name.
+    pub fn status(&self) -> Vec<DatabaseStatus> {
+        let databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<DatabaseStatus> = databases
+            .iter()
+            .map(|(name, (slots, db))| DatabaseStatus {
+                database: name.clone(),
+                active: self.config.pool_size - slots.available_permits(),
+                idle: db.idle.len(),
+                waiting: db.waiting,
+            })
+            .collect();
+        out.sort_by(|a, b| a.database.cmp(&b.database));
+        out
     }
 
     /// Forwards a cancel request for backend `pid` to PostgreSQL.

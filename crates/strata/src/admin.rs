@@ -87,6 +87,9 @@ async fn route(
                 "accelerator": stack.accelerator.as_ref().map(|a| serde_json::json!({
                     "routes": a.routes(),
                 })),
+                "dbpool": stack.dbpool.as_ref().map(|d| serde_json::json!({
+                    "databases": d.status(),
+                })),
             });
             typed(status.to_string(), "application/json")
         }
