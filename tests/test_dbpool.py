@@ -81,13 +81,22 @@ def test_a_full_pool_answers_a_clear_error_after_the_wait(pooler):
 
     with connect(server):
         assert pool_state() == {"database": "postgres", "active": 1, "idle": 0, "waiting": 0}
-        waiter = threading.Thread(target=lambda: pytest.raises(psycopg.OperationalError,
-                                                                connect, server))
+        outcomes = []
+
+        def wait_in_line():
+            try:
+                connect(server).close()
+                outcomes.append("connected")
+            except psycopg.OperationalError as error:
+                outcomes.append(str(error))
+
+        waiter = threading.Thread(target=wait_in_line)
         waiter.start()
         assert wait_until(lambda: pool_state()["waiting"] == 1)
         with pytest.raises(psycopg.OperationalError, match="no server connection became free"):
             connect(server)
         waiter.join()
+        assert len(outcomes) == 1 and "no server connection became free" in outcomes[0]
     assert wait_until(lambda: pool_state() == {"database": "postgres", "active": 0, "idle": 1,
                                                "waiting": 0})
     assert metric(server, 'strata_dbpool_connections{database="postgres",state="idle"}') == 1

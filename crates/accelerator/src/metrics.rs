@@ -1,11 +1,11 @@
 //! The accelerator's counters, rendered on the admin listener's `/metrics`.
 
 use std::collections::HashMap;
-use std::fmt::Write;
+
 use std::sync::Mutex;
 
 use serde::Serialize;
-use strata_core::metrics::{header, render_labeled, Counter};
+use strata_core::metrics::{render_labeled, render_value, Counter};
 
 use crate::store::Store;
 
@@ -129,8 +129,7 @@ impl Metrics {
             ),
         ];
         for (name, help, value) in simple {
-            header(out, name, help, "counter");
-            let _ = writeln!(out, "{name} {value}");
+            render_value(out, name, help, "counter", value);
         }
         render_labeled(
             out,
@@ -156,8 +155,7 @@ impl Metrics {
                 urls,
             ),
         ] {
-            header(out, name, help, "gauge");
-            let _ = writeln!(out, "{name} {value}");
+            render_value(out, name, help, "gauge", value);
         }
     }
 }

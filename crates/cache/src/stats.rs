@@ -1,12 +1,11 @@
 //! `stats` as memcached answers it (the fields monitoring tools read), and the same figures
 //! on `/metrics`.
 
-use std::fmt::Write as _;
 use std::io::Write;
 use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
-use strata_core::metrics::{header, render_labeled};
+use strata_core::metrics::{render_labeled, render_value};
 
 use crate::server::Context;
 use crate::text::{unix_now, Writer};
@@ -126,7 +125,6 @@ pub fn render(ctx: &Context, out: &mut String) {
             ctx.connections.current.load(Ordering::Relaxed),
         ),
     ] {
-        header(out, name, help, "gauge");
-        let _ = writeln!(out, "{name} {value}");
+        render_value(out, name, help, "gauge", value);
     }
 }

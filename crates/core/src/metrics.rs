@@ -119,6 +119,12 @@ pub fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// Renders a metric of one unlabelled sample (a counter or a gauge).
+pub fn render_value(out: &mut String, name: &str, help: &str, kind: &str, value: u64) {
+    header(out, name, help, kind);
+    let _ = writeln!(out, "{name} {value}");
+}
+
 /// Renders a family of samples that differ by one label.
 pub fn render_labeled<'a>(
     out: &mut String,
