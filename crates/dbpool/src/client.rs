@@ -1,18 +1,18 @@
-//! One client connection, session mode: startup, a server connection for the whole session,
-//! messages relayed both ways, the server connection reset and pooled again at the end.
+//! One client connection: startup, checks and login, then the relay.
 
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 /// A client's connection: TCP or a Unix socket.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 
 use crate::pool::Pool;
+use crate::relay::Relay;
 use crate::scram;
+use crate::state;
 use crate::wire::{self, Startup};
 
 /// Who may log in.
@@ -35,15 +35,9 @@ async fn session<S: Stream>(client: &mut S, pool: &Pool, login: &Login) -> std::
     let params = loop {
         match wire::read_startup(client).await {
             Ok(Startup::Encryption) => client.write_all(b"N").await?,
-            // In session mode a client holds the key of its own server connection: pass the
-            // cancel on to PostgreSQL as it is.
             Ok(Startup::Cancel { pid, key }) => return pool.cancel(pid, key).await,
             Ok(Startup::Params(params)) => break params,
-            Err(error) => {
-                let mut out = BytesMut::new();
-                wire::error_response(&mut out, "FATAL", "08P01", &error.to_string());
-                return client.write_all(&out).await;
-            }
+            Err(error) => return refuse(client, "08P01", &error.to_string()).await,
         }
     };
     let get = |name: &str| {
@@ -54,42 +48,80 @@ async fn session<S: Stream>(client: &mut S, pool: &Pool, login: &Login) -> std::
     };
     let user = get("user").unwrap_or_default();
     let database = get("database").unwrap_or_else(|| user.clone());
-    let mut out = BytesMut::new();
     if user != login.user {
         let text = format!("role \"{user}\" is not served by this pooler");
-        wire::error_response(&mut out, "FATAL", "28000", &text);
-        return client.write_all(&out).await;
+        return refuse(client, "28000", &text).await;
+    }
+    let mut asked = Vec::new();
+    for (name, value) in &params {
+        if let Some(tracked) = state::tracked(name) {
+            asked.push((tracked, value.clone()));
+        } else if !matches!(name.as_str(), "user" | "database")
+            && !pool.config.ignore_startup_parameters.contains(name)
+        {
+            let text = format!(
+                "unsupported startup parameter: {name} (dbpool.ignore_startup_parameters lists those ignored)"
+            );
+            return refuse(client, "08P01", &text).await;
+        }
     }
     if let Some(password) = &login.password {
         if let Err(error) = authenticate(client, password).await {
             let text = format!("password authentication failed for user \"{user}\" ({error})");
-            wire::error_response(&mut out, "FATAL", "28P01", &text);
-            return client.write_all(&out).await;
+            return refuse(client, "28P01", &text).await;
         }
     }
-    let mut lent = match pool.acquire(&database).await {
-        Ok(lent) => lent,
-        Err(error) => {
-            let code = match error {
-                crate::pool::AcquireError::Timeout(_) => "53300",
-                crate::pool::AcquireError::Server(_) => "08006",
-            };
-            wire::error_response(&mut out, "FATAL", code, &error.to_string());
-            return client.write_all(&out).await;
+    // Session mode lends a connection for the whole session; transaction mode only needs to
+    // know what the server reports.
+    let (link, reported) = if pool.config.transaction_mode() {
+        (None, pool.server_params(&database).await)
+    } else {
+        match pool.acquire(&database).await {
+            Ok(lent) => {
+                let params = lent.conn.params.clone();
+                (Some(lent), Ok(params))
+            }
+            Err(error) => (None, Err(error)),
         }
     };
+    let reported = match reported {
+        Ok(reported) => reported,
+        Err(error) => return refuse(client, error.code(), &error.to_string()).await,
+    };
+    // The client's view: what the server reports, with the tracked values it asked for.
+    let mut tracked = Vec::new();
+    let mut out = BytesMut::new();
     wire::authentication_ok(&mut out);
-    for (name, value) in &lent.conn.params {
+    for (name, value) in &reported {
+        let value = match state::tracked(name) {
+            Some(t) => {
+                let value = asked
+                    .iter()
+                    .find(|(a, _)| *a == t)
+                    .map_or(value, |(_, v)| v);
+                tracked.push((t, value.clone()));
+                value
+            }
+            None => value,
+        };
         wire::parameter_status(&mut out, name, value);
     }
-    wire::backend_key_data(&mut out, lent.conn.pid, lent.conn.key);
+    let ticket = pool.cancels.issue(i32::from_ne_bytes(random_bytes()?));
+    wire::backend_key_data(&mut out, ticket.pid, ticket.key);
     wire::ready_for_query(&mut out, b'I');
     client.write_all(&out).await?;
-    let clean = relay(client, &mut lent.conn.stream).await;
-    if clean {
-        pool.release(lent).await;
+    let relay = Relay::new(pool, database, tracked, ticket, link);
+    if let Err(error) = relay.run(client).await {
+        tracing::debug!(%error, "dbpool session ended");
     }
     Ok(())
+}
+
+/// Refuses a client with a FATAL error.
+async fn refuse<S: Stream>(client: &mut S, code: &str, text: &str) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    wire::error_response(&mut out, "FATAL", code, text);
+    client.write_all(&out).await
 }
 
 /// Runs a SCRAM-SHA-256 exchange with the client; on success the client has proven it
@@ -149,34 +181,4 @@ fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
     let mut bytes = [0u8; N];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes)
-}
-
-/// Relays until the client sends Terminate (true: the server connection can be reused after
-/// a reset) or either side goes away (false).
-async fn relay<S: Stream>(client: &mut S, server: &mut TcpStream) -> bool {
-    let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut server_read, mut server_write) = server.split();
-    let mut message = BytesMut::new();
-    let mut answers = vec![0u8; 64 * 1024];
-    loop {
-        tokio::select! {
-            tag = wire::read_message(&mut client_read, &mut message) => match tag {
-                Ok(b'X') => return true,
-                Ok(_) => {
-                    if server_write.write_all(&message).await.is_err() {
-                        return false;
-                    }
-                }
-                Err(_) => return false,
-            },
-            read = server_read.read(&mut answers) => match read {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => {
-                    if client_write.write_all(&answers[..n]).await.is_err() {
-                        return false;
-                    }
-                }
-            },
-        }
-    }
 }

@@ -23,10 +23,37 @@ pub struct DbPoolConfig {
     /// How clients log in: `scram-sha-256` (with `server_user` and `server_password`) or
     /// `trust` (any client that names `server_user`; for loopback only).
     pub auth: String,
-    /// `session`: a client keeps one server connection until it disconnects.
+    /// `transaction`: a client holds a server connection for one transaction at a time;
+    /// `session`: until it disconnects.
     pub pool_mode: String,
     /// Server connections per database.
     pub pool_size: usize,
+    /// Extra server connections for clients that waited longer than `reserve_pool_timeout`.
+    pub reserve_pool_size: usize,
+    #[serde(with = "strata_core::duration")]
+    pub reserve_pool_timeout: Duration,
+    /// Idle server connections kept open per database (opened at start for `databases`).
+    pub min_idle: usize,
+    /// Databases whose pools are opened at start (`min_idle` connections each).
+    pub databases: Vec<String>,
+    /// A server connection older than this is closed when it comes back to the pool.
+    #[serde(with = "strata_core::duration")]
+    pub server_lifetime: Duration,
+    /// An idle server connection unused this long is closed (down to `min_idle`).
+    #[serde(with = "strata_core::duration")]
+    pub idle_timeout: Duration,
+    /// Protocol-level prepared statements kept per server connection in transaction mode
+    /// (least recently used closed first); 0 passes statement names through untouched.
+    pub max_prepared_statements: usize,
+    /// What to do, in transaction mode, when a client leaves state on its server connection
+    /// that would outlive the transaction (`SET`, session advisory locks, `LISTEN`, temporary
+    /// tables, `WITH HOLD` cursors, SQL `PREPARE`): `pin` the client to that connection until
+    /// it disconnects, or `report` it (a warning and a count) and go on pooling.
+    pub on_session_state: String,
+    /// Startup parameters accepted from clients and ignored; any other than the tracked ones
+    /// (`client_encoding`, `DateStyle`, `IntervalStyle`, `TimeZone`, `application_name`,
+    /// `standard_conforming_strings`) is refused.
+    pub ignore_startup_parameters: Vec<String>,
     /// Longest a client waits for a server connection; then it gets an error.
     #[serde(with = "strata_core::duration")]
     pub query_wait_timeout: Duration,
@@ -41,20 +68,46 @@ impl Default for DbPoolConfig {
             server_user: "postgres".into(),
             server_password: None,
             auth: "scram-sha-256".into(),
-            pool_mode: "session".into(),
+            pool_mode: "transaction".into(),
             pool_size: 20,
+            reserve_pool_size: 0,
+            reserve_pool_timeout: Duration::from_secs(5),
+            min_idle: 0,
+            databases: Vec::new(),
+            server_lifetime: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(600),
+            max_prepared_statements: 200,
+            on_session_state: "pin".into(),
+            ignore_startup_parameters: vec!["extra_float_digits".into()],
             query_wait_timeout: Duration::from_secs(30),
         }
     }
 }
 
 impl DbPoolConfig {
+    /// Whether server connections change hands at each transaction's end.
+    pub fn transaction_mode(&self) -> bool {
+        self.pool_mode == "transaction"
+    }
+
     /// Checks values serde cannot, naming the key at fault.
     pub fn validate(&self) -> Result<(), String> {
-        if self.pool_mode != "session" {
+        if !matches!(self.pool_mode.as_str(), "transaction" | "session") {
             return Err(format!(
-                "dbpool.pool_mode = {:?}: this build pools by session only",
+                "dbpool.pool_mode = {:?}: expected \"transaction\" or \"session\"",
                 self.pool_mode
+            ));
+        }
+        if !matches!(self.on_session_state.as_str(), "pin" | "report") {
+            return Err(format!(
+                "dbpool.on_session_state = {:?}: expected \"pin\" or \"report\"",
+                self.on_session_state
+            ));
+        }
+        if self.min_idle > self.pool_size {
+            return Err(format!(
+                "dbpool.min_idle = {}: more than dbpool.pool_size ({})",
+                self.min_idle, self.pool_size
             ));
         }
         match self.auth.as_str() {

@@ -1,7 +1,10 @@
 //! Strata's PostgreSQL pooler: clients speak the PostgreSQL protocol to Strata, which lends
 //! them connections from a pool per database.
 //!
-//! This build pools by session: a client keeps one server connection until it disconnects,
+//! In transaction mode (the default) a client holds a server connection for one transaction
+//! at a time; its tracked parameters and protocol-level prepared statements follow it from
+//! connection to connection, and SQL that would leave session state behind pins it (or is
+//! reported). In session mode a client keeps one server connection until it disconnects,
 //! then the connection is reset (`ROLLBACK`, `DISCARD ALL`) and lent to the next client.
 //! Clients log in with SCRAM-SHA-256 against the configured password (or are trusted, with
 //! `auth = "trust"`); the pooler logs into PostgreSQL with SCRAM-SHA-256, md5 or cleartext.
@@ -10,15 +13,26 @@
 //! - [`config`]: the `[dbpool]` section.
 //! - `wire`: startup packets, message framing, the messages the pooler writes itself.
 //! - `server`: logging into PostgreSQL, resetting a connection.
-//! - `pool`: connections per database, bounded, with a wait timeout.
+//! - `pool`: connections per database, bounded, with a wait timeout, a reserve, lifetimes,
+//!   `min_idle` and pausing.
+//! - `flow`: the answers a server owes a client, to know where a transaction ends.
+//! - `prepared`: prepared statements under pooler-wide names.
+//! - `state`: session state and tracked parameters.
+//! - `cancel`: the pooler's cancel keys.
+//! - `relay`: a logged-in client's messages and their answers.
 //! - `scram`: SCRAM-SHA-256 on the server side, for client logins.
-//! - `client`: one client session.
+//! - `client`: a client's startup and login.
 
+mod cancel;
 mod client;
 pub mod config;
+mod flow;
 mod pool;
+mod prepared;
+mod relay;
 mod scram;
 mod server;
+mod state;
 mod wire;
 
 use std::fmt::Write as _;
@@ -81,7 +95,8 @@ impl DbPool {
             tokio::spawn(accept_until(unix, shutdown.clone(), "dbpool", handle));
         }
         let handle = serve(pool.clone(), login);
-        tokio::spawn(accept_until(listener, shutdown, "dbpool", handle));
+        tokio::spawn(accept_until(listener, shutdown.clone(), "dbpool", handle));
+        tokio::spawn(tend(pool.clone(), shutdown));
         Ok(Self { pool })
     }
 }
@@ -96,7 +111,38 @@ fn serve<S: client::Stream + 'static>(
     }
 }
 
+/// Once a second: closes connections idle too long, opens those `min_idle` asks for.
+async fn tend(pool: Arc<pool::Pool>, shutdown: Shutdown) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.requested() => return,
+        }
+        for (database, missing) in pool.tend() {
+            for _ in 0..missing {
+                if let Err(error) = pool.warm(&database).await {
+                    tracing::warn!(%database, %error, "dbpool: cannot open an idle connection");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 impl DbPool {
+    /// Stops lending server connections for `database` (every database when `None`) and
+    /// closes them as they come back, for database maintenance; returns those paused.
+    pub fn pause(&self, database: Option<&str>) -> Vec<String> {
+        self.pool.pause(database)
+    }
+
+    /// Undoes [`DbPool::pause`].
+    pub fn resume(&self, database: Option<&str>) -> Vec<String> {
+        self.pool.resume(database)
+    }
+
     /// Each database's pool: active, idle and waiting.
     pub fn status(&self) -> Vec<pool::DatabaseStatus> {
         self.pool.status()
@@ -108,16 +154,33 @@ impl DbPool {
         strata_core::metrics::render_labeled(
             out,
             "strata_dbpool_events_total",
-            "Server connections opened, lent to clients, discarded after a failed reset; clients that waited too long; failed logins to PostgreSQL.",
+            "Server connections opened, lent to clients, discarded after a failed reset, found dead when taken (stale), closed for age or idleness (expired), lent from the reserve; clients that waited too long, that left session state behind, and that were pinned for it; failed logins to PostgreSQL.",
             "counter",
             "event",
             [
                 ("opened", c.opened.get()),
                 ("lent", c.lent.get()),
                 ("discarded", c.discarded.get()),
+                ("stale", c.stale.get()),
+                ("expired", c.expired.get()),
+                ("reserve", c.reserve.get()),
                 ("wait_timeout", c.timeouts.get()),
+                ("session_state", c.session_state.get()),
+                ("pinned", c.pinned.get()),
                 ("server_error", c.server_errors.get()),
             ],
+        );
+        c.wait.render(
+            out,
+            "strata_dbpool_wait_seconds",
+            "How long clients waited for a server connection.",
+        );
+        strata_core::metrics::render_value(
+            out,
+            "strata_dbpool_prepared_statements",
+            "Distinct protocol-level prepared statements clients have prepared.",
+            "gauge",
+            self.pool.statements.len() as u64,
         );
         let name = "strata_dbpool_connections";
         strata_core::metrics::header(

@@ -1,14 +1,17 @@
-//! Server connections per database: at most `pool_size` at a time, idle ones reused, clients
-//! queued (with a timeout) when all are taken.
+//! Server connections per database: at most `pool_size` lent at a time (plus a reserve for
+//! clients that waited long), idle ones reused newest first, clients queued with a timeout
+//! when all are taken, and a database paused for maintenance lends nothing until resumed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use strata_core::metrics::Counter;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use strata_core::metrics::{Counter, Histogram};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::cancel::Cancels;
 use crate::config::DbPoolConfig;
+use crate::prepared::Registry;
 use crate::server::{ServerConn, ServerError};
 
 /// Why a client got no server connection.
@@ -16,11 +19,25 @@ use crate::server::{ServerConn, ServerError};
 pub enum AcquireError {
     #[error("no server connection became free within {0:?}")]
     Timeout(Duration),
+    #[error("database {0:?} is paused and was not resumed within the wait")]
+    Paused(String),
     #[error(transparent)]
     Server(#[from] ServerError),
 }
 
-/// A server connection lent to one client; give it back with [`Pool::release`].
+impl AcquireError {
+    /// The SQLSTATE a client is told.
+    pub fn code(&self) -> &str {
+        match self {
+            AcquireError::Timeout(_) | AcquireError::Paused(_) => "53300",
+            AcquireError::Server(ServerError::Refused { code, .. }) => code,
+            AcquireError::Server(_) => "08006",
+        }
+    }
+}
+
+/// A server connection lent to one client; give it back with [`Pool::put_back`] (clean, at a
+/// transaction's end) or [`Pool::release`] (reset first).
 #[derive(Debug)]
 pub struct Lent {
     pub conn: ServerConn,
@@ -28,11 +45,15 @@ pub struct Lent {
     _slot: OwnedSemaphorePermit,
 }
 
-#[derive(Default)]
 struct Database {
-    idle: Vec<ServerConn>,
-    /// Clients waiting for a connection to this database.
+    slots: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+    idle: Vec<(ServerConn, Instant)>,
     waiting: usize,
+    /// What the first server connection reported, for clients logging in.
+    params: Option<Vec<(String, String)>>,
+    paused: bool,
+    resumed: Arc<Notify>,
 }
 
 /// One database's pool, as `/status` and `/metrics` show it.
@@ -43,23 +64,36 @@ pub struct DatabaseStatus {
     pub active: usize,
     pub idle: usize,
     pub waiting: usize,
+    pub paused: bool,
 }
 
 /// What the pool counts, for `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counts {
     pub opened: Counter,
     pub lent: Counter,
     pub timeouts: Counter,
     pub server_errors: Counter,
     pub discarded: Counter,
+    /// Idle connections found closed or talking when taken.
+    pub stale: Counter,
+    pub expired: Counter,
+    pub reserve: Counter,
+    pub pinned: Counter,
+    pub session_state: Counter,
+    /// How long clients waited for a server connection.
+    pub wait: Histogram,
 }
+
+const WAIT_BOUNDS: &[f64] = &[0.0001, 0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0];
 
 /// The pools, one per database.
 pub struct Pool {
-    config: DbPoolConfig,
+    pub config: DbPoolConfig,
     pub counts: Counts,
-    databases: Mutex<HashMap<String, (Arc<Semaphore>, Database)>>,
+    pub cancels: Arc<Cancels>,
+    pub statements: Registry,
+    databases: Mutex<HashMap<String, Database>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -72,84 +106,213 @@ impl Pool {
     pub fn new(config: DbPoolConfig) -> Self {
         Self {
             config,
-            counts: Counts::default(),
+            counts: Counts {
+                opened: Counter::default(),
+                lent: Counter::default(),
+                timeouts: Counter::default(),
+                server_errors: Counter::default(),
+                discarded: Counter::default(),
+                stale: Counter::default(),
+                expired: Counter::default(),
+                reserve: Counter::default(),
+                pinned: Counter::default(),
+                session_state: Counter::default(),
+                wait: Histogram::new(WAIT_BOUNDS),
+            },
+            cancels: Arc::default(),
+            statements: Registry::default(),
             databases: Mutex::default(),
         }
     }
 
-    fn slots(&self, database: &str) -> Arc<Semaphore> {
+    fn with<T>(&self, database: &str, f: impl FnOnce(&mut Database) -> T) -> T {
         let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
-        databases
+        let db = databases
             .entry(database.to_owned())
-            .or_insert_with(|| {
-                (
-                    Arc::new(Semaphore::new(self.config.pool_size)),
-                    Database::default(),
-                )
-            })
-            .0
-            .clone()
+            .or_insert_with(|| Database {
+                slots: Arc::new(Semaphore::new(self.config.pool_size)),
+                reserve: Arc::new(Semaphore::new(self.config.reserve_pool_size)),
+                idle: Vec::new(),
+                waiting: 0,
+                params: None,
+                paused: false,
+                resumed: Arc::default(),
+            });
+        f(db)
     }
 
     /// A server connection to `database`: an idle one, or a new one while under `pool_size`;
     /// waits up to `query_wait_timeout` for one to be given back.
     pub async fn acquire(&self, database: &str) -> Result<Lent, AcquireError> {
-        let wait = self.config.query_wait_timeout;
-        let slots = self.slots(database);
-        let slot = match slots.clone().try_acquire_owned() {
-            Ok(slot) => Some(slot),
-            Err(_) => {
-                self.count_waiting(database, true);
-                let slot = tokio::time::timeout(wait, slots.acquire_owned())
-                    .await
-                    .ok()
-                    .and_then(Result::ok);
-                self.count_waiting(database, false);
-                slot
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.config.query_wait_timeout;
+        let slot = self.slot(database, deadline).await;
+        self.counts.wait.observe(started.elapsed());
+        let slot = slot?;
+        loop {
+            let idle = self.with(database, |db| db.idle.pop());
+            let Some((conn, _)) = idle else { break };
+            if conn.is_quiet() {
+                self.counts.lent.inc();
+                return Ok(self.lend(conn, database, slot));
             }
-        };
-        let Some(slot) = slot else {
-            self.counts.timeouts.inc();
-            return Err(AcquireError::Timeout(wait));
-        };
-        let idle = {
-            let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
-            databases
-                .get_mut(database)
-                .and_then(|(_, db)| db.idle.pop())
-        };
-        let conn = match idle {
-            Some(conn) => conn,
-            None => {
-                let conn = ServerConn::connect(
-                    &self.config.server,
-                    &self.config.server_user,
-                    database,
-                    self.config.server_password.as_deref(),
-                )
-                .await
-                .inspect_err(|_| self.counts.server_errors.inc())?;
-                self.counts.opened.inc();
-                conn
-            }
-        };
+            self.counts.stale.inc();
+        }
+        let conn = self.open(database).await?;
         self.counts.lent.inc();
-        Ok(Lent {
+        Ok(self.lend(conn, database, slot))
+    }
+
+    fn lend(&self, conn: ServerConn, database: &str, slot: OwnedSemaphorePermit) -> Lent {
+        Lent {
             conn,
             database: database.to_owned(),
             _slot: slot,
-        })
+        }
     }
 
-    fn count_waiting(&self, database: &str, arriving: bool) {
-        let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, db)) = databases.get_mut(database) {
-            if arriving {
-                db.waiting += 1;
-            } else {
-                db.waiting = db.waiting.saturating_sub(1);
+    async fn open(&self, database: &str) -> Result<ServerConn, ServerError> {
+        let c = &self.config;
+        let conn = ServerConn::connect(
+            &c.server,
+            &c.server_user,
+            database,
+            c.server_password.as_deref(),
+        )
+        .await
+        .inspect_err(|_| self.counts.server_errors.inc())?;
+        self.counts.opened.inc();
+        self.with(database, |db| {
+            db.params.get_or_insert_with(|| conn.params.clone());
+        });
+        Ok(conn)
+    }
+
+    /// A slot under `pool_size` (or, after `reserve_pool_timeout`, in the reserve), waiting
+    /// while the database is paused, until `deadline`.
+    async fn slot(
+        &self,
+        database: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<OwnedSemaphorePermit, AcquireError> {
+        let (slots, reserve, paused) = self.with(database, |db| {
+            (
+                db.slots.clone(),
+                db.reserve.clone(),
+                db.paused.then(|| db.resumed.clone()),
+            )
+        });
+        if paused.is_none() {
+            if let Ok(slot) = slots.clone().try_acquire_owned() {
+                return Ok(slot);
             }
         }
+        self.with(database, |db| db.waiting += 1);
+        let slot = self.wait_for_slot(database, slots, reserve, paused, deadline);
+        let slot = slot.await;
+        self.with(database, |db| db.waiting -= 1);
+        if slot.is_err() {
+            self.counts.timeouts.inc();
+        }
+        slot
+    }
+
+    async fn wait_for_slot(
+        &self,
+        database: &str,
+        slots: Arc<Semaphore>,
+        reserve: Arc<Semaphore>,
+        mut paused: Option<Arc<Notify>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<OwnedSemaphorePermit, AcquireError> {
+        let timeout = AcquireError::Timeout(self.config.query_wait_timeout);
+        while let Some(resumed) = paused {
+            let notified = resumed.notified();
+            if !self.with(database, |db| db.paused) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(AcquireError::Paused(database.to_owned()));
+            }
+            paused = self.with(database, |db| db.paused.then(|| db.resumed.clone()));
+        }
+        let reserve_at = tokio::time::Instant::now() + self.config.reserve_pool_timeout;
+        if self.config.reserve_pool_size > 0 && reserve_at < deadline {
+            if let Ok(slot) =
+                tokio::time::timeout_at(reserve_at, slots.clone().acquire_owned()).await
+            {
+                return slot.map_err(|_| timeout);
+            }
+            let either = async {
+                tokio::select! {
+                    slot = slots.acquire_owned() => slot,
+                    slot = reserve.acquire_owned() => {
+                        self.counts.reserve.inc();
+                        slot
+                    }
+                }
+            };
+            return match tokio::time::timeout_at(deadline, either).await {
+                Ok(Ok(slot)) => Ok(slot),
+                _ => Err(timeout),
+            };
+        }
+        match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => Err(timeout),
+        }
+    }
+
+    /// What PostgreSQL reports to clients of `database` at login (from the first server
+    /// connection; opening one if there is none yet, which also checks the database exists).
+    pub async fn server_params(
+        &self,
+        database: &str,
+    ) -> Result<Vec<(String, String)>, AcquireError> {
+        if let Some(params) = self.with(database, |db| db.params.clone()) {
+            return Ok(params);
+        }
+        let lent = self.acquire(database).await?;
+        let params = lent.conn.params.clone();
+        self.put_back(lent);
+        Ok(params)
+    }
+
+    /// Takes back a clean connection (at rest, outside a transaction).
+    pub fn put_back(&self, lent: Lent) {
+        let Lent { conn, database, .. } = lent;
+        if conn.born.elapsed() >= self.config.server_lifetime {
+            self.counts.expired.inc();
+            return;
+        }
+        self.with(&database, |db| {
+            if !db.paused {
+                db.idle.push((conn, Instant::now()));
+            }
+        });
+    }
+
+    /// Takes a connection back after resetting it; a connection that fails its reset is
+    /// closed, never handed to another client.
+    pub async fn release(&self, mut lent: Lent) {
+        match lent.conn.reset().await {
+            Ok(()) => self.put_back(lent),
+            Err(error) => {
+                self.counts.discarded.inc();
+                tracing::debug!(%error, "dropping a server connection");
+            }
+        }
+    }
+
+    /// Forwards a cancel request for the client with `pid` and `key` to the server
+    /// connection it holds.
+    pub async fn cancel(&self, pid: i32, key: i32) -> std::io::Result<()> {
+        let Some((pid, key)) = self.cancels.target(pid, key) else {
+            return Ok(());
+        };
+        let mut stream = tokio::net::TcpStream::connect(&self.config.server).await?;
+        let packet = crate::wire::cancel_request(pid, key);
+        tokio::io::AsyncWriteExt::write_all(&mut stream, &packet).await
     }
 
     /// Every database's pool, by name.
@@ -157,38 +320,88 @@ impl Pool {
         let databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<DatabaseStatus> = databases
             .iter()
-            .map(|(name, (slots, db))| DatabaseStatus {
+            .map(|(name, db)| DatabaseStatus {
                 database: name.clone(),
-                active: self.config.pool_size - slots.available_permits(),
+                active: self.config.pool_size - db.slots.available_permits()
+                    + (self.config.reserve_pool_size - db.reserve.available_permits()),
                 idle: db.idle.len(),
                 waiting: db.waiting,
+                paused: db.paused,
             })
             .collect();
         out.sort_by(|a, b| a.database.cmp(&b.database));
         out
     }
 
-    /// Forwards a cancel request for backend `pid` to PostgreSQL.
-    pub async fn cancel(&self, pid: i32, key: i32) -> std::io::Result<()> {
-        let mut stream = tokio::net::TcpStream::connect(&self.config.server).await?;
-        let packet = crate::wire::cancel_request(pid, key);
-        tokio::io::AsyncWriteExt::write_all(&mut stream, &packet).await
+    /// Pauses `database` (or every database): no new server connection is lent, idle ones
+    /// are closed, and lent ones are closed as they come back. Returns the databases paused.
+    pub fn pause(&self, database: Option<&str>) -> Vec<String> {
+        self.each(database, |db| {
+            db.paused = true;
+            db.idle.clear();
+        })
     }
 
-    /// Takes a connection back after resetting it; a connection that fails its reset is
-    /// closed, never handed to another client.
-    pub async fn release(&self, mut lent: Lent) {
-        match lent.conn.reset().await {
-            Ok(()) => {
-                let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((_, db)) = databases.get_mut(&lent.database) {
-                    db.idle.push(lent.conn);
-                }
+    /// Lets clients of `database` (or every database) have server connections again.
+    pub fn resume(&self, database: Option<&str>) -> Vec<String> {
+        self.each(database, |db| {
+            db.paused = false;
+            db.resumed.notify_waiters();
+        })
+    }
+
+    fn each(&self, database: Option<&str>, mut f: impl FnMut(&mut Database)) -> Vec<String> {
+        if let Some(name) = database {
+            self.with(name, f);
+            return vec![name.to_owned()];
+        }
+        let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+        databases
+            .iter_mut()
+            .map(|(name, db)| {
+                f(db);
+                name.clone()
+            })
+            .collect()
+    }
+
+    /// Closes idle connections unused for `idle_timeout` (keeping `min_idle`) and returns
+    /// the databases short of `min_idle` idle connections, with how many to open.
+    pub fn tend(&self) -> Vec<(String, usize)> {
+        let c = &self.config;
+        for name in &c.databases {
+            self.with(name, |_| ());
+        }
+        let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+        let mut short = Vec::new();
+        for (name, db) in databases.iter_mut() {
+            if db.paused {
+                continue;
             }
-            Err(error) => {
-                self.counts.discarded.inc();
-                tracing::debug!(%error, "dropping a server connection");
+            // Oldest first: the stack's bottom is the longest idle.
+            while db.idle.len() > c.min_idle
+                && db
+                    .idle
+                    .first()
+                    .is_some_and(|(_, at)| at.elapsed() >= c.idle_timeout)
+            {
+                db.idle.remove(0);
+                self.counts.expired.inc();
+            }
+            let active = c.pool_size - db.slots.available_permits();
+            let room = c.pool_size.saturating_sub(active + db.idle.len());
+            let missing = c.min_idle.saturating_sub(db.idle.len()).min(room);
+            if missing > 0 {
+                short.push((name.clone(), missing));
             }
         }
+        short
+    }
+
+    /// Opens a connection to `database` and keeps it idle (warm-up, `min_idle`).
+    pub async fn warm(&self, database: &str) -> Result<(), ServerError> {
+        let conn = self.open(database).await?;
+        self.with(database, |db| db.idle.insert(0, (conn, Instant::now())));
+        Ok(())
     }
 }

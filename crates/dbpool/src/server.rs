@@ -7,6 +7,7 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::prepared::OnServer;
 use crate::wire::{self, WireError};
 
 /// One logged-in server connection.
@@ -17,6 +18,10 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     pub pid: i32,
     pub key: i32,
+    /// When it logged in, for `server_lifetime`.
+    pub born: std::time::Instant,
+    /// Statements prepared on it under the pooler's names.
+    pub prepared: OnServer,
 }
 
 /// Why a server connection could not be made or kept.
@@ -27,8 +32,8 @@ pub enum ServerError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("PostgreSQL refused the login: {0}")]
-    Refused(String),
+    #[error("{message}")]
+    Refused { code: String, message: String },
     #[error("PostgreSQL asked for an authentication method the pooler does not speak")]
     Method,
     #[error("PostgreSQL asked for a password and none is configured (dbpool.server_password)")]
@@ -39,16 +44,21 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// The message (`M` field) of an `ErrorResponse`, whole message framing included.
-pub fn error_text(message: &[u8]) -> String {
+/// Field `field` of an `ErrorResponse` (`M` message, `C` SQLSTATE), framing included.
+pub fn error_field(message: &[u8], field: u8) -> String {
     message
         .get(5..)
         .unwrap_or_default()
         .split(|b| *b == 0)
-        .take_while(|field| !field.is_empty())
-        .find_map(|field| field.strip_prefix(b"M"))
+        .take_while(|f| !f.is_empty())
+        .find_map(|f| f.strip_prefix(&[field]))
         .map(|text| String::from_utf8_lossy(text).into_owned())
         .unwrap_or_default()
+}
+
+/// The message of an `ErrorResponse`.
+pub fn error_text(message: &[u8]) -> String {
+    error_field(message, b'M')
 }
 
 impl ServerConn {
@@ -79,6 +89,8 @@ impl ServerConn {
             params: Vec::new(),
             pid: 0,
             key: 0,
+            born: std::time::Instant::now(),
+            prepared: OnServer::default(),
         };
         let mut scram: Option<sasl::ScramSha256> = None;
         let mut buf = BytesMut::new();
@@ -141,7 +153,10 @@ impl ServerConn {
                 }
                 backend::Message::ReadyForQuery(_) => return Ok(conn),
                 backend::Message::ErrorResponse(_) => {
-                    return Err(ServerError::Refused(error_text(&buf)));
+                    return Err(ServerError::Refused {
+                        code: error_field(&buf, b'C'),
+                        message: error_text(&buf),
+                    });
                 }
                 backend::Message::NoticeResponse(_) => {}
                 _ => return Err(ServerError::Method),
@@ -149,6 +164,29 @@ impl ServerConn {
             if !out.is_empty() {
                 conn.stream.write_all(&out).await?;
             }
+        }
+    }
+
+    /// Whether the idle connection has nothing to say: a server that closed it, or sent
+    /// anything (a FATAL on shutdown), makes it unfit to lend.
+    pub fn is_quiet(&self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// The value the server last reported for parameter `name`.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Records a `ParameterStatus` the server sent.
+    pub fn set_param(&mut self, name: &str, value: &str) {
+        match self.params.iter_mut().find(|(n, _)| n == name) {
+            Some((_, v)) => value.clone_into(v),
+            None => self.params.push((name.to_owned(), value.to_owned())),
         }
     }
 
@@ -170,6 +208,7 @@ impl ServerConn {
         frontend::query(&format!("SELECT '{marker}'"), &mut out)?;
         frontend::query("DISCARD ALL", &mut out)?;
         self.stream.write_all(&out).await?;
+        self.prepared.clear();
         let mut buf = BytesMut::new();
         let (mut marked, mut discarded) = (false, false);
         loop {
@@ -181,9 +220,10 @@ impl ServerConn {
                     return if buf.get(5) == Some(&b'I') {
                         Ok(())
                     } else {
-                        Err(ServerError::Refused(
-                            "the reset left a transaction open".into(),
-                        ))
+                        Err(ServerError::Refused {
+                            code: "25000".into(),
+                            message: "the reset left a transaction open".into(),
+                        })
                     };
                 }
                 b'E' => {

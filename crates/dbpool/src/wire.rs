@@ -109,6 +109,26 @@ fn message(out: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
+/// One message with `tag` and the body `fill` writes, on its own.
+pub fn framed(tag: u8, fill: impl FnOnce(&mut BytesMut)) -> bytes::Bytes {
+    let mut out = BytesMut::new();
+    message(&mut out, tag, fill);
+    out.freeze()
+}
+
+/// The length of the whole message at the front of `buf`, once all of it is there.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    let Some(header) = buf.get(1..5) else {
+        return Ok(None);
+    };
+    let len = i32::from_be_bytes(header.try_into().expect("4 bytes"));
+    if len < 4 || len as usize > MAX_MESSAGE {
+        return Err(WireError::TooLarge(len.max(0) as usize));
+    }
+    let total = 1 + len as usize;
+    Ok((buf.len() >= total).then_some(total))
+}
+
 pub fn authentication_ok(out: &mut BytesMut) {
     message(out, b'R', |b| b.put_i32(0));
 }
@@ -142,6 +162,14 @@ pub fn backend_key_data(out: &mut BytesMut, pid: i32, key: i32) {
     message(out, b'K', |b| {
         b.put_i32(pid);
         b.put_i32(key);
+    });
+}
+
+/// A simple `Query`.
+pub fn query(out: &mut BytesMut, sql: &str) {
+    message(out, b'Q', |b| {
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
     });
 }
 

@@ -1,7 +1,8 @@
 //! The admin listener: `GET /status` (JSON), `GET /metrics` (Prometheus text), `GET /healthz`,
 //! `POST /reload` (a new generation of workers; answers when the rollout is done), and the
 //! accelerator's invalidation: `POST /cache/purge?url=U`, `?tag=T` (repeatable) or
-//! `?ban=PATTERN`, each with `&soft=1` to mark stale instead of removing.
+//! `?ban=PATTERN`, each with `&soft=1` to mark stale instead of removing; the pooler's
+//! `POST /dbpool/pause?database=D` (every database without one) and `POST /dbpool/resume`.
 //!
 //! It listens on loopback by default; elsewhere every request must carry
 //! `Authorization: Bearer <admin.token>`.
@@ -101,10 +102,11 @@ async fn route(
         ("GET", "/healthz") => typed("ok\n".into(), "text/plain"),
         ("POST", "/reload") => reload_response(reloader.reload().await),
         ("POST", "/cache/purge") => purge(stack, query),
+        ("POST", "/dbpool/pause" | "/dbpool/resume") => pause(stack, path, query),
         (_, "/status" | "/metrics" | "/healthz") => {
             status_response(StatusCode::METHOD_NOT_ALLOWED, "use GET")
         }
-        (_, "/reload" | "/cache/purge") => {
+        (_, "/reload" | "/cache/purge" | "/dbpool/pause" | "/dbpool/resume") => {
             status_response(StatusCode::METHOD_NOT_ALLOWED, "use POST")
         }
         _ => status_response(StatusCode::NOT_FOUND, "no such admin endpoint"),
@@ -170,6 +172,34 @@ fn purge(stack: &Stack, query: &str) -> Response<Body> {
     purged += bans.iter().map(|b| accelerator.ban(b, soft)).sum::<usize>();
     typed(
         serde_json::json!({ "purged": purged, "soft": soft }).to_string(),
+        "application/json",
+    )
+}
+
+/// `POST /dbpool/pause` or `/dbpool/resume`, for one `database=` or all of them.
+fn pause(stack: &Stack, path: &str, query: &str) -> Response<Body> {
+    let Some(dbpool) = &stack.dbpool else {
+        return status_response(StatusCode::CONFLICT, "this node does not run the dbpool");
+    };
+    let mut database = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("database", value)) => database = Some(percent_decode(value)),
+            _ => {
+                return status_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("unknown parameter {pair:?} (database)"),
+                )
+            }
+        }
+    }
+    let (key, databases) = if path.ends_with("pause") {
+        ("paused", dbpool.pause(database.as_deref()))
+    } else {
+        ("resumed", dbpool.resume(database.as_deref()))
+    };
+    typed(
+        serde_json::json!({ key: databases }).to_string(),
         "application/json",
     )
 }

@@ -1,0 +1,251 @@
+//! Session state under transaction pooling. Some SQL leaves state on the server connection
+//! that outlives the transaction (a plain `SET`, session advisory locks, `LISTEN`, temporary
+//! tables, `WITH HOLD` cursors, SQL `PREPARE`, `LOAD`): the next client on that connection
+//! would inherit it and this client would lose it. [`session_state`] spots such statements
+//! so the client can be pinned to its connection (or the use reported).
+//!
+//! The parameters PostgreSQL reports (`ParameterStatus`) are different: the pooler tracks each
+//! client's values and sets them on whichever connection the client gets, so setting them is
+//! safe ([`TRACKED`]).
+
+/// Parameters whose values follow each client from server connection to server connection.
+pub const TRACKED: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "application_name",
+    "standard_conforming_strings",
+];
+
+/// The canonical name of a tracked parameter, however the client spelled it.
+pub fn tracked(name: &str) -> Option<&'static str> {
+    TRACKED
+        .iter()
+        .copied()
+        .find(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// What in `sql` would leave state on the server connection past the transaction, if any.
+pub fn session_state(sql: &[u8]) -> Option<&'static str> {
+    let sql = String::from_utf8_lossy(sql).to_ascii_lowercase();
+    if sql.contains("pg_advisory_lock") || sql.contains("pg_try_advisory_lock") {
+        return Some("session advisory lock");
+    }
+    for statement in statements(&sql) {
+        let words: Vec<&str> = statement.split_whitespace().take(4).collect();
+        let word = |i: usize| words.get(i).copied().unwrap_or("");
+        let found = match word(0) {
+            "set" | "reset" => match word(1) {
+                "local" | "transaction" | "constraints" => None,
+                "time" if word(2) == "zone" => None,
+                "names" => None,
+                "session" if word(2) == "authorization" => Some("SET SESSION AUTHORIZATION"),
+                "session" if word(2) == "characteristics" => Some("SET SESSION CHARACTERISTICS"),
+                "session" => set_target(word(2)),
+                "all" => None,
+                name => set_target(name),
+            },
+            "listen" => Some("LISTEN"),
+            "prepare" => Some("PREPARE"),
+            "load" => Some("LOAD"),
+            "declare" if statement.contains(" with hold") => Some("cursor WITH HOLD"),
+            "create" if temporary(&words) && !statement.contains("on commit drop") => {
+                Some("temporary table")
+            }
+            _ => None,
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
+/// `SET name ...` is session state unless `name` is tracked.
+fn set_target(name: &str) -> Option<&'static str> {
+    let name = name
+        .split(['=', ' '])
+        .next()
+        .unwrap_or(name)
+        .trim_matches('"');
+    match tracked(name) {
+        Some(_) => None,
+        None => Some("SET"),
+    }
+}
+
+fn temporary(words: &[&str]) -> bool {
+    words
+        .iter()
+        .skip(1)
+        .take(2)
+        .any(|w| matches!(*w, "temp" | "temporary"))
+}
+
+/// The statements of `sql`, comments removed, split at semicolons outside quotes.
+fn statements(sql: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = sql.chars().peekable();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        let current = out.last_mut().expect("never empty");
+        match (quote, c) {
+            (Some(q), c) if c == q => {
+                quote = None;
+                current.push(c);
+            }
+            (Some(_), c) => current.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                current.push(c);
+            }
+            (None, '-') if chars.peek() == Some(&'-') => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+                current.push(' ');
+            }
+            (None, '/') if chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut last = ' ';
+                for c in chars.by_ref() {
+                    if last == '*' && c == '/' {
+                        break;
+                    }
+                    last = c;
+                }
+                current.push(' ');
+            }
+            (None, ';') => out.push(String::new()),
+            (None, c) => current.push(c),
+        }
+    }
+    out.into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// `SET` statements that give a server connection `params`, as one simple query.
+pub fn set_query(params: &[(&str, &str)]) -> String {
+    params
+        .iter()
+        .map(|(name, value)| format!("SET {name} TO '{}'", value.replace('\'', "''")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Whether `sql` is `DISCARD ALL` or `DEALLOCATE ALL`, which drop every prepared statement.
+pub fn drops_all_statements(sql: &[u8]) -> bool {
+    let sql = String::from_utf8_lossy(sql).to_ascii_lowercase();
+    statements(&sql).iter().any(|s| {
+        let words: Vec<&str> = s.split_whitespace().collect();
+        matches!(
+            words.as_slice(),
+            ["discard", "all"] | ["deallocate", "all"] | ["deallocate", "prepare", "all"]
+        )
+    })
+}
+
+/// The statement `DEALLOCATE name` (alone) drops, if `sql` is that.
+pub fn deallocates(sql: &[u8]) -> Option<String> {
+    let sql = String::from_utf8_lossy(sql);
+    let mut statements = statements(&sql);
+    if statements.len() != 1 {
+        return None;
+    }
+    let statement = statements.pop()?;
+    let words: Vec<&str> = statement.split_whitespace().collect();
+    let name = match words.as_slice() {
+        [first, name] if first.eq_ignore_ascii_case("deallocate") => *name,
+        [first, second, name]
+            if first.eq_ignore_ascii_case("deallocate")
+                && second.eq_ignore_ascii_case("prepare") =>
+        {
+            *name
+        }
+        _ => return None,
+    };
+    if name.eq_ignore_ascii_case("all") {
+        return None;
+    }
+    Some(
+        match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(quoted) => quoted.to_owned(),
+            None => name.to_ascii_lowercase(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_that_outlive_a_transaction_are_spotted() {
+        for (sql, what) in [
+            ("SET search_path = app", "SET"),
+            ("set session statement_timeout to 5", "SET"),
+            ("SET ROLE admin", "SET"),
+            ("select pg_advisory_lock(1)", "session advisory lock"),
+            ("LISTEN jobs", "LISTEN"),
+            ("create temp table t (x int)", "temporary table"),
+            ("CREATE TEMPORARY TABLE t (x int)", "temporary table"),
+            (
+                "declare c cursor with hold for select 1",
+                "cursor WITH HOLD",
+            ),
+            ("PREPARE q AS select 1", "PREPARE"),
+            ("begin; set work_mem = '1GB'; commit", "SET"),
+        ] {
+            assert_eq!(session_state(sql.as_bytes()), Some(what), "{sql}");
+        }
+    }
+
+    #[test]
+    fn transaction_scoped_and_tracked_statements_are_not() {
+        for sql in [
+            "select 1",
+            "SET LOCAL work_mem = '1GB'",
+            "set transaction isolation level serializable",
+            "SET TIME ZONE 'UTC'",
+            "set timezone = 'UTC'",
+            "SET application_name TO 'x'",
+            "select pg_advisory_xact_lock(1)",
+            "create temp table t (x int) on commit drop",
+            "declare c cursor for select 1",
+            "select 'set search_path = x; listen y'",
+            "-- SET search_path = x\nselect 1",
+            "insert into settings values ('prepare')",
+        ] {
+            assert_eq!(session_state(sql.as_bytes()), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn statement_dropping_sql_is_recognised() {
+        assert!(drops_all_statements(b"DISCARD ALL"));
+        assert!(drops_all_statements(b"deallocate all;"));
+        assert!(!drops_all_statements(b"select 'discard all'"));
+        assert_eq!(deallocates(b"DEALLOCATE _pg3_0").as_deref(), Some("_pg3_0"));
+        assert_eq!(
+            deallocates(b"deallocate prepare \"Q1\"").as_deref(),
+            Some("Q1")
+        );
+        assert_eq!(deallocates(b"DEALLOCATE ALL"), None);
+        assert_eq!(deallocates(b"select 1"), None);
+    }
+
+    #[test]
+    fn set_queries_quote_values() {
+        assert_eq!(
+            set_query(&[("TimeZone", "UTC"), ("application_name", "it's")]),
+            "SET TimeZone TO 'UTC'; SET application_name TO 'it''s'"
+        );
+        assert_eq!(tracked("timezone"), Some("TimeZone"));
+        assert_eq!(tracked("search_path"), None);
+    }
+}
