@@ -11,7 +11,9 @@ import time
 import psycopg
 import pytest
 
-from conftest import PG_PASSWORD, free_port, metric, wait_until
+import requests
+
+from conftest import PG_PASSWORD, Postgres, free_port, metric, wait_until
 
 
 @pytest.fixture
@@ -222,3 +224,206 @@ def test_unix_socket_clients(pooler, tmp_path):
     server = pooler(f'unix_socket_dir = "{tmp_path}"\n')
     with connect(server, host=str(tmp_path)) as conn:
         assert conn.execute("select 7").fetchone()[0] == 7
+
+
+def pool_state(server):
+    return server.status()["dbpool"]["databases"][0]
+
+
+def test_prepared_statements_follow_clients_across_server_connections(pooler, postgres):
+    server = pooler('pool_size = 2\n')
+    # prepare_threshold=0: psycopg prepares every statement (protocol-level Parse with a name)
+    # and binds parameters on the server; autocommit makes each statement its own transaction,
+    # so the server connection changes hands between them.
+    clients = [connect(server, prepare_threshold=0, autocommit=True) for _ in range(6)]
+    for round_ in range(8):
+        for index, conn in enumerate(clients):
+            assert conn.execute("select %s::int + %s::int", (index, round_)).fetchone()[0] \
+                == index + round_
+            assert conn.execute("select %s::text || 'x'", (str(index),)).fetchone()[0] \
+                == f"{index}x"
+    names = {row[0] for row in clients[0].execute(
+        "select name from pg_prepared_statements").fetchall()}
+    assert names and all(name.startswith("strata_") for name in names), names
+    # A client that drops every statement (psycopg forgets its own too) carries on.
+    clients[1].execute("deallocate all")
+    assert clients[1].execute("select %s::int + %s::int", (40, 2)).fetchone()[0] == 42
+    # psycopg closes statements it evicts (protocol Close): the client forgets them, the
+    # server connections keep them for other clients.
+    clients[2].prepared_max = 2
+    for n in range(6):
+        assert clients[2].execute(f"select {n} + %s::int", (1,)).fetchone()[0] == n + 1
+    for conn in clients:
+        conn.close()
+    assert metric(server, "strata_dbpool_prepared_statements") >= 8
+    assert metric(server, 'strata_dbpool_events_total{event="pinned"}') == 0
+
+
+@pytest.mark.parametrize("protocol", ["simple", "extended", "prepared"])
+def test_pgbench_through_transaction_pooling(pooler, postgres, protocol):
+    server = pooler('pool_size = 2\n')
+    env = {"PGPASSWORD": PG_PASSWORD, "PATH": "/usr/bin:/bin"}
+    target = ["-h", "127.0.0.1", "-U", "postgres"]
+    pgbench = str(postgres.bin / "pgbench")
+    subprocess.run([pgbench, "-i", "-q", "-s", "1", *target, "-p", str(postgres.port),
+                    "postgres"], env=env, check=True, capture_output=True, timeout=120)
+    result = subprocess.run(
+        [pgbench, "-M", protocol, "-c", "6", "-j", "2", "-t", "40", *target,
+         "-p", str(server.dbpool_port), "postgres"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "number of transactions actually processed: 240/240" in result.stdout
+    assert "number of failed transactions: 0" in result.stdout
+    assert metric(server, 'strata_dbpool_events_total{event="opened"}') <= 2
+
+
+def test_tracked_parameters_follow_each_client(pooler):
+    server = pooler('pool_size = 1\n')
+    with connect(server, autocommit=True) as tokyo, \
+            connect(server, autocommit=True, application_name="reports") as other:
+        tokyo.execute("set time zone 'Asia/Tokyo'")
+        for _ in range(3):
+            assert tokyo.execute("show timezone").fetchone()[0] == "Asia/Tokyo"
+            assert other.execute("show timezone").fetchone()[0] != "Asia/Tokyo"
+            assert other.execute("show application_name").fetchone()[0] == "reports"
+            assert tokyo.execute("show application_name").fetchone()[0] == ""
+        assert tokyo.info.parameter_status("TimeZone") == "Asia/Tokyo"
+        assert other.info.parameter_status("TimeZone") != "Asia/Tokyo"
+    assert metric(server, 'strata_dbpool_events_total{event="pinned"}') == 0
+
+
+def test_session_state_pins_the_client_to_its_server_connection(pooler):
+    server = pooler('pool_size = 2\n')
+    with connect(server, autocommit=True) as pinned, connect(server, autocommit=True) as other:
+        pinned.execute("set search_path = pg_catalog, public")
+        pid = pinned.execute("select pg_backend_pid()").fetchone()[0]
+        pinned.execute("listen jobs")
+        for _ in range(5):
+            other.execute("select 1")
+            assert pinned.execute("select pg_backend_pid()").fetchone()[0] == pid
+            assert pinned.execute("show search_path").fetchone()[0] == "pg_catalog, public"
+        other.execute("notify jobs, 'hello'")
+        notes = list(pinned.notifies(timeout=5, stop_after=1))
+        assert [n.payload for n in notes] == ["hello"]
+    assert metric(server, 'strata_dbpool_events_total{event="pinned"}') == 1
+    # Once the pinned client leaves, its connection is reset before anyone else gets it.
+    with connect(server, autocommit=True) as conn:
+        for _ in range(4):
+            assert conn.execute("show search_path").fetchone()[0] == '"$user", public'
+
+
+def test_session_state_can_be_reported_instead(pooler):
+    server = pooler('pool_size = 2\non_session_state = "report"\n')
+    with connect(server, autocommit=True) as conn:
+        conn.execute("set work_mem = '8MB'")
+        conn.execute("select 1")
+    assert metric(server, 'strata_dbpool_events_total{event="session_state"}') == 1
+    assert metric(server, 'strata_dbpool_events_total{event="pinned"}') == 0
+    assert "left session state" in server.log()
+
+
+def test_unsupported_startup_parameters_are_refused_clearly(pooler):
+    server = pooler()
+    with pytest.raises(psycopg.OperationalError, match="unsupported startup parameter: options"):
+        connect(server, options="-c search_path=elsewhere")
+    with connect(server) as conn:  # ignored by default, as JDBC sends it
+        assert conn.execute("select 1").fetchone()[0] == 1
+
+
+def test_pause_holds_clients_until_resume(pooler):
+    server = pooler('pool_size = 2\nquery_wait_timeout = "10s"\n')
+    admin = f"http://127.0.0.1:{server.admin_port}"
+    with connect(server, autocommit=True) as conn:
+        conn.execute("select 1")
+        assert pool_state(server)["idle"] == 1
+        paused = requests.post(f"{admin}/dbpool/pause?database=postgres", timeout=10)
+        assert paused.json() == {"paused": ["postgres"]}
+        assert pool_state(server)["paused"] is True and pool_state(server)["idle"] == 0
+        answers = []
+        thread = threading.Thread(
+            target=lambda: answers.append(conn.execute("select 5").fetchone()[0]))
+        thread.start()
+        assert wait_until(lambda: pool_state(server)["waiting"] == 1)
+        time.sleep(0.3)
+        assert answers == []
+        resumed = requests.post(f"{admin}/dbpool/resume", timeout=10)
+        assert resumed.json() == {"resumed": ["postgres"]}
+        thread.join(5)
+        assert answers == [5]
+    assert requests.get(f"{admin}/dbpool/pause", timeout=10).status_code == 405
+
+
+def test_min_idle_warm_connections_and_idle_timeout(pooler):
+    server = pooler('min_idle = 2\ndatabases = ["postgres"]\nidle_timeout = "1s"\n')
+    assert wait_until(lambda: pool_state(server)["idle"] == 2)
+    clients = [connect(server) for _ in range(4)]
+    for conn in clients:
+        conn.execute("select 1")  # each holds a transaction open: four connections
+    assert pool_state(server)["active"] == 4
+    for conn in clients:
+        conn.close()
+    assert wait_until(lambda: pool_state(server)["idle"] == 4, timeout=5)
+    assert wait_until(lambda: pool_state(server)["idle"] == 2, timeout=10)
+    assert metric(server, 'strata_dbpool_events_total{event="expired"}') == 2
+
+
+def test_server_lifetime_replaces_old_connections(pooler):
+    server = pooler('pool_size = 1\nserver_lifetime = "1s"\n')
+    with connect(server, autocommit=True) as conn:
+        first = conn.execute("select pg_backend_pid()").fetchone()[0]
+        time.sleep(1.2)
+        assert conn.execute("select pg_backend_pid()").fetchone()[0] != first
+    assert metric(server, 'strata_dbpool_events_total{event="expired"}') >= 1
+
+
+def test_the_reserve_serves_clients_that_waited_long(pooler):
+    server = pooler('pool_size = 1\nreserve_pool_size = 1\nreserve_pool_timeout = "300ms"\n'
+                    'query_wait_timeout = "5s"\n')
+    with connect(server) as holder, connect(server) as late:
+        holder.execute("select 1")  # holds the only connection in an open transaction
+        started = time.monotonic()
+        assert late.execute("select 2").fetchone()[0] == 2
+        assert 0.25 < time.monotonic() - started < 3
+    assert metric(server, 'strata_dbpool_events_total{event="reserve"}') == 1
+
+
+def test_the_pool_recovers_when_postgres_restarts_under_load(strata):
+    own = Postgres()
+    try:
+        port = free_port()
+        server = strata("--tiers", "dbpool", config=(
+            f'[dbpool]\nbind = "127.0.0.1:{port}"\nserver = "127.0.0.1:{own.port}"\n'
+            f'server_password = "{PG_PASSWORD}"\npool_size = 3\n'))
+        server.dbpool_port = port
+        stop = threading.Event()
+        outcomes = {"ok": 0, "errors": 0, "ok_after": 0}
+        restarted = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                try:
+                    with connect(server, autocommit=True, connect_timeout=3) as conn:
+                        while not stop.is_set():
+                            conn.execute("select count(*) from pg_class")
+                            outcomes["ok_after" if restarted.is_set() else "ok"] += 1
+                except psycopg.Error:
+                    outcomes["errors"] += 1
+                    time.sleep(0.05)
+
+        threads = [threading.Thread(target=load) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1)
+        own.restart()
+        restarted.set()
+        time.sleep(2)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        assert outcomes["ok"] > 0 and outcomes["errors"] > 0, outcomes
+        assert outcomes["ok_after"] > 0, outcomes
+        with connect(server) as conn:
+            assert conn.execute("select 1").fetchone()[0] == 1
+        assert server.process.poll() is None
+    finally:
+        own.stop()

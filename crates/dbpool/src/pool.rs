@@ -152,6 +152,10 @@ impl Pool {
         loop {
             let idle = self.with(database, |db| db.idle.pop());
             let Some((conn, _)) = idle else { break };
+            if conn.born.elapsed() >= self.config.server_lifetime {
+                self.counts.expired.inc();
+                continue;
+            }
             if conn.is_quiet() {
                 self.counts.lent.inc();
                 return Ok(self.lend(conn, database, slot));

@@ -22,6 +22,9 @@ struct Statements {
     ids: HashMap<Bytes, u64>,
     /// The Parse message under the pooler's name, by id.
     parses: HashMap<u64, Bytes>,
+    /// Statements a server has accepted: a client's Parse of one is answered at once, and
+    /// the statement prepared when a Bind or Describe needs it.
+    accepted: std::collections::HashSet<u64>,
 }
 
 impl Registry {
@@ -47,6 +50,18 @@ impl Registry {
     pub fn parse(&self, id: u64) -> Option<Bytes> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.parses.get(&id).cloned()
+    }
+
+    /// Records that a server accepted statement `id`.
+    pub fn accept(&self, id: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.accepted.insert(id);
+    }
+
+    /// Whether a server has accepted statement `id`.
+    pub fn accepted(&self, id: u64) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.accepted.contains(&id)
     }
 
     /// How many distinct statements clients have prepared.

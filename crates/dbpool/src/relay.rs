@@ -326,6 +326,16 @@ impl<'a> Relay<'a> {
         };
         let name = Bytes::copy_from_slice(name);
         let (id, parse) = self.pool.statements.intern(key);
+        if self.link.is_none()
+            && !self.statements.contains_key(&name)
+            && self.pool.statements.accepted(id)
+        {
+            // Known good: answered now, prepared on a server when a Bind needs it. A client
+            // that prepares between transactions never waits for a connection to do so.
+            self.statements.insert(name, id);
+            self.flow.owe(wire::framed(b'1', |_| {}));
+            return Ok(());
+        }
         self.link().await?;
         if let Some(&existing) = self.statements.get(&name) {
             // A second statement under one name: PostgreSQL refuses it, and says so.
@@ -462,8 +472,11 @@ impl<'a> Relay<'a> {
             }
         }
         let statements = &mut self.statements;
+        let registry = &self.pool.statements;
         let verdict = self.flow.received(tag, status, |p, ok| {
-            if !ok {
+            if ok {
+                registry.accept(p.id);
+            } else {
                 lent.conn.prepared.forget(p.id);
                 if let Some(name) = p.client_name {
                     if statements.get(&name) == Some(&p.id) {
