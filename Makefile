@@ -29,6 +29,7 @@ bench: build
 	bash benches/deploy.sh
 	bash benches/accelerator.sh
 	bash benches/cache.sh
+	bash benches/dbpool.sh
 
 build:
 	$(CARGO) build --release --locked

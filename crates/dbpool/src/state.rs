@@ -28,6 +28,23 @@ pub fn tracked(name: &str) -> Option<&'static str> {
 
 /// What in `sql` would leave state on the server connection past the transaction, if any.
 pub fn session_state(sql: &[u8]) -> Option<&'static str> {
+    // Most statements mention none of the words that matter: skip them without parsing.
+    const WORDS: &[&[u8]] = &[
+        b"set",
+        b"listen",
+        b"prepare",
+        b"load",
+        b"declare",
+        b"temp",
+        b"advisory",
+    ];
+    let mentions = |word: &[u8]| {
+        sql.windows(word.len())
+            .any(|w| w.eq_ignore_ascii_case(word))
+    };
+    if !WORDS.iter().any(|word| mentions(word)) {
+        return None;
+    }
     let sql = String::from_utf8_lossy(sql).to_ascii_lowercase();
     if sql.contains("pg_advisory_lock") || sql.contains("pg_try_advisory_lock") {
         return Some("session advisory lock");
