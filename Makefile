@@ -7,10 +7,10 @@ CARGO  ?= cargo
 
 .PHONY: run test lint bench build venv clean
 
-## run: build, prepare the example site, serve it on http://127.0.0.1:8000/ (admin on :9000)
+## run: build, prepare the example site, serve it on http://127.0.0.1:8000/ (admin on :9000),
+## on a private PostgreSQL (var/postgres) through the pooler when the machine has one
 run: venv build
-	cd example && ../$(PY) manage.py migrate -v0
-	target/release/strata run --config config/strata.toml
+	bash scripts/run-example.sh
 
 ## test: Rust unit tests, then end-to-end tests of the real binary against real applications
 test: venv
@@ -44,4 +44,4 @@ $(VENV)/.installed: tests/requirements.txt crates/appserver/python/pyproject.tom
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV) example/db.sqlite3
+	rm -rf $(VENV) example/db.sqlite3 var

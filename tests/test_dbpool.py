@@ -1,19 +1,24 @@
 """The PostgreSQL pooler against a real PostgreSQL started by the test harness, driven by
 psycopg."""
 
+import os
+import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
-
 import requests
 
-from conftest import PG_PASSWORD, Postgres, free_port, metric, wait_until
+from conftest import (EXAMPLE, PG_PASSWORD, ROOT, STRATA, Postgres, free_port, metric,
+                      wait_until)
 
 
 @pytest.fixture
@@ -427,3 +432,62 @@ def test_the_pool_recovers_when_postgres_restarts_under_load(strata):
         assert server.process.poll() is None
     finally:
         own.stop()
+
+
+def test_the_example_sites_own_tests_pass_through_transaction_pooling(pooler):
+    server = pooler('pool_size = 4\n')
+    env = {**os.environ, "EXAMPLE_PG_PORT": str(server.dbpool_port), "EXAMPLE_PG_NAME": "postgres",
+           "EXAMPLE_PG_PASSWORD": PG_PASSWORD}
+    # --keepdb: dropping the test database at the end would meet the pool's idle connections.
+    result = subprocess.run([sys.executable, "manage.py", "test", "blog", "--keepdb", "-v", "2"],
+                            cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Ran 6 tests" in result.stderr and "OK" in result.stderr
+    assert "postgresql" in result.stderr.lower() or "test_postgres" in result.stderr
+    assert metric(server, 'strata_dbpool_events_total{event="lent"}') > 20
+
+
+def test_make_run_serves_the_example_on_a_private_postgres_through_the_pooler(tmp_path):
+    var = Path(tempfile.mkdtemp(prefix="strata-var-"))
+    ports = {name: free_port() for name in ("http", "admin", "pg", "pooler")}
+    env = {**os.environ, "EXAMPLE_VAR": str(var), "EXAMPLE_PG_SERVER_PORT": str(ports["pg"]),
+           "EXAMPLE_POOLER_PORT": str(ports["pooler"])}
+    env = {k: v for k, v in env.items() if not k.startswith("STRATA_")}
+    env["EXAMPLE_STRATA_BIN"] = str(STRATA)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    log = open(tmp_path / "run.log", "w")
+    script = subprocess.Popen(
+        ["bash", str(ROOT / "scripts" / "run-example.sh"), "--bind",
+         f"127.0.0.1:{ports['http']}", "--admin", f"127.0.0.1:{ports['admin']}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    admin = f"http://127.0.0.1:{ports['admin']}"
+    try:
+        assert wait_until(lambda: _up(f"{admin}/healthz"), timeout=120), \
+            (tmp_path / "run.log").read_text()
+        front = requests.get(f"http://127.0.0.1:{ports['http']}/", timeout=10)
+        assert front.status_code == 200 and "<h1" in front.text
+        status = requests.get(f"{admin}/status", timeout=10).json()
+        assert status["dbpool"]["databases"][0]["database"] == "example"
+        assert "through Strata's pooler" in (tmp_path / "run.log").read_text()
+        assert (var / "postgres" / "PG_VERSION").exists()
+    finally:
+        os.killpg(script.pid, signal.SIGTERM)
+        script.wait(60)
+        shutil.rmtree(var, ignore_errors=True)
+    # The script stops the private PostgreSQL when Strata stops.
+    assert not _listening(ports["pg"])
+
+
+def _up(url):
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -2,6 +2,9 @@
 
 Environment variables a test or an operator may set:
   EXAMPLE_DB       path of the SQLite database (default: db.sqlite3 next to manage.py)
+  EXAMPLE_PG_PORT  use PostgreSQL instead, on 127.0.0.1 at this port (Strata's pooler, as
+                   `make run` sets it up); EXAMPLE_PG_HOST, EXAMPLE_PG_NAME (default
+                   "example"), EXAMPLE_PG_USER (default "postgres"), EXAMPLE_PG_PASSWORD
   EXAMPLE_DEBUG    "1" for Django's debug mode
   EXAMPLE_DOWNLOADS  directory /download/<name> serves files from
 """
@@ -60,6 +63,21 @@ DATABASES = {
         "NAME": os.environ.get("EXAMPLE_DB", str(BASE_DIR / "db.sqlite3")),
     }
 }
+if os.environ.get("EXAMPLE_PG_PORT"):
+    # Through Strata's pooler in transaction mode: connections to the pooler are cheap to
+    # keep, and server-side cursors cannot outlive the transaction that lends a server
+    # connection, so Django must not use them.
+    DATABASES["default"] = {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": os.environ.get("EXAMPLE_PG_HOST", "127.0.0.1"),
+        "PORT": os.environ["EXAMPLE_PG_PORT"],
+        "NAME": os.environ.get("EXAMPLE_PG_NAME", "example"),
+        "USER": os.environ.get("EXAMPLE_PG_USER", "postgres"),
+        "PASSWORD": os.environ.get("EXAMPLE_PG_PASSWORD", ""),
+        "CONN_MAX_AGE": 60,
+        "CONN_HEALTH_CHECKS": True,
+        "DISABLE_SERVER_SIDE_CURSORS": True,
+    }
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
