@@ -252,8 +252,15 @@ class Postgres:
         pwfile.chmod(0o644)
         self.run("initdb", "-D", str(self.data), "-U", "postgres", "--pwfile", str(pwfile),
                  "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8")
+        self.start()
+
+    def start(self):
         self.run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "start",
                  "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1")
+
+    def halt(self):
+        """Stops the server, keeping its data for `start`."""
+        self.run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def run(self, tool, *args):
         subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True,

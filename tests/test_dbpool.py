@@ -491,3 +491,36 @@ def _listening(port):
         return True
     except OSError:
         return False
+
+
+def test_health_checks_see_postgres_go_down_and_come_back(strata):
+    own = Postgres()
+    try:
+        port = free_port()
+        server = strata("--tiers", "dbpool", config=(
+            f'[dbpool]\nbind = "127.0.0.1:{port}"\nserver = "127.0.0.1:{own.port}"\n'
+            f'server_password = "{PG_PASSWORD}"\nhealth_check_interval = "200ms"\n'))
+        server.dbpool_port = port
+
+        def health():
+            return server.status()["dbpool"]["server"]
+
+        assert wait_until(lambda: health()["up"] is True)
+        with connect(server, autocommit=True) as conn:
+            conn.execute("select 1")
+        assert pool_state(server)["idle"] == 1
+        own.halt()
+        assert wait_until(lambda: health()["up"] is False)
+        assert health()["error"]
+        assert pool_state(server)["idle"] == 0
+        assert metric(server, "strata_dbpool_server_up") == 0
+        with pytest.raises(psycopg.OperationalError, match="cannot reach PostgreSQL"):
+            connect(server, dbname="template1")
+        own.start()
+        assert wait_until(lambda: health()["up"] is True)
+        assert metric(server, "strata_dbpool_server_up") == 1
+        assert metric(server, 'strata_dbpool_health_checks_total{outcome="failed"}') >= 1
+        with connect(server) as conn:
+            assert conn.execute("select 1").fetchone()[0] == 1
+    finally:
+        own.stop()

@@ -54,6 +54,11 @@ pub struct DbPoolConfig {
     /// (`client_encoding`, `DateStyle`, `IntervalStyle`, `TimeZone`, `application_name`,
     /// `standard_conforming_strings`) is refused.
     pub ignore_startup_parameters: Vec<String>,
+    /// How often a control connection checks the server with `SELECT 1` ("0s": never).
+    #[serde(with = "strata_core::duration")]
+    pub health_check_interval: Duration,
+    /// The database that control connection logs into.
+    pub health_check_database: String,
     /// Longest a client waits for a server connection; then it gets an error.
     #[serde(with = "strata_core::duration")]
     pub query_wait_timeout: Duration,
@@ -79,6 +84,8 @@ impl Default for DbPoolConfig {
             max_prepared_statements: 200,
             on_session_state: "pin".into(),
             ignore_startup_parameters: vec!["extra_float_digits".into()],
+            health_check_interval: Duration::from_secs(10),
+            health_check_database: "postgres".into(),
             query_wait_timeout: Duration::from_secs(30),
         }
     }

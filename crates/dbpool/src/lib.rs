@@ -19,6 +19,7 @@
 //! - `prepared`: prepared statements under pooler-wide names.
 //! - `state`: session state and tracked parameters.
 //! - `cancel`: the pooler's cancel keys.
+//! - `health`: a control connection (tokio-postgres) that checks the server.
 //! - `relay`: a logged-in client's messages and their answers.
 //! - `scram`: SCRAM-SHA-256 on the server side, for client logins.
 //! - `client`: a client's startup and login.
@@ -27,6 +28,7 @@ mod cancel;
 mod client;
 pub mod config;
 mod flow;
+mod health;
 mod pool;
 mod prepared;
 mod relay;
@@ -96,7 +98,8 @@ impl DbPool {
         }
         let handle = serve(pool.clone(), login);
         tokio::spawn(accept_until(listener, shutdown.clone(), "dbpool", handle));
-        tokio::spawn(tend(pool.clone(), shutdown));
+        tokio::spawn(tend(pool.clone(), shutdown.clone()));
+        tokio::spawn(health::watch(pool.clone(), shutdown));
         Ok(Self { pool })
     }
 }
@@ -143,6 +146,11 @@ impl DbPool {
         self.pool.resume(database)
     }
 
+    /// What the last health check of the server found.
+    pub fn health(&self) -> health::HealthStatus {
+        self.pool.health.status()
+    }
+
     /// Each database's pool: active, idle and waiting.
     pub fn status(&self) -> Vec<pool::DatabaseStatus> {
         self.pool.status()
@@ -174,6 +182,25 @@ impl DbPool {
             out,
             "strata_dbpool_wait_seconds",
             "How long clients waited for a server connection.",
+        );
+        let health = &self.pool.health;
+        strata_core::metrics::render_value(
+            out,
+            "strata_dbpool_server_up",
+            "1 when PostgreSQL passed its last health check (SELECT 1 on a control connection).",
+            "gauge",
+            u64::from(health.up().unwrap_or(false)),
+        );
+        strata_core::metrics::render_labeled(
+            out,
+            "strata_dbpool_health_checks_total",
+            "Health checks of PostgreSQL, by outcome.",
+            "counter",
+            "outcome",
+            [
+                ("passed", health.passed.get()),
+                ("failed", health.failed.get()),
+            ],
         );
         strata_core::metrics::render_value(
             out,

@@ -93,6 +93,7 @@ pub struct Pool {
     pub counts: Counts,
     pub cancels: Arc<Cancels>,
     pub statements: Registry,
+    pub health: crate::health::Health,
     databases: Mutex<HashMap<String, Database>>,
 }
 
@@ -121,6 +122,7 @@ impl Pool {
             },
             cancels: Arc::default(),
             statements: Registry::default(),
+            health: Default::default(),
             databases: Mutex::default(),
         }
     }
@@ -344,6 +346,11 @@ impl Pool {
             db.paused = true;
             db.idle.clear();
         })
+    }
+
+    /// Closes every idle connection (the server failed a health check).
+    pub fn close_idle(&self) {
+        self.each(None, |db| db.idle.clear());
     }
 
     /// Lets clients of `database` (or every database) have server connections again.

@@ -89,6 +89,7 @@ async fn route(
                     "routes": a.routes(),
                 })),
                 "dbpool": stack.dbpool.as_ref().map(|d| serde_json::json!({
+                    "server": d.health(),
                     "databases": d.status(),
                 })),
             });
