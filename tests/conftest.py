@@ -280,6 +280,21 @@ class Postgres:
 
 
 @pytest.fixture(scope="session")
+def django_tests(tmp_path_factory):
+    """The `tests/` folder of the installed Django's sdist (downloaded once per session): the
+    test suite Django runs on itself, for its backends to run against Strata's tiers."""
+    import django
+
+    root = tmp_path_factory.mktemp("django-sdist")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                    "--no-binary", ":all:", f"Django=={django.__version__}", "-d", str(root)],
+                   check=True, timeout=300)
+    archive = next(root.glob("*.tar.gz"))
+    subprocess.run(["tar", "xzf", str(archive), "-C", str(root)], check=True)
+    return next(root.glob("*/tests"))
+
+
+@pytest.fixture(scope="session")
 def postgres():
     server = Postgres()
     yield server

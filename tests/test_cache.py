@@ -268,17 +268,10 @@ def test_a_cache_node_has_no_http_listener(cache):
     assert cache.status()["tiers"] == ["cache"]
 
 
-def test_djangos_own_cache_tests_pass_against_strata(cache, tmp_path):
+def test_djangos_own_cache_tests_pass_against_strata(cache, django_tests):
     """Django's test suite for its memcached backend (`cache.tests.PyMemcacheCacheTests`, from
     the sdist of the installed Django) with the `pymemcache` cache pointed at Strata."""
-    import django
-
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                    "--no-binary", ":all:", f"Django=={django.__version__}", "-d", str(tmp_path)],
-                   check=True, timeout=300)
-    archive = next(tmp_path.glob("*.tar.gz"))
-    subprocess.run(["tar", "xzf", str(archive), "-C", str(tmp_path)], check=True)
-    tests = next(tmp_path.glob("*/tests"))
+    tests = django_tests
     (tests / "strata_settings.py").write_text(
         "from test_sqlite import *  # noqa\n"
         "CACHES = {\n"

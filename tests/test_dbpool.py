@@ -2,6 +2,7 @@
 psycopg."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -524,3 +525,30 @@ def test_health_checks_see_postgres_go_down_and_come_back(strata):
             assert conn.execute("select 1").fetchone()[0] == 1
     finally:
         own.stop()
+
+
+DJANGO_LABELS = ["basic", "transactions", "get_or_create", "select_for_update", "update",
+                 "bulk_create", "queries.test_bulk_update", "db_functions.datetime"]
+
+
+def test_djangos_own_database_tests_pass_through_transaction_pooling(pooler, django_tests):
+    """A database-heavy part of Django's own test suite (from the installed Django's sdist)
+    with PostgreSQL reached through the pooler in transaction mode, server-side cursors off
+    as Django's documentation asks for transaction pooling."""
+    server = pooler('pool_size = 6\n')
+    database = ("{'ENGINE': 'django.db.backends.postgresql', 'HOST': '127.0.0.1', "
+                f"'PORT': {server.dbpool_port}, 'USER': 'postgres', 'PASSWORD': '{PG_PASSWORD}', "
+                "'DISABLE_SERVER_SIDE_CURSORS': True, 'NAME': ")
+    (django_tests / "strata_pg_settings.py").write_text(
+        "from test_sqlite import *  # noqa\n"
+        f"DATABASES = {{'default': {database}'django_main'}},\n"
+        f"             'other': {database}'django_other'}}}}\n")
+    result = subprocess.run(
+        [sys.executable, "runtests.py", "--settings=strata_pg_settings", "--parallel=1",
+         "--keepdb", *DJANGO_LABELS],
+        cwd=django_tests, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ran = re.search(r"Ran (\d+) tests", result.stderr)
+    assert ran and int(ran.group(1)) >= 300 and "\nOK" in result.stderr, result.stderr[-1500:]
+    # Three databases (the two test databases, and postgres to create them), 6 each at most.
+    assert metric(server, 'strata_dbpool_events_total{event="opened"}') <= 18
