@@ -552,3 +552,32 @@ def test_djangos_own_database_tests_pass_through_transaction_pooling(pooler, dja
     assert ran and int(ran.group(1)) >= 300 and "\nOK" in result.stderr, result.stderr[-1500:]
     # Three databases (the two test databases, and postgres to create them), 6 each at most.
     assert metric(server, 'strata_dbpool_events_total{event="opened"}') <= 18
+
+
+def test_a_client_asking_for_protocol_3_2_is_told_3_0(pooler):
+    server = pooler()
+    with connect(server, max_protocol_version="3.2") as conn:
+        assert conn.pgconn.protocol_version == 3
+        assert conn.execute("select 1").fetchone()[0] == 1
+
+
+def test_truncated_and_oversized_messages_harm_no_one(pooler):
+    server = pooler('auth = "trust"\n')
+    params = b"user\0postgres\0database\0postgres\0\0"
+    with socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10) as sock:
+        sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+        greeting = b""
+        while not greeting.endswith(b"Z\0\0\0\x05I"):
+            greeting += sock.recv(4096)
+        # A query whose length claims far more than the pooler accepts.
+        sock.sendall(b"Q" + struct.pack("!i", 0x7fffffff) + b"select 1")
+        answer = sock.recv(4096)
+        assert answer[:1] == b"E" and b"too large" in answer
+    with socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10) as sock:
+        sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+        greeting = b""
+        while not greeting.endswith(b"Z\0\0\0\x05I"):
+            greeting += sock.recv(4096)
+        sock.sendall(b"Q" + struct.pack("!i", 100) + b"select")  # then the client vanishes
+    with connect(server) as conn:
+        assert conn.execute("select 3").fetchone()[0] == 3

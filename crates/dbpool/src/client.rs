@@ -36,7 +36,25 @@ async fn session<S: Stream>(client: &mut S, pool: &Pool, login: &Login) -> std::
         match wire::read_startup(client).await {
             Ok(Startup::Encryption) => client.write_all(b"N").await?,
             Ok(Startup::Cancel { pid, key }) => return pool.cancel(pid, key).await,
-            Ok(Startup::Params(params)) => break params,
+            Ok(Startup::Params { params, minor }) => {
+                // A client asking for a newer 3.x, or for protocol options, hears what the
+                // pooler speaks: 3.0 without options (PostgreSQL 18's libpq then uses 3.0).
+                let options: Vec<&str> = params
+                    .iter()
+                    .map(|(name, _)| name.as_str())
+                    .filter(|name| name.starts_with("_pq_."))
+                    .collect();
+                if minor > 0 || !options.is_empty() {
+                    let mut out = BytesMut::new();
+                    wire::negotiate_protocol_version(&mut out, &options);
+                    client.write_all(&out).await?;
+                }
+                let params = params
+                    .into_iter()
+                    .filter(|(name, _)| !name.starts_with("_pq_."))
+                    .collect::<Vec<_>>();
+                break params;
+            }
             Err(error) => return refuse(client, "08P01", &error.to_string()).await,
         }
     };

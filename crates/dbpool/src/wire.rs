@@ -22,8 +22,12 @@ pub enum Startup {
     Encryption,
     /// A query cancel for a backend.
     Cancel { pid: i32, key: i32 },
-    /// Protocol 3.0, with `user`, `database` and the other parameters.
-    Params(Vec<(String, String)>),
+    /// Protocol 3.x, with `user`, `database` and the other parameters; `minor` is the minor
+    /// version asked for (the pooler speaks 3.0 and says so to a client asking more).
+    Params {
+        params: Vec<(String, String)>,
+        minor: u16,
+    },
 }
 
 /// Why a client's bytes were refused.
@@ -54,7 +58,7 @@ pub async fn read_startup<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Startu
             pid: i32::from_be_bytes(body[4..8].try_into().expect("4 bytes")),
             key: i32::from_be_bytes(body[8..12].try_into().expect("4 bytes")),
         }),
-        PROTOCOL_3 => {
+        code if code >> 16 == PROTOCOL_3 >> 16 => {
             let mut params = Vec::new();
             let mut fields = body[4..].split(|b| *b == 0);
             while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
@@ -65,7 +69,10 @@ pub async fn read_startup<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Startu
                     |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| WireError::BadStartup);
                 params.push((text(name)?, text(value)?));
             }
-            Ok(Startup::Params(params))
+            Ok(Startup::Params {
+                params,
+                minor: (code & 0xffff) as u16,
+            })
         }
         other => Err(WireError::Protocol(other)),
     }
@@ -165,6 +172,19 @@ pub fn backend_key_data(out: &mut BytesMut, pid: i32, key: i32) {
     });
 }
 
+/// `NegotiateProtocolVersion`: the pooler speaks 3.0 and none of the `_pq_.` options.
+pub fn negotiate_protocol_version(out: &mut BytesMut, unknown: &[&str]) {
+    message(out, b'v', |b| {
+        // The newest version spoken, whole (major << 16 | minor), as PostgreSQL sends it.
+        b.put_i32(PROTOCOL_3);
+        b.put_i32(unknown.len() as i32);
+        for name in unknown {
+            b.put_slice(name.as_bytes());
+            b.put_u8(0);
+        }
+    });
+}
+
 /// A simple `Query`.
 pub fn query(out: &mut BytesMut, sql: &str) {
     message(out, b'Q', |b| {
@@ -210,10 +230,13 @@ mod tests {
         let bytes = packet(PROTOCOL_3, b"user\0app\0database\0db\0\0");
         assert_eq!(
             read_startup(&mut &bytes[..]).await.unwrap(),
-            Startup::Params(vec![
-                ("user".into(), "app".into()),
-                ("database".into(), "db".into())
-            ])
+            Startup::Params {
+                params: vec![
+                    ("user".into(), "app".into()),
+                    ("database".into(), "db".into())
+                ],
+                minor: 0
+            }
         );
         let ssl = packet(SSL_REQUEST, b"");
         assert_eq!(
@@ -227,6 +250,11 @@ mod tests {
             read_startup(&mut &cancel[..]).await.unwrap(),
             Startup::Cancel { pid: 7, key: 9 }
         );
+        let newer = packet(PROTOCOL_3 + 2, b"user\0app\0\0");
+        assert!(matches!(
+            read_startup(&mut &newer[..]).await.unwrap(),
+            Startup::Params { minor: 2, .. }
+        ));
         assert!(read_startup(&mut &packet(1234, b"")[..]).await.is_err());
         assert!(read_startup(&mut &[0xff, 0xff, 0xff, 0xff][..])
             .await
