@@ -280,6 +280,27 @@ class Postgres:
 
 
 @pytest.fixture(scope="session")
+def test_ca(tmp_path_factory):
+    """A throwaway certificate authority and a server certificate it signed for localhost and
+    127.0.0.1 (openssl): paths `ca`, `cert`, `key`, plus `other_ca` that signed nothing."""
+    root = tmp_path_factory.mktemp("tls")
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for name in ("ca", "other_ca"):
+        openssl("req", "-x509", *ec, "-keyout", f"{name}.key", "-out", f"{name}.pem",
+                "-days", "2", "-subj", f"/CN=Strata test {name}")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    (root / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
+    return {"ca": root / "ca.pem", "cert": root / "server.pem", "key": root / "server.key",
+            "other_ca": root / "other_ca.pem"}
+
+
+@pytest.fixture(scope="session")
 def django_tests(tmp_path_factory):
     """The `tests/` folder of the installed Django's sdist (downloaded once per session): the
     test suite Django runs on itself, for its backends to run against Strata's tiers."""

@@ -39,6 +39,21 @@ def test_check_names_file_key_and_value(tmp_path):
     assert result.returncode != 0 and "admin.token" in result.stderr
 
 
+def test_check_validates_the_pooler_only_where_it_runs(tmp_path):
+    pooler = 'tiers = ["dbpool"]\n[dbpool]\nauth = "trust"\n'
+    assert check(tmp_path, pooler).returncode == 0
+    result = check(tmp_path, pooler + 'pool_mode = "statement"\n')
+    assert result.returncode != 0 and "dbpool.pool_mode" in result.stderr
+    result = check(tmp_path, pooler + 'tls_cert_file = "/x.pem"\n')
+    assert result.returncode != 0 and "tls_key_file" in result.stderr
+    result = check(tmp_path, pooler + 'on_session_state = "ignore"\n')
+    assert result.returncode != 0 and "on_session_state" in result.stderr
+    result = check(tmp_path, 'tiers = ["dbpool"]\n')
+    assert result.returncode != 0 and "server_password" in result.stderr
+    # Not running the pooler, its section is not held against the node.
+    assert check(tmp_path, '[dbpool]\npool_mode = "statement"\n').returncode == 0
+
+
 def test_missing_config_file_is_an_error(tmp_path):
     result = subprocess.run([str(STRATA), "check", "--config", str(tmp_path / "nope.toml")],
                             capture_output=True, text=True, timeout=30)

@@ -581,3 +581,29 @@ def test_truncated_and_oversized_messages_harm_no_one(pooler):
         sock.sendall(b"Q" + struct.pack("!i", 100) + b"select")  # then the client vanishes
     with connect(server) as conn:
         assert conn.execute("select 3").fetchone()[0] == 3
+
+
+def test_tls_towards_clients(pooler, test_ca):
+    server = pooler(f'tls_cert_file = "{test_ca["cert"]}"\ntls_key_file = "{test_ca["key"]}"\n')
+    with connect(server, sslmode="verify-full", sslrootcert=str(test_ca["ca"])) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("select 'secret'").fetchone()[0] == "secret"
+    with connect(server, host="localhost", sslmode="verify-full",
+                 sslrootcert=str(test_ca["ca"])) as conn:
+        assert conn.pgconn.ssl_in_use
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        connect(server, sslmode="verify-full", sslrootcert=str(test_ca["other_ca"]))
+    with connect(server, sslmode="disable") as conn:  # TLS is offered, not required
+        assert not conn.pgconn.ssl_in_use
+
+
+def test_tls_can_be_required_and_is_refused_when_not_configured(pooler, test_ca):
+    required = pooler(f'tls_cert_file = "{test_ca["cert"]}"\n'
+                      f'tls_key_file = "{test_ca["key"]}"\ntls_required = true\n')
+    with pytest.raises(psycopg.OperationalError, match="requires TLS"):
+        connect(required, sslmode="disable")
+    with connect(required, sslmode="require") as conn:
+        assert conn.pgconn.ssl_in_use
+    plain = pooler()
+    with pytest.raises(psycopg.OperationalError, match="does not support SSL"):
+        connect(plain, sslmode="require")

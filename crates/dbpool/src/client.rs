@@ -13,28 +13,66 @@ use crate::pool::Pool;
 use crate::relay::Relay;
 use crate::scram;
 use crate::state;
-use crate::wire::{self, Startup};
+use crate::wire::{self, Startup, WireError};
+use tokio_rustls::TlsAcceptor;
 
 /// Who may log in.
-#[derive(Debug)]
 pub struct Login {
     /// The one role clients name.
     pub user: String,
     /// The password their SCRAM proof must match; `None`: trusted.
     pub password: Option<String>,
+    /// TLS offered to clients that ask for it.
+    pub tls: Option<TlsAcceptor>,
+    /// Clients that do not use TLS are refused.
+    pub tls_required: bool,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("user", &self.user)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Serves one client until it leaves.
 pub async fn serve<S: Stream>(mut client: S, pool: Arc<Pool>, login: Arc<Login>) {
-    if let Err(error) = session(&mut client, &pool, &login).await {
+    let outcome = match wire::read_startup(&mut client).await {
+        Ok(Startup::Encryption { tls: true }) if login.tls.is_some() => {
+            let acceptor = login.tls.as_ref().expect("checked above");
+            match client.write_all(b"S").await {
+                Ok(()) => match acceptor.accept(client).await {
+                    Ok(mut secure) => session(&mut secure, None, true, &pool, &login).await,
+                    Err(error) => Err(error),
+                },
+                Err(error) => Err(error),
+            }
+        }
+        first => session(&mut client, Some(first), false, &pool, &login).await,
+    };
+    if let Err(error) = outcome {
         tracing::debug!(%error, "dbpool client ended");
     }
 }
 
-async fn session<S: Stream>(client: &mut S, pool: &Pool, login: &Login) -> std::io::Result<()> {
+/// A client's startup and login (`first`: its first packet, when already read), then the
+/// relay.
+async fn session<S: Stream>(
+    client: &mut S,
+    mut first: Option<Result<Startup, WireError>>,
+    secure: bool,
+    pool: &Pool,
+    login: &Login,
+) -> std::io::Result<()> {
     let params = loop {
-        match wire::read_startup(client).await {
-            Ok(Startup::Encryption) => client.write_all(b"N").await?,
+        let packet = match first.take() {
+            Some(packet) => packet,
+            None => wire::read_startup(client).await,
+        };
+        match packet {
+            Ok(Startup::Encryption { .. }) => client.write_all(b"N").await?,
             Ok(Startup::Cancel { pid, key }) => return pool.cancel(pid, key).await,
             Ok(Startup::Params { params, minor }) => {
                 // A client asking for a newer 3.x, or for protocol options, hears what the
@@ -64,6 +102,14 @@ async fn session<S: Stream>(client: &mut S, pool: &Pool, login: &Login) -> std::
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
+    if login.tls_required && !secure {
+        return refuse(
+            client,
+            "28000",
+            "this pooler requires TLS (dbpool.tls_required)",
+        )
+        .await;
+    }
     let user = get("user").unwrap_or_default();
     let database = get("database").unwrap_or_else(|| user.clone());
     if user != login.user {

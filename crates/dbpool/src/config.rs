@@ -54,6 +54,11 @@ pub struct DbPoolConfig {
     /// (`client_encoding`, `DateStyle`, `IntervalStyle`, `TimeZone`, `application_name`,
     /// `standard_conforming_strings`) is refused.
     pub ignore_startup_parameters: Vec<String>,
+    /// Certificate chain and private key (PEM) offered to clients that ask for TLS.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// Refuse clients that do not use TLS.
+    pub tls_required: bool,
     /// How often a control connection checks the server with `SELECT 1` ("0s": never).
     #[serde(with = "strata_core::duration")]
     pub health_check_interval: Duration,
@@ -84,6 +89,9 @@ impl Default for DbPoolConfig {
             max_prepared_statements: 200,
             on_session_state: "pin".into(),
             ignore_startup_parameters: vec!["extra_float_digits".into()],
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
             health_check_interval: Duration::from_secs(10),
             health_check_database: "postgres".into(),
             query_wait_timeout: Duration::from_secs(30),
@@ -110,6 +118,12 @@ impl DbPoolConfig {
                 "dbpool.on_session_state = {:?}: expected \"pin\" or \"report\"",
                 self.on_session_state
             ));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err("dbpool.tls_cert_file and dbpool.tls_key_file go together".into());
+        }
+        if self.tls_required && self.tls_cert_file.is_none() {
+            return Err("dbpool.tls_required needs dbpool.tls_cert_file and tls_key_file".into());
         }
         if self.min_idle > self.pool_size {
             return Err(format!(

@@ -19,6 +19,7 @@
 //! - `prepared`: prepared statements under pooler-wide names.
 //! - `state`: session state and tracked parameters.
 //! - `cancel`: the pooler's cancel keys.
+//! - `tls`: TLS towards clients (rustls).
 //! - `health`: a control connection (tokio-postgres) that checks the server.
 //! - `relay`: a logged-in client's messages and their answers.
 //! - `scram`: SCRAM-SHA-256 on the server side, for client logins.
@@ -35,6 +36,7 @@ mod relay;
 mod scram;
 mod server;
 mod state;
+mod tls;
 mod wire;
 
 use std::fmt::Write as _;
@@ -87,10 +89,22 @@ impl DbPool {
         };
         tracing::info!(addr = %config.bind, server = %config.server, "dbpool listening");
         let pool = Arc::new(pool::Pool::new(config.clone()));
+        let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert), Some(key)) => {
+                Some(tls::acceptor(cert, key).map_err(|error| StartError {
+                    key: "tls_cert_file",
+                    at: cert.display().to_string(),
+                    source: std::io::Error::other(error),
+                })?)
+            }
+            _ => None,
+        };
         let login = Arc::new(client::Login {
             user: config.server_user.clone(),
             password: (config.auth == "scram-sha-256")
                 .then(|| config.server_password.clone().unwrap_or_default()),
+            tls,
+            tls_required: config.tls_required,
         });
         if let Some(unix) = unix {
             let handle = serve(pool.clone(), login.clone());

@@ -18,8 +18,9 @@ const CANCEL_REQUEST: i32 = 80_877_102;
 /// What a client's first packet asked for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Startup {
-    /// TLS or GSS encryption: answered `N`, then the client sends its startup message.
-    Encryption,
+    /// TLS (`tls`) or GSS encryption: answered `S` (TLS, when configured) or `N`, then the
+    /// client sends its startup message.
+    Encryption { tls: bool },
     /// A query cancel for a backend.
     Cancel { pid: i32, key: i32 },
     /// Protocol 3.x, with `user`, `database` and the other parameters; `minor` is the minor
@@ -53,7 +54,8 @@ pub async fn read_startup<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Startu
     stream.read_exact(&mut body).await?;
     let code = i32::from_be_bytes(body[..4].try_into().expect("4 bytes"));
     match code {
-        SSL_REQUEST | GSSENC_REQUEST => Ok(Startup::Encryption),
+        SSL_REQUEST => Ok(Startup::Encryption { tls: true }),
+        GSSENC_REQUEST => Ok(Startup::Encryption { tls: false }),
         CANCEL_REQUEST if body.len() == 12 => Ok(Startup::Cancel {
             pid: i32::from_be_bytes(body[4..8].try_into().expect("4 bytes")),
             key: i32::from_be_bytes(body[8..12].try_into().expect("4 bytes")),
@@ -241,7 +243,7 @@ mod tests {
         let ssl = packet(SSL_REQUEST, b"");
         assert_eq!(
             read_startup(&mut &ssl[..]).await.unwrap(),
-            Startup::Encryption
+            Startup::Encryption { tls: true }
         );
         let mut cancel = packet(CANCEL_REQUEST, &7i32.to_be_bytes());
         cancel.extend_from_slice(&9i32.to_be_bytes());
