@@ -9,19 +9,16 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolKey};
 use crate::relay::Relay;
 use crate::scram;
 use crate::state;
 use crate::wire::{self, Startup, WireError};
 use tokio_rustls::TlsAcceptor;
 
-/// Who may log in.
+/// How clients connect (who may log in is `dbpool.server_user`, `dbpool.users` and
+/// `dbpool.auth`).
 pub struct Login {
-    /// The one role clients name.
-    pub user: String,
-    /// The password their SCRAM proof must match; `None`: trusted.
-    pub password: Option<String>,
     /// TLS offered to clients that ask for it.
     pub tls: Option<TlsAcceptor>,
     /// Clients that do not use TLS are refused.
@@ -31,7 +28,6 @@ pub struct Login {
 impl std::fmt::Debug for Login {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Login")
-            .field("user", &self.user)
             .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
@@ -112,7 +108,7 @@ async fn session<S: Stream>(
     }
     let user = get("user").unwrap_or_default();
     let database = get("database").unwrap_or_else(|| user.clone());
-    if user != login.user {
+    if !pool.config.knows(&user) {
         let text = format!("role \"{user}\" is not served by this pooler");
         return refuse(client, "28000", &text).await;
     }
@@ -129,18 +125,23 @@ async fn session<S: Stream>(
             return refuse(client, "08P01", &text).await;
         }
     }
-    if let Some(password) = &login.password {
-        if let Err(error) = authenticate(client, password).await {
-            let text = format!("password authentication failed for user \"{user}\" ({error})");
-            return refuse(client, "28P01", &text).await;
-        }
+    let password = pool.config.password_of(&user).unwrap_or_default();
+    let proven = match pool.config.auth.as_str() {
+        "scram-sha-256" => authenticate(client, password).await,
+        "md5" => authenticate_md5(client, &user, password).await,
+        _ => Ok(()),
+    };
+    if let Err(error) = proven {
+        let text = format!("password authentication failed for user \"{user}\" ({error})");
+        return refuse(client, "28P01", &text).await;
     }
+    let key = PoolKey { database, user };
     // Session mode lends a connection for the whole session; transaction mode only needs to
     // know what the server reports.
     let (link, reported) = if pool.config.transaction_mode() {
-        (None, pool.server_params(&database).await)
+        (None, pool.server_params(&key).await)
     } else {
-        match pool.acquire(&database).await {
+        match pool.acquire(&key).await {
             Ok(lent) => {
                 let params = lent.conn.params.clone();
                 (Some(lent), Ok(params))
@@ -174,7 +175,7 @@ async fn session<S: Stream>(
     wire::backend_key_data(&mut out, ticket.pid, ticket.key);
     wire::ready_for_query(&mut out, b'I');
     client.write_all(&out).await?;
-    let relay = Relay::new(pool, database, tracked, ticket, link);
+    let relay = Relay::new(pool, key, tracked, ticket, link);
     if let Err(error) = relay.run(client).await {
         tracing::debug!(%error, "dbpool session ended");
     }
@@ -208,6 +209,34 @@ async fn authenticate<S: Stream>(client: &mut S, password: &str) -> Result<(), S
     out.clear();
     wire::authentication_sasl_step(&mut out, 12, server_final.as_bytes());
     client.write_all(&out).await.map_err(|e| e.to_string())
+}
+
+/// Runs an md5 exchange: the client proves it knows `password` by hashing it with the role
+/// name and a fresh salt.
+async fn authenticate_md5<S: Stream>(
+    client: &mut S,
+    user: &str,
+    password: &str,
+) -> Result<(), String> {
+    let salt: [u8; 4] = random_bytes().map_err(|e| e.to_string())?;
+    let mut out = BytesMut::new();
+    wire::authentication_md5(&mut out, salt);
+    client.write_all(&out).await.map_err(|e| e.to_string())?;
+    let mut message = BytesMut::new();
+    let tag = wire::read_message(client, &mut message)
+        .await
+        .map_err(|e| e.to_string())?;
+    let answer = message.get(5..).and_then(|b| b.strip_suffix(b"\0"));
+    if tag != b'p' || answer.is_none() {
+        return Err("expected a password message".into());
+    }
+    let expected =
+        postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
+    if answer == Some(expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err("wrong password".into())
+    }
 }
 
 /// The SCRAM payload of a client's `SASLInitialResponse` (`initial`) or `SASLResponse`.

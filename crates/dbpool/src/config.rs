@@ -20,8 +20,11 @@ pub struct DbPoolConfig {
     pub server_user: String,
     /// Its password (SCRAM-SHA-256, md5 or cleartext, whichever the server asks for).
     pub server_password: Option<String>,
-    /// How clients log in: `scram-sha-256` (with `server_user` and `server_password`) or
-    /// `trust` (any client that names `server_user`; for loopback only).
+    /// More roles clients may log in as; the pooler logs into PostgreSQL as the same role
+    /// with the same password, and each (database, role) has its own pool.
+    pub users: Vec<User>,
+    /// How clients log in: `scram-sha-256` or `md5` (against the role's password) or `trust`
+    /// (any client naming a known role; for loopback only).
     pub auth: String,
     /// `transaction`: a client holds a server connection for one transaction at a time;
     /// `session`: until it disconnects.
@@ -69,6 +72,14 @@ pub struct DbPoolConfig {
     pub query_wait_timeout: Duration,
 }
 
+/// A role of `[[dbpool.users]]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub password: String,
+}
+
 impl Default for DbPoolConfig {
     fn default() -> Self {
         Self {
@@ -77,6 +88,7 @@ impl Default for DbPoolConfig {
             server: "127.0.0.1:5432".into(),
             server_user: "postgres".into(),
             server_password: None,
+            users: Vec::new(),
             auth: "scram-sha-256".into(),
             pool_mode: "transaction".into(),
             pool_size: 20,
@@ -100,6 +112,20 @@ impl Default for DbPoolConfig {
 }
 
 impl DbPoolConfig {
+    /// Whether clients may log in as `user`.
+    pub fn knows(&self, user: &str) -> bool {
+        user == self.server_user || self.users.iter().any(|u| u.name == user)
+    }
+
+    /// The password of role `user`, for its logins to PostgreSQL and its clients' proofs.
+    pub fn password_of(&self, user: &str) -> Option<&str> {
+        match self.users.iter().find(|u| u.name == user) {
+            Some(u) => Some(&u.password),
+            None if user == self.server_user => self.server_password.as_deref(),
+            None => None,
+        }
+    }
+
     /// Whether server connections change hands at each transaction's end.
     pub fn transaction_mode(&self) -> bool {
         self.pool_mode == "transaction"
@@ -133,13 +159,16 @@ impl DbPoolConfig {
         }
         match self.auth.as_str() {
             "trust" => {}
-            "scram-sha-256" if self.server_password.is_some() => {}
-            "scram-sha-256" => {
-                return Err("dbpool.auth = \"scram-sha-256\" needs dbpool.server_password".into())
+            "scram-sha-256" | "md5" if self.server_password.is_some() => {}
+            "scram-sha-256" | "md5" => {
+                return Err(format!(
+                    "dbpool.auth = {:?} needs dbpool.server_password",
+                    self.auth
+                ))
             }
             other => {
                 return Err(format!(
-                    "dbpool.auth = {other:?}: expected \"scram-sha-256\" or \"trust\""
+                    "dbpool.auth = {other:?}: expected \"scram-sha-256\", \"md5\" or \"trust\""
                 ))
             }
         }

@@ -100,9 +100,6 @@ impl DbPool {
             _ => None,
         };
         let login = Arc::new(client::Login {
-            user: config.server_user.clone(),
-            password: (config.auth == "scram-sha-256")
-                .then(|| config.server_password.clone().unwrap_or_default()),
             tls,
             tls_required: config.tls_required,
         });
@@ -137,9 +134,10 @@ async fn tend(pool: Arc<pool::Pool>, shutdown: Shutdown) {
             _ = tick.tick() => {}
             _ = shutdown.requested() => return,
         }
-        for (database, missing) in pool.tend() {
+        for (key, missing) in pool.tend() {
             for _ in 0..missing {
-                if let Err(error) = pool.warm(&database).await {
+                if let Err(error) = pool.warm(&key).await {
+                    let database = &key.database;
                     tracing::warn!(%database, %error, "dbpool: cannot open an idle connection");
                     break;
                 }
@@ -238,8 +236,8 @@ impl DbPool {
             ] {
                 let _ = writeln!(
                     out,
-                    "{name}{{database=\"{}\",state=\"{state}\"}} {value}",
-                    db.database
+                    "{name}{{database=\"{}\",user=\"{}\",state=\"{state}\"}} {value}",
+                    db.database, db.user
                 );
             }
         }

@@ -1,4 +1,4 @@
-//! Server connections per database: at most `pool_size` lent at a time (plus a reserve for
+//! Server connections per database and role: at most `pool_size` lent at a time (plus a reserve for
 //! clients that waited long), idle ones reused newest first, clients queued with a timeout
 //! when all are taken, and a database paused for maintenance lends nothing until resumed.
 
@@ -36,12 +36,19 @@ impl AcquireError {
     }
 }
 
+/// Whose connections a pool holds: one database, as one role.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub database: String,
+    pub user: String,
+}
+
 /// A server connection lent to one client; give it back with [`Pool::put_back`] (clean, at a
 /// transaction's end) or [`Pool::release`] (reset first).
 #[derive(Debug)]
 pub struct Lent {
     pub conn: ServerConn,
-    database: String,
+    key: PoolKey,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -56,10 +63,11 @@ struct Database {
     resumed: Arc<Notify>,
 }
 
-/// One database's pool, as `/status` and `/metrics` show it.
+/// One pool, as `/status` and `/metrics` show it.
 #[derive(Debug, serde::Serialize)]
 pub struct DatabaseStatus {
     pub database: String,
+    pub user: String,
     /// Server connections lent to clients (or being opened for them).
     pub active: usize,
     pub idle: usize,
@@ -87,14 +95,14 @@ pub struct Counts {
 
 const WAIT_BOUNDS: &[f64] = &[0.0001, 0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10.0];
 
-/// The pools, one per database.
+/// The pools, one per database and role.
 pub struct Pool {
     pub config: DbPoolConfig,
     pub counts: Counts,
     pub cancels: Arc<Cancels>,
     pub statements: Registry,
     pub health: crate::health::Health,
-    databases: Mutex<HashMap<String, Database>>,
+    databases: Mutex<HashMap<PoolKey, Database>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -127,32 +135,30 @@ impl Pool {
         }
     }
 
-    fn with<T>(&self, database: &str, f: impl FnOnce(&mut Database) -> T) -> T {
+    fn with<T>(&self, key: &PoolKey, f: impl FnOnce(&mut Database) -> T) -> T {
         let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
-        let db = databases
-            .entry(database.to_owned())
-            .or_insert_with(|| Database {
-                slots: Arc::new(Semaphore::new(self.config.pool_size)),
-                reserve: Arc::new(Semaphore::new(self.config.reserve_pool_size)),
-                idle: Vec::new(),
-                waiting: 0,
-                params: None,
-                paused: false,
-                resumed: Arc::default(),
-            });
+        let db = databases.entry(key.clone()).or_insert_with(|| Database {
+            slots: Arc::new(Semaphore::new(self.config.pool_size)),
+            reserve: Arc::new(Semaphore::new(self.config.reserve_pool_size)),
+            idle: Vec::new(),
+            waiting: 0,
+            params: None,
+            paused: false,
+            resumed: Arc::default(),
+        });
         f(db)
     }
 
-    /// A server connection to `database`: an idle one, or a new one while under `pool_size`;
+    /// A server connection of pool `key`: an idle one, or a new one while under `pool_size`;
     /// waits up to `query_wait_timeout` for one to be given back.
-    pub async fn acquire(&self, database: &str) -> Result<Lent, AcquireError> {
+    pub async fn acquire(&self, key: &PoolKey) -> Result<Lent, AcquireError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.config.query_wait_timeout;
-        let slot = self.slot(database, deadline).await;
+        let slot = self.slot(key, deadline).await;
         self.counts.wait.observe(started.elapsed());
         let slot = slot?;
         loop {
-            let idle = self.with(database, |db| db.idle.pop());
+            let idle = self.with(key, |db| db.idle.pop());
             let Some((conn, _)) = idle else { break };
             if conn.born.elapsed() >= self.config.server_lifetime {
                 self.counts.expired.inc();
@@ -160,35 +166,35 @@ impl Pool {
             }
             if conn.is_quiet() {
                 self.counts.lent.inc();
-                return Ok(self.lend(conn, database, slot));
+                return Ok(self.lend(conn, key, slot));
             }
             self.counts.stale.inc();
         }
-        let conn = self.open(database).await?;
+        let conn = self.open(key).await?;
         self.counts.lent.inc();
-        Ok(self.lend(conn, database, slot))
+        Ok(self.lend(conn, key, slot))
     }
 
-    fn lend(&self, conn: ServerConn, database: &str, slot: OwnedSemaphorePermit) -> Lent {
+    fn lend(&self, conn: ServerConn, key: &PoolKey, slot: OwnedSemaphorePermit) -> Lent {
         Lent {
             conn,
-            database: database.to_owned(),
+            key: key.clone(),
             _slot: slot,
         }
     }
 
-    async fn open(&self, database: &str) -> Result<ServerConn, ServerError> {
+    async fn open(&self, key: &PoolKey) -> Result<ServerConn, ServerError> {
         let c = &self.config;
         let conn = ServerConn::connect(
             &c.server,
-            &c.server_user,
-            database,
-            c.server_password.as_deref(),
+            &key.user,
+            &key.database,
+            c.password_of(&key.user),
         )
         .await
         .inspect_err(|_| self.counts.server_errors.inc())?;
         self.counts.opened.inc();
-        self.with(database, |db| {
+        self.with(key, |db| {
             db.params.get_or_insert_with(|| conn.params.clone());
         });
         Ok(conn)
@@ -198,10 +204,10 @@ impl Pool {
     /// while the database is paused, until `deadline`.
     async fn slot(
         &self,
-        database: &str,
+        key: &PoolKey,
         deadline: tokio::time::Instant,
     ) -> Result<OwnedSemaphorePermit, AcquireError> {
-        let (slots, reserve, paused) = self.with(database, |db| {
+        let (slots, reserve, paused) = self.with(key, |db| {
             (
                 db.slots.clone(),
                 db.reserve.clone(),
@@ -213,10 +219,10 @@ impl Pool {
                 return Ok(slot);
             }
         }
-        self.with(database, |db| db.waiting += 1);
-        let slot = self.wait_for_slot(database, slots, reserve, paused, deadline);
+        self.with(key, |db| db.waiting += 1);
+        let slot = self.wait_for_slot(key, slots, reserve, paused, deadline);
         let slot = slot.await;
-        self.with(database, |db| db.waiting -= 1);
+        self.with(key, |db| db.waiting -= 1);
         if slot.is_err() {
             self.counts.timeouts.inc();
         }
@@ -225,7 +231,7 @@ impl Pool {
 
     async fn wait_for_slot(
         &self,
-        database: &str,
+        key: &PoolKey,
         slots: Arc<Semaphore>,
         reserve: Arc<Semaphore>,
         mut paused: Option<Arc<Notify>>,
@@ -234,13 +240,13 @@ impl Pool {
         let timeout = AcquireError::Timeout(self.config.query_wait_timeout);
         while let Some(resumed) = paused {
             let notified = resumed.notified();
-            if !self.with(database, |db| db.paused) {
+            if !self.with(key, |db| db.paused) {
                 break;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(AcquireError::Paused(database.to_owned()));
+                return Err(AcquireError::Paused(key.database.clone()));
             }
-            paused = self.with(database, |db| db.paused.then(|| db.resumed.clone()));
+            paused = self.with(key, |db| db.paused.then(|| db.resumed.clone()));
         }
         let reserve_at = tokio::time::Instant::now() + self.config.reserve_pool_timeout;
         if self.config.reserve_pool_size > 0 && reserve_at < deadline {
@@ -269,16 +275,16 @@ impl Pool {
         }
     }
 
-    /// What PostgreSQL reports to clients of `database` at login (from the first server
+    /// What PostgreSQL reports to clients of pool `key` at login (from the first server
     /// connection; opening one if there is none yet, which also checks the database exists).
     pub async fn server_params(
         &self,
-        database: &str,
+        key: &PoolKey,
     ) -> Result<Vec<(String, String)>, AcquireError> {
-        if let Some(params) = self.with(database, |db| db.params.clone()) {
+        if let Some(params) = self.with(key, |db| db.params.clone()) {
             return Ok(params);
         }
-        let lent = self.acquire(database).await?;
+        let lent = self.acquire(key).await?;
         let params = lent.conn.params.clone();
         self.put_back(lent);
         Ok(params)
@@ -286,12 +292,12 @@ impl Pool {
 
     /// Takes back a clean connection (at rest, outside a transaction).
     pub fn put_back(&self, lent: Lent) {
-        let Lent { conn, database, .. } = lent;
+        let Lent { conn, key, .. } = lent;
         if conn.born.elapsed() >= self.config.server_lifetime {
             self.counts.expired.inc();
             return;
         }
-        self.with(&database, |db| {
+        self.with(&key, |db| {
             if !db.paused {
                 db.idle.push((conn, Instant::now()));
             }
@@ -326,8 +332,9 @@ impl Pool {
         let databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<DatabaseStatus> = databases
             .iter()
-            .map(|(name, db)| DatabaseStatus {
-                database: name.clone(),
+            .map(|(key, db)| DatabaseStatus {
+                database: key.database.clone(),
+                user: key.user.clone(),
                 active: self.config.pool_size - db.slots.available_permits()
                     + (self.config.reserve_pool_size - db.reserve.available_permits()),
                 idle: db.idle.len(),
@@ -335,7 +342,7 @@ impl Pool {
                 paused: db.paused,
             })
             .collect();
-        out.sort_by(|a, b| a.database.cmp(&b.database));
+        out.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
         out
     }
 
@@ -363,29 +370,41 @@ impl Pool {
 
     fn each(&self, database: Option<&str>, mut f: impl FnMut(&mut Database)) -> Vec<String> {
         if let Some(name) = database {
-            self.with(name, f);
-            return vec![name.to_owned()];
+            // A database no client has used yet is paused for the pooler's own role.
+            self.with(&self.key(name), |_| ());
         }
         let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
-        databases
+        let mut names: Vec<String> = databases
             .iter_mut()
-            .map(|(name, db)| {
+            .filter(|(key, _)| database.is_none_or(|name| key.database == name))
+            .map(|(key, db)| {
                 f(db);
-                name.clone()
+                key.database.clone()
             })
-            .collect()
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The pool of `database` for the pooler's own role (`server_user`).
+    pub fn key(&self, database: &str) -> PoolKey {
+        PoolKey {
+            database: database.to_owned(),
+            user: self.config.server_user.clone(),
+        }
     }
 
     /// Closes idle connections unused for `idle_timeout` (keeping `min_idle`) and returns
-    /// the databases short of `min_idle` idle connections, with how many to open.
-    pub fn tend(&self) -> Vec<(String, usize)> {
+    /// the pools short of `min_idle` idle connections, with how many to open.
+    pub fn tend(&self) -> Vec<(PoolKey, usize)> {
         let c = &self.config;
         for name in &c.databases {
-            self.with(name, |_| ());
+            self.with(&self.key(name), |_| ());
         }
         let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         let mut short = Vec::new();
-        for (name, db) in databases.iter_mut() {
+        for (key, db) in databases.iter_mut() {
             if db.paused {
                 continue;
             }
@@ -403,16 +422,16 @@ impl Pool {
             let room = c.pool_size.saturating_sub(active + db.idle.len());
             let missing = c.min_idle.saturating_sub(db.idle.len()).min(room);
             if missing > 0 {
-                short.push((name.clone(), missing));
+                short.push((key.clone(), missing));
             }
         }
         short
     }
 
-    /// Opens a connection to `database` and keeps it idle (warm-up, `min_idle`).
-    pub async fn warm(&self, database: &str) -> Result<(), ServerError> {
-        let conn = self.open(database).await?;
-        self.with(database, |db| db.idle.insert(0, (conn, Instant::now())));
+    /// Opens a connection of pool `key` and keeps it idle (warm-up, `min_idle`).
+    pub async fn warm(&self, key: &PoolKey) -> Result<(), ServerError> {
+        let conn = self.open(key).await?;
+        self.with(key, |db| db.idle.insert(0, (conn, Instant::now())));
         Ok(())
     }
 }

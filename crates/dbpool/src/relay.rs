@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::cancel::Ticket;
 use crate::client::Stream;
 use crate::flow::{Flow, Prepared, Step, Verdict};
-use crate::pool::{AcquireError, Lent, Pool};
+use crate::pool::{AcquireError, Lent, Pool, PoolKey};
 use crate::prepared::{self, server_name};
 use crate::state;
 use crate::wire::{self, WireError};
@@ -35,7 +35,7 @@ pub enum RelayError {
 /// One client's side of the relay.
 pub struct Relay<'a> {
     pool: &'a Pool,
-    database: String,
+    key: PoolKey,
     /// Tracked parameters as the client believes them.
     params: Vec<(&'static str, String)>,
     ticket: Ticket,
@@ -58,14 +58,14 @@ enum Event {
 impl<'a> Relay<'a> {
     pub fn new(
         pool: &'a Pool,
-        database: String,
+        key: PoolKey,
         params: Vec<(&'static str, String)>,
         ticket: Ticket,
         link: Option<Lent>,
     ) -> Self {
         let mut relay = Self {
             pool,
-            database,
+            key,
             params,
             ticket,
             transaction_mode: pool.config.transaction_mode(),
@@ -189,7 +189,7 @@ impl<'a> Relay<'a> {
     /// Makes sure the client holds a server connection.
     async fn link(&mut self) -> Result<&mut Lent, RelayError> {
         if self.link.is_none() {
-            let lent = self.pool.acquire(&self.database).await?;
+            let lent = self.pool.acquire(&self.key).await?;
             self.adopt(lent);
         }
         Ok(self.link.as_mut().expect("linked above"))

@@ -142,6 +142,14 @@ pub fn authentication_ok(out: &mut BytesMut) {
     message(out, b'R', |b| b.put_i32(0));
 }
 
+/// `AuthenticationMD5Password` with `salt`.
+pub fn authentication_md5(out: &mut BytesMut, salt: [u8; 4]) {
+    message(out, b'R', |b| {
+        b.put_i32(5);
+        b.put_slice(&salt);
+    });
+}
+
 /// `AuthenticationSASL` offering SCRAM-SHA-256.
 pub fn authentication_sasl(out: &mut BytesMut) {
     message(out, b'R', |b| {
