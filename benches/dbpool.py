@@ -6,7 +6,9 @@ directory, scale 10): select-only (`-S`) and the default TPC-B-like script, thro
 pooling, pool of 20) and straight to PostgreSQL. Nothing is pinned: PostgreSQL, the pooler
 and pgbench share both cores, as they would on one small machine, so the pooler's own CPU
 cost shows. Each round measures every target once, in rotated order; figures are medians of
-the rounds.
+the rounds, and the median of the per-round ratios (a slow minute hits both poolers of a
+round alike). Beside throughput, each pooler's own CPU time per transaction (from
+/proc/<pid>/stat over the run): what it takes from PostgreSQL on a shared machine.
 """
 
 import argparse
@@ -76,7 +78,20 @@ def pgbouncer(root, pg_port, port, as_user):
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def pgbench(pg, port, args, seconds):
+def cpu_seconds(pid):
+    """User + system CPU time of process `pid` and its children's threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pid(proc):
+    """The pooler's own process: PgBouncer runs under runuser when we are root."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    return int(children[0]) if children else proc.pid
+
+
+def pgbench(pg, port, args, seconds, pid=None):
+    before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
         [str(pg.bin / "pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
          "-c", "50", "-j", "2", "-T", str(seconds), "-n", *args, "postgres"],
@@ -85,13 +100,15 @@ def pgbench(pg, port, args, seconds):
         raise RuntimeError(out.stdout + out.stderr)
     tps = float(re.search(r"tps = ([\d.]+) \(without", out.stdout).group(1))
     latency = float(re.search(r"latency average = ([\d.]+) ms", out.stdout).group(1))
-    return tps, latency
+    done = int(re.search(r"actually processed: (\d+)", out.stdout).group(1))
+    cpu_us = (cpu_seconds(pid) - before) * 1e6 / max(done, 1) if pid else None
+    return tps, latency, cpu_us
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--scale", type=int, default=10)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="strata-bench-pg-"))
@@ -121,6 +138,7 @@ def main():
             wait_port(port)
         pg.run("pgbench", "-i", "-q", "-s", str(args.scale), "-h", str(root), "-p",
                str(pg.port), "-U", "postgres", "postgres")
+        pids = {"strata": procs["strata"].pid, "pgbouncer": server_pid(procs["pgbouncer"])}
         for workload, extra in WORKLOADS.items():
             runs = {name: [] for name in ports}
             for port in ports.values():
@@ -128,19 +146,25 @@ def main():
             names = list(ports)
             for r in range(args.rounds):
                 for name in names[r % len(names):] + names[:r % len(names)]:
-                    runs[name].append(pgbench(pg, ports[name], extra, args.seconds))
-            median = {name: (statistics.median(t for t, _ in results),
-                             statistics.median(l for _, l in results))
+                    runs[name].append(pgbench(pg, ports[name], extra, args.seconds,
+                                              pids.get(name)))
+            median = {name: tuple(statistics.median(run[i] for run in results)
+                                  if results[0][i] is not None else None for i in range(3))
                       for name, results in runs.items()}
-            report[workload] = median
-            s_tps, s_lat = median["strata"]
+            paired = [s[0] / b[0] for s, b in zip(runs["strata"], runs["pgbouncer"])]
+            report[workload] = {"median": median, "strata_over_pgbouncer_by_round": paired}
+            s_tps, s_lat, _ = median["strata"]
             lines += [f"## {workload}", "",
-                      "| target | tps | avg latency (ms) | tps vs Strata | latency vs Strata |",
-                      "|---|---|---|---|---|"]
-            for name, (tps, lat) in median.items():
-                lines.append(f"| {name} | {tps:,.0f} | {lat:.2f} | "
+                      "| target | tps | avg latency (ms) | pooler CPU per transaction | "
+                      "tps vs Strata | latency vs Strata |",
+                      "|---|---|---|---|---|---|"]
+            for name, (tps, lat, cpu) in median.items():
+                cpu_text = f"{cpu:.0f} µs" if cpu is not None else "—"
+                lines.append(f"| {name} | {tps:,.0f} | {lat:.2f} | {cpu_text} | "
                              f"{s_tps / tps:.2f}× | {s_lat / lat:.2f}× |")
-            lines.append("")
+            lines += ["", "Strata ÷ PgBouncer tps, round by round: "
+                      + ", ".join(f"{x:.2f}" for x in paired)
+                      + f" (median {statistics.median(paired):.2f})", ""]
     finally:
         stop(procs.values())
         pg.stop()

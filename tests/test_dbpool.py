@@ -445,12 +445,13 @@ def test_the_example_sites_own_tests_pass_through_transaction_pooling(pooler):
     server = pooler('pool_size = 4\n')
     env = {**os.environ, "EXAMPLE_PG_PORT": str(server.dbpool_port), "EXAMPLE_PG_NAME": "postgres",
            "EXAMPLE_PG_PASSWORD": PG_PASSWORD}
-    # --keepdb: dropping the test database at the end would meet the pool's idle connections.
-    result = subprocess.run([sys.executable, "manage.py", "test", "blog", "--keepdb", "-v", "2"],
+    # Django creates its test database and drops it at the end, through the pooler, which
+    # closes its own idle connections to it first.
+    result = subprocess.run([sys.executable, "manage.py", "test", "blog", "-v", "2"],
                             cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Ran 6 tests" in result.stderr and "OK" in result.stderr
-    assert "postgresql" in result.stderr.lower() or "test_postgres" in result.stderr
+    assert "Destroying test database" in result.stderr
     assert metric(server, 'strata_dbpool_events_total{event="lent"}') > 20
 
 
@@ -551,11 +552,13 @@ def test_djangos_own_database_tests_pass_through_transaction_pooling(pooler, dja
         f"             'other': {database}'django_other'}}}}\n")
     result = subprocess.run(
         [sys.executable, "runtests.py", "--settings=strata_pg_settings", "--parallel=1",
-         "--keepdb", *DJANGO_LABELS],
+         *DJANGO_LABELS],
         cwd=django_tests, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     ran = re.search(r"Ran (\d+) tests", result.stderr)
     assert ran and int(ran.group(1)) >= 300 and "\nOK" in result.stderr, result.stderr[-1500:]
+    # Without --keepdb the runner drops its test databases at the end, through the pooler.
+    assert "Destroying test database for alias 'other'" in result.stderr
     # Three databases (the two test databases, and postgres to create them), 6 each at most.
     assert metric(server, 'strata_dbpool_events_total{event="opened"}') <= 18
 
@@ -631,3 +634,31 @@ def test_several_roles_each_with_their_own_pool(pooler, postgres):
             connect(server, user="reporter", password=PG_PASSWORD)
         pools = {(p["database"], p["user"]) for p in server.status()["dbpool"]["databases"]}
         assert pools == {("postgres", "reporter"), ("postgres", "postgres")}
+
+
+def test_a_database_with_idle_pooled_connections_can_be_dropped(pooler):
+    server = pooler()
+    with connect(server, autocommit=True) as admin:
+        admin.execute("drop database if exists scratch_db")
+        admin.execute("create database scratch_db")
+        with connect(server, dbname="scratch_db", autocommit=True) as user:
+            user.execute("create table t (x int)")
+        assert any(p["database"] == "scratch_db" and p["idle"] == 1
+                   for p in server.status()["dbpool"]["databases"])
+        admin.execute("drop database scratch_db")
+    with pytest.raises(psycopg.OperationalError, match="does not exist"):
+        connect(server, dbname="scratch_db")
+
+
+def test_a_terminated_server_connection_reaches_its_client_as_a_broken_connection(pooler, postgres):
+    server = pooler()
+    with connect(server) as victim:
+        pid = victim.execute("select pg_backend_pid()").fetchone()[0]  # holds it: in a transaction
+        with psycopg.connect(host="127.0.0.1", port=postgres.port, user="postgres",
+                             password=PG_PASSWORD, dbname="postgres", autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("select 1")
+        assert victim.closed or victim.broken
+    with connect(server) as conn:
+        assert conn.execute("select 1").fetchone()[0] == 1

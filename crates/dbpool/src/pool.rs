@@ -360,6 +360,21 @@ impl Pool {
         self.each(None, |db| db.idle.clear());
     }
 
+    /// Forgets `database` (about to be dropped: PostgreSQL refuses to drop a database anyone
+    /// is connected to): its idle connections are closed, and its pools go unless a
+    /// connection is lent, so the next client's login asks PostgreSQL about it again.
+    pub fn forget(&self, database: &str) {
+        let size = self.config.pool_size;
+        let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+        databases.retain(|key, db| {
+            if key.database != database {
+                return true;
+            }
+            db.idle.clear();
+            db.slots.available_permits() < size || db.waiting > 0
+        });
+    }
+
     /// Lets clients of `database` (or every database) have server connections again.
     pub fn resume(&self, database: Option<&str>) -> Vec<String> {
         self.each(database, |db| {

@@ -268,8 +268,13 @@ impl<'a> Relay<'a> {
         Ok(())
     }
 
-    /// Notes SQL that leaves session state: pins the client, or reports it.
+    /// Notes SQL that leaves session state (the client is pinned, or the use reported) or
+    /// drops a database (the pool's idle connections to it are closed first, as PostgreSQL
+    /// refuses to drop a database anyone is connected to).
     fn watch(&mut self, sql: &[u8]) {
+        if let Some(database) = state::drops_database(sql) {
+            self.pool.forget(&database);
+        }
         if !self.transaction_mode || self.pinned.is_some() {
             return;
         }

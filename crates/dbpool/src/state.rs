@@ -167,6 +167,32 @@ pub fn drops_all_statements(sql: &[u8]) -> bool {
     })
 }
 
+/// The database `sql` drops, if it is `DROP DATABASE name` (alone).
+pub fn drops_database(sql: &[u8]) -> Option<String> {
+    let sql = String::from_utf8_lossy(sql);
+    let statements = statements(&sql);
+    let [statement] = statements.as_slice() else {
+        return None;
+    };
+    let words: Vec<&str> = statement.split_whitespace().collect();
+    let lower = |i: usize| words.get(i).map(|w| w.to_ascii_lowercase());
+    if lower(0)? != "drop" || lower(1)? != "database" {
+        return None;
+    }
+    let at = if lower(2)? == "if" && lower(3).as_deref() == Some("exists") {
+        4
+    } else {
+        2
+    };
+    let name = words.get(at)?.trim_end_matches(';');
+    Some(
+        match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+            Some(quoted) => quoted.to_owned(),
+            None => name.to_ascii_lowercase(),
+        },
+    )
+}
+
 /// The statement `DEALLOCATE name` (alone) drops, if `sql` is that.
 pub fn deallocates(sql: &[u8]) -> Option<String> {
     let sql = String::from_utf8_lossy(sql);
@@ -253,6 +279,15 @@ mod tests {
             Some("Q1")
         );
         assert_eq!(deallocates(b"DEALLOCATE ALL"), None);
+        assert_eq!(
+            drops_database(b"DROP DATABASE test_app").as_deref(),
+            Some("test_app")
+        );
+        assert_eq!(
+            drops_database(b"drop database if exists \"Test\" with (force)").as_deref(),
+            Some("Test")
+        );
+        assert_eq!(drops_database(b"drop table x"), None);
         assert_eq!(deallocates(b"select 1"), None);
     }
 
