@@ -127,7 +127,7 @@ async fn session<S: Stream>(
     }
     let password = pool.config.password_of(&user).unwrap_or_default();
     let proven = match pool.config.auth.as_str() {
-        "scram-sha-256" => authenticate(client, password).await,
+        "scram-sha-256" => authenticate(client, &*pool.verifier(&user, password)?).await,
         "md5" => authenticate_md5(client, &user, password).await,
         _ => Ok(()),
     };
@@ -135,13 +135,13 @@ async fn session<S: Stream>(
         let text = format!("password authentication failed for user \"{user}\" ({error})");
         return refuse(client, "28P01", &text).await;
     }
-    let key = PoolKey { database, user };
+    let entry = pool.entry(&PoolKey { database, user });
     // Session mode lends a connection for the whole session; transaction mode only needs to
     // know what the server reports.
     let (link, reported) = if pool.config.transaction_mode() {
-        (None, pool.server_params(&key).await)
+        (None, pool.server_params(&entry).await)
     } else {
-        match pool.acquire(&key).await {
+        match pool.acquire(&entry).await {
             Ok(lent) => {
                 let params = lent.conn.params.clone();
                 (Some(lent), Ok(params))
@@ -175,7 +175,7 @@ async fn session<S: Stream>(
     wire::backend_key_data(&mut out, ticket.pid, ticket.key);
     wire::ready_for_query(&mut out, b'I');
     client.write_all(&out).await?;
-    let relay = Relay::new(pool, key, tracked, ticket, link);
+    let relay = Relay::new(pool, entry, tracked, ticket, link);
     if let Err(error) = relay.run(client).await {
         tracing::debug!(%error, "dbpool session ended");
     }
@@ -190,22 +190,20 @@ async fn refuse<S: Stream>(client: &mut S, code: &str, text: &str) -> std::io::R
 }
 
 /// Runs a SCRAM-SHA-256 exchange with the client; on success the client has proven it
-/// knows `password` (and has checked that the pooler knows it too).
-async fn authenticate<S: Stream>(client: &mut S, password: &str) -> Result<(), String> {
+/// knows the role's password (and has checked that the pooler knows it too).
+async fn authenticate<S: Stream>(client: &mut S, verifier: &scram::Verifier) -> Result<(), String> {
     let mut out = BytesMut::new();
     wire::authentication_sasl(&mut out);
     client.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut message = BytesMut::new();
     let first = sasl_data(client, &mut message, true).await?;
-    let random: [u8; 32] = random_bytes().map_err(|e| e.to_string())?;
-    let exchange = scram::server_first(&first, &random).map_err(|e| e.to_string())?;
+    let random: [u8; 18] = random_bytes().map_err(|e| e.to_string())?;
+    let exchange = scram::server_first(&first, &random, verifier).map_err(|e| e.to_string())?;
     out.clear();
     wire::authentication_sasl_step(&mut out, 11, exchange.message());
     client.write_all(&out).await.map_err(|e| e.to_string())?;
     let last = sasl_data(client, &mut message, false).await?;
-    let server_final = exchange
-        .verify(&last, password)
-        .map_err(|e| e.to_string())?;
+    let server_final = exchange.verify(&last).map_err(|e| e.to_string())?;
     out.clear();
     wire::authentication_sasl_step(&mut out, 12, server_final.as_bytes());
     client.write_all(&out).await.map_err(|e| e.to_string())
@@ -269,7 +267,7 @@ async fn sasl_data<S: Stream>(
 }
 
 /// Fresh random bytes from the kernel.
-fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+pub fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
     use std::io::Read;
     let mut bytes = [0u8; N];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;

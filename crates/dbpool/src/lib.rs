@@ -134,10 +134,10 @@ async fn tend(pool: Arc<pool::Pool>, shutdown: Shutdown) {
             _ = tick.tick() => {}
             _ = shutdown.requested() => return,
         }
-        for (key, missing) in pool.tend() {
+        for (entry, missing) in pool.tend() {
             for _ in 0..missing {
-                if let Err(error) = pool.warm(&key).await {
-                    let database = &key.database;
+                if let Err(error) = pool.warm(&entry).await {
+                    let database = &entry.key.database;
                     tracing::warn!(%database, %error, "dbpool: cannot open an idle connection");
                     break;
                 }

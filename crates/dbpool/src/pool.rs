@@ -48,8 +48,29 @@ pub struct PoolKey {
 #[derive(Debug)]
 pub struct Lent {
     pub conn: ServerConn,
-    key: PoolKey,
+    entry: Arc<Entry>,
     _slot: OwnedSemaphorePermit,
+}
+
+/// One pool: its key and its state. Clients hold it for their whole session, so the hot path
+/// never looks it up.
+pub struct Entry {
+    pub key: PoolKey,
+    db: Mutex<Database>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Entry {
+    fn with<T>(&self, f: impl FnOnce(&mut Database) -> T) -> T {
+        f(&mut self.db.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 }
 
 struct Database {
@@ -102,7 +123,9 @@ pub struct Pool {
     pub cancels: Arc<Cancels>,
     pub statements: Registry,
     pub health: crate::health::Health,
-    databases: Mutex<HashMap<PoolKey, Database>>,
+    /// Each role's SCRAM verifier, made at its first login.
+    verifiers: Mutex<HashMap<String, Arc<crate::scram::Verifier>>>,
+    databases: Mutex<HashMap<PoolKey, Arc<Entry>>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -131,34 +154,59 @@ impl Pool {
             cancels: Arc::default(),
             statements: Registry::default(),
             health: Default::default(),
+            verifiers: Mutex::default(),
             databases: Mutex::default(),
         }
     }
 
-    fn with<T>(&self, key: &PoolKey, f: impl FnOnce(&mut Database) -> T) -> T {
-        let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
-        let db = databases.entry(key.clone()).or_insert_with(|| Database {
-            slots: Arc::new(Semaphore::new(self.config.pool_size)),
-            reserve: Arc::new(Semaphore::new(self.config.reserve_pool_size)),
-            idle: Vec::new(),
-            waiting: 0,
-            params: None,
-            paused: false,
-            resumed: Arc::default(),
-        });
-        f(db)
+    /// The SCRAM verifier of role `user` with `password` (made once, with a random salt).
+    pub fn verifier(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> std::io::Result<Arc<crate::scram::Verifier>> {
+        let mut verifiers = self.verifiers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(verifier) = verifiers.get(user) {
+            return Ok(verifier.clone());
+        }
+        let salt: [u8; 16] = crate::client::random_bytes()?;
+        let verifier = Arc::new(crate::scram::Verifier::new(password, &salt));
+        verifiers.insert(user.to_owned(), verifier.clone());
+        Ok(verifier)
     }
 
-    /// A server connection of pool `key`: an idle one, or a new one while under `pool_size`;
-    /// waits up to `query_wait_timeout` for one to be given back.
-    pub async fn acquire(&self, key: &PoolKey) -> Result<Lent, AcquireError> {
+    /// The pool of `key`, made on first use.
+    pub fn entry(&self, key: &PoolKey) -> Arc<Entry> {
+        let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = databases.get(key) {
+            return entry.clone();
+        }
+        let entry = Arc::new(Entry {
+            key: key.clone(),
+            db: Mutex::new(Database {
+                slots: Arc::new(Semaphore::new(self.config.pool_size)),
+                reserve: Arc::new(Semaphore::new(self.config.reserve_pool_size)),
+                idle: Vec::new(),
+                waiting: 0,
+                params: None,
+                paused: false,
+                resumed: Arc::default(),
+            }),
+        });
+        databases.insert(key.clone(), entry.clone());
+        entry
+    }
+
+    /// A server connection of pool `entry`: an idle one, or a new one while under
+    /// `pool_size`; waits up to `query_wait_timeout` for one to be given back.
+    pub async fn acquire(&self, entry: &Arc<Entry>) -> Result<Lent, AcquireError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.config.query_wait_timeout;
-        let slot = self.slot(key, deadline).await;
+        let slot = self.slot(entry, deadline).await;
         self.counts.wait.observe(started.elapsed());
         let slot = slot?;
         loop {
-            let idle = self.with(key, |db| db.idle.pop());
+            let idle = entry.with(|db| db.idle.pop());
             let Some((conn, _)) = idle else { break };
             if conn.born.elapsed() >= self.config.server_lifetime {
                 self.counts.expired.inc();
@@ -166,25 +214,26 @@ impl Pool {
             }
             if conn.is_quiet() {
                 self.counts.lent.inc();
-                return Ok(self.lend(conn, key, slot));
+                return Ok(self.lend(conn, entry, slot));
             }
             self.counts.stale.inc();
         }
-        let conn = self.open(key).await?;
+        let conn = self.open(entry).await?;
         self.counts.lent.inc();
-        Ok(self.lend(conn, key, slot))
+        Ok(self.lend(conn, entry, slot))
     }
 
-    fn lend(&self, conn: ServerConn, key: &PoolKey, slot: OwnedSemaphorePermit) -> Lent {
+    fn lend(&self, conn: ServerConn, entry: &Arc<Entry>, slot: OwnedSemaphorePermit) -> Lent {
         Lent {
             conn,
-            key: key.clone(),
+            entry: entry.clone(),
             _slot: slot,
         }
     }
 
-    async fn open(&self, key: &PoolKey) -> Result<ServerConn, ServerError> {
+    async fn open(&self, entry: &Entry) -> Result<ServerConn, ServerError> {
         let c = &self.config;
+        let key = &entry.key;
         let conn = ServerConn::connect(
             &c.server,
             &key.user,
@@ -194,7 +243,7 @@ impl Pool {
         .await
         .inspect_err(|_| self.counts.server_errors.inc())?;
         self.counts.opened.inc();
-        self.with(key, |db| {
+        entry.with(|db| {
             db.params.get_or_insert_with(|| conn.params.clone());
         });
         Ok(conn)
@@ -204,10 +253,10 @@ impl Pool {
     /// while the database is paused, until `deadline`.
     async fn slot(
         &self,
-        key: &PoolKey,
+        entry: &Entry,
         deadline: tokio::time::Instant,
     ) -> Result<OwnedSemaphorePermit, AcquireError> {
-        let (slots, reserve, paused) = self.with(key, |db| {
+        let (slots, reserve, paused) = entry.with(|db| {
             (
                 db.slots.clone(),
                 db.reserve.clone(),
@@ -219,10 +268,10 @@ impl Pool {
                 return Ok(slot);
             }
         }
-        self.with(key, |db| db.waiting += 1);
-        let slot = self.wait_for_slot(key, slots, reserve, paused, deadline);
+        entry.with(|db| db.waiting += 1);
+        let slot = self.wait_for_slot(entry, slots, reserve, paused, deadline);
         let slot = slot.await;
-        self.with(key, |db| db.waiting -= 1);
+        entry.with(|db| db.waiting -= 1);
         if slot.is_err() {
             self.counts.timeouts.inc();
         }
@@ -231,7 +280,7 @@ impl Pool {
 
     async fn wait_for_slot(
         &self,
-        key: &PoolKey,
+        entry: &Entry,
         slots: Arc<Semaphore>,
         reserve: Arc<Semaphore>,
         mut paused: Option<Arc<Notify>>,
@@ -240,13 +289,13 @@ impl Pool {
         let timeout = AcquireError::Timeout(self.config.query_wait_timeout);
         while let Some(resumed) = paused {
             let notified = resumed.notified();
-            if !self.with(key, |db| db.paused) {
+            if !entry.with(|db| db.paused) {
                 break;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(AcquireError::Paused(key.database.clone()));
+                return Err(AcquireError::Paused(entry.key.database.clone()));
             }
-            paused = self.with(key, |db| db.paused.then(|| db.resumed.clone()));
+            paused = entry.with(|db| db.paused.then(|| db.resumed.clone()));
         }
         let reserve_at = tokio::time::Instant::now() + self.config.reserve_pool_timeout;
         if self.config.reserve_pool_size > 0 && reserve_at < deadline {
@@ -275,16 +324,16 @@ impl Pool {
         }
     }
 
-    /// What PostgreSQL reports to clients of pool `key` at login (from the first server
+    /// What PostgreSQL reports to clients of pool `entry` at login (from the first server
     /// connection; opening one if there is none yet, which also checks the database exists).
     pub async fn server_params(
         &self,
-        key: &PoolKey,
+        entry: &Arc<Entry>,
     ) -> Result<Vec<(String, String)>, AcquireError> {
-        if let Some(params) = self.with(key, |db| db.params.clone()) {
+        if let Some(params) = entry.with(|db| db.params.clone()) {
             return Ok(params);
         }
-        let lent = self.acquire(key).await?;
+        let lent = self.acquire(entry).await?;
         let params = lent.conn.params.clone();
         self.put_back(lent);
         Ok(params)
@@ -292,12 +341,12 @@ impl Pool {
 
     /// Takes back a clean connection (at rest, outside a transaction).
     pub fn put_back(&self, lent: Lent) {
-        let Lent { conn, key, .. } = lent;
+        let Lent { conn, entry, .. } = lent;
         if conn.born.elapsed() >= self.config.server_lifetime {
             self.counts.expired.inc();
             return;
         }
-        self.with(&key, |db| {
+        entry.with(|db| {
             if !db.paused {
                 db.idle.push((conn, Instant::now()));
             }
@@ -332,14 +381,16 @@ impl Pool {
         let databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<DatabaseStatus> = databases
             .iter()
-            .map(|(key, db)| DatabaseStatus {
-                database: key.database.clone(),
-                user: key.user.clone(),
-                active: self.config.pool_size - db.slots.available_permits()
-                    + (self.config.reserve_pool_size - db.reserve.available_permits()),
-                idle: db.idle.len(),
-                waiting: db.waiting,
-                paused: db.paused,
+            .map(|(key, entry)| {
+                entry.with(|db| DatabaseStatus {
+                    database: key.database.clone(),
+                    user: key.user.clone(),
+                    active: self.config.pool_size - db.slots.available_permits()
+                        + (self.config.reserve_pool_size - db.reserve.available_permits()),
+                    idle: db.idle.len(),
+                    waiting: db.waiting,
+                    paused: db.paused,
+                })
             })
             .collect();
         out.sort_by(|a, b| (&a.database, &a.user).cmp(&(&b.database, &b.user)));
@@ -366,12 +417,12 @@ impl Pool {
     pub fn forget(&self, database: &str) {
         let size = self.config.pool_size;
         let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
-        databases.retain(|key, db| {
-            if key.database != database {
-                return true;
-            }
-            db.idle.clear();
-            db.slots.available_permits() < size || db.waiting > 0
+        databases.retain(|key, entry| {
+            key.database != database
+                || entry.with(|db| {
+                    db.idle.clear();
+                    db.slots.available_permits() < size || db.waiting > 0
+                })
         });
     }
 
@@ -386,14 +437,14 @@ impl Pool {
     fn each(&self, database: Option<&str>, mut f: impl FnMut(&mut Database)) -> Vec<String> {
         if let Some(name) = database {
             // A database no client has used yet is paused for the pooler's own role.
-            self.with(&self.key(name), |_| ());
+            self.entry(&self.key(name));
         }
         let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         let mut names: Vec<String> = databases
             .iter_mut()
             .filter(|(key, _)| database.is_none_or(|name| key.database == name))
-            .map(|(key, db)| {
-                f(db);
+            .map(|(key, entry)| {
+                entry.with(&mut f);
                 key.database.clone()
             })
             .collect();
@@ -412,14 +463,15 @@ impl Pool {
 
     /// Closes idle connections unused for `idle_timeout` (keeping `min_idle`) and returns
     /// the pools short of `min_idle` idle connections, with how many to open.
-    pub fn tend(&self) -> Vec<(PoolKey, usize)> {
+    pub fn tend(&self) -> Vec<(Arc<Entry>, usize)> {
         let c = &self.config;
         for name in &c.databases {
-            self.with(&self.key(name), |_| ());
+            self.entry(&self.key(name));
         }
-        let mut databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
+        let databases = self.databases.lock().unwrap_or_else(|e| e.into_inner());
         let mut short = Vec::new();
-        for (key, db) in databases.iter_mut() {
+        for entry in databases.values() {
+            let mut db = entry.db.lock().unwrap_or_else(|e| e.into_inner());
             if db.paused {
                 continue;
             }
@@ -437,16 +489,16 @@ impl Pool {
             let room = c.pool_size.saturating_sub(active + db.idle.len());
             let missing = c.min_idle.saturating_sub(db.idle.len()).min(room);
             if missing > 0 {
-                short.push((key.clone(), missing));
+                short.push((entry.clone(), missing));
             }
         }
         short
     }
 
-    /// Opens a connection of pool `key` and keeps it idle (warm-up, `min_idle`).
-    pub async fn warm(&self, key: &PoolKey) -> Result<(), ServerError> {
-        let conn = self.open(key).await?;
-        self.with(key, |db| db.idle.insert(0, (conn, Instant::now())));
+    /// Opens a connection of pool `entry` and keeps it idle (warm-up, `min_idle`).
+    pub async fn warm(&self, entry: &Entry) -> Result<(), ServerError> {
+        let conn = self.open(entry).await?;
+        entry.with(|db| db.idle.insert(0, (conn, Instant::now())));
         Ok(())
     }
 }

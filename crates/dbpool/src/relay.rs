@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::cancel::Ticket;
 use crate::client::Stream;
 use crate::flow::{Flow, Prepared, Step, Verdict};
-use crate::pool::{AcquireError, Lent, Pool, PoolKey};
+use crate::pool::{AcquireError, Entry, Lent, Pool};
 use crate::prepared::{self, server_name};
 use crate::state;
 use crate::wire::{self, WireError};
@@ -35,7 +35,7 @@ pub enum RelayError {
 /// One client's side of the relay.
 pub struct Relay<'a> {
     pool: &'a Pool,
-    key: PoolKey,
+    entry: std::sync::Arc<Entry>,
     /// Tracked parameters as the client believes them.
     params: Vec<(&'static str, String)>,
     ticket: Ticket,
@@ -58,14 +58,14 @@ enum Event {
 impl<'a> Relay<'a> {
     pub fn new(
         pool: &'a Pool,
-        key: PoolKey,
+        entry: std::sync::Arc<Entry>,
         params: Vec<(&'static str, String)>,
         ticket: Ticket,
         link: Option<Lent>,
     ) -> Self {
         let mut relay = Self {
             pool,
-            key,
+            entry,
             params,
             ticket,
             transaction_mode: pool.config.transaction_mode(),
@@ -189,7 +189,7 @@ impl<'a> Relay<'a> {
     /// Makes sure the client holds a server connection.
     async fn link(&mut self) -> Result<&mut Lent, RelayError> {
         if self.link.is_none() {
-            let lent = self.pool.acquire(&self.key).await?;
+            let lent = self.pool.acquire(&self.entry).await?;
             self.adopt(lent);
         }
         Ok(self.link.as_mut().expect("linked above"))
@@ -197,15 +197,15 @@ impl<'a> Relay<'a> {
 
     /// Takes a server connection, first giving it the client's tracked parameters.
     fn adopt(&mut self, lent: Lent) {
-        let differ: Vec<(&str, &str)> = self
-            .params
-            .iter()
-            .filter(|(name, value)| lent.conn.param(name) != Some(value.as_str()))
-            .map(|(name, value)| (*name, value.as_str()))
-            .collect();
-        if !differ.is_empty() {
-            let query = state::set_query(&differ);
-            wire::query(&mut self.to_server, &query);
+        let differs = |(name, value): &&(&str, String)| lent.conn.param(name) != Some(value);
+        if self.params.iter().any(|p| differs(&p)) {
+            let differ: Vec<(&str, &str)> = self
+                .params
+                .iter()
+                .filter(differs)
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
+            wire::query(&mut self.to_server, &state::set_query(&differ));
             self.flow.sent_ready(true, false);
         }
         self.ticket.hold(Some((lent.conn.pid, lent.conn.key)));

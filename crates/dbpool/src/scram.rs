@@ -1,5 +1,7 @@
 //! SCRAM-SHA-256 on the server side (RFC 5802, RFC 7677), as PostgreSQL runs it: the pooler
 //! checks a client's proof of the configured password without the password crossing the wire.
+//! Like PostgreSQL, it keeps a verifier per role (salt, iterations, StoredKey, ServerKey),
+//! computed once, so a login costs a few HMACs rather than a PBKDF2 run.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -37,17 +39,44 @@ pub enum ScramError {
     Mismatch,
 }
 
+/// What the server keeps of a password: enough to check a proof, not to make one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verifier {
+    iterations: u32,
+    salt: Vec<u8>,
+    stored_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+impl Verifier {
+    /// The verifier of `password` with `salt`.
+    pub fn new(password: &str, salt: &[u8]) -> Self {
+        let salted = salted_password(password.as_bytes(), salt, ITERATIONS);
+        Self {
+            iterations: ITERATIONS,
+            salt: salt.to_vec(),
+            stored_key: Sha256::digest(hmac(&salted, b"Client Key")).into(),
+            server_key: hmac(&salted, b"Server Key"),
+        }
+    }
+}
+
 /// One login in progress.
 #[derive(Debug)]
-pub struct Exchange {
+pub struct Exchange<'a> {
     client_first_bare: String,
     server_first: String,
     nonce: String,
-    salt: Vec<u8>,
+    verifier: &'a Verifier,
 }
 
-/// Reads the client-first message and answers the server-first message.
-pub fn server_first(client_first: &[u8], random: &[u8; 32]) -> Result<Exchange, ScramError> {
+/// Reads the client-first message and answers the server-first message, for a role whose
+/// verifier is `verifier`.
+pub fn server_first<'a>(
+    client_first: &[u8],
+    random: &[u8; 18],
+    verifier: &'a Verifier,
+) -> Result<Exchange<'a>, ScramError> {
     let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed)?;
     // gs2 header: "n,," or "y,," (no channel binding is offered), then the bare message.
     let mut parts = text.splitn(3, ',');
@@ -62,24 +91,27 @@ pub fn server_first(client_first: &[u8], random: &[u8; 32]) -> Result<Exchange, 
         .find_map(|attr| attr.strip_prefix("r="))
         .filter(|n| !n.is_empty())
         .ok_or(ScramError::Malformed)?;
-    let nonce = format!("{client_nonce}{}", STANDARD.encode(&random[..18]));
-    let salt = random[18..].to_vec();
-    let server_first = format!("r={nonce},s={},i={ITERATIONS}", STANDARD.encode(&salt));
+    let nonce = format!("{client_nonce}{}", STANDARD.encode(random));
+    let server_first = format!(
+        "r={nonce},s={},i={}",
+        STANDARD.encode(&verifier.salt),
+        verifier.iterations
+    );
     Ok(Exchange {
         client_first_bare: bare.to_owned(),
         server_first,
         nonce,
-        salt,
+        verifier,
     })
 }
 
-impl Exchange {
+impl Exchange<'_> {
     pub fn message(&self) -> &[u8] {
         self.server_first.as_bytes()
     }
 
-    /// Checks the client-final message against `password`; returns the server-final message.
-    pub fn verify(&self, client_final: &[u8], password: &str) -> Result<String, ScramError> {
+    /// Checks the client-final message; returns the server-final message.
+    pub fn verify(&self, client_final: &[u8]) -> Result<String, ScramError> {
         let text = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed)?;
         let (without_proof, proof) = text.rsplit_once(",p=").ok_or(ScramError::Malformed)?;
         let nonce = without_proof
@@ -93,9 +125,7 @@ impl Exchange {
         if proof.len() != 32 {
             return Err(ScramError::Malformed);
         }
-        let salted = salted_password(password.as_bytes(), &self.salt, ITERATIONS);
-        let client_key = hmac(&salted, b"Client Key");
-        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+        let stored_key = self.verifier.stored_key;
         let auth_message = format!(
             "{},{},{}",
             self.client_first_bare, self.server_first, without_proof
@@ -110,8 +140,7 @@ impl Exchange {
         if recovered_stored != stored_key {
             return Err(ScramError::Mismatch);
         }
-        let server_key = hmac(&salted, b"Server Key");
-        let server_signature = hmac(&server_key, auth_message.as_bytes());
+        let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
         Ok(format!("v={}", STANDARD.encode(server_signature)))
     }
 }
@@ -125,11 +154,12 @@ mod tests {
     fn login(client_password: &str, server_password: &str) -> Result<(), ScramError> {
         let mut client =
             ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
-        let exchange = server_first(client.message(), &[7u8; 32])?;
+        let verifier = Verifier::new(server_password, b"salt-of-16-bytes");
+        let exchange = server_first(client.message(), &[7u8; 18], &verifier)?;
         client
             .update(exchange.message())
             .map_err(|_| ScramError::Malformed)?;
-        let server_final = exchange.verify(client.message(), server_password)?;
+        let server_final = exchange.verify(client.message())?;
         client
             .finish(server_final.as_bytes())
             .map_err(|_| ScramError::Malformed)
@@ -143,7 +173,8 @@ mod tests {
     #[test]
     fn a_wrong_password_or_garbage_is_refused() {
         assert_eq!(login("guess", "secret"), Err(ScramError::Mismatch));
-        assert!(server_first(b"garbage", &[0; 32]).is_err());
-        assert!(server_first(b"n,,n=,r=", &[0; 32]).is_err());
+        let verifier = Verifier::new("secret", b"salt");
+        assert!(server_first(b"garbage", &[0; 18], &verifier).is_err());
+        assert!(server_first(b"n,,n=,r=", &[0; 18], &verifier).is_err());
     }
 }

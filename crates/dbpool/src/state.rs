@@ -26,9 +26,22 @@ pub fn tracked(name: &str) -> Option<&'static str> {
         .find(|t| t.eq_ignore_ascii_case(name))
 }
 
+/// Whether `sql` mentions any of `words` (ASCII, any case): most statements mention none of
+/// the words that matter here, and are passed over without parsing.
+fn mentions(sql: &[u8], words: &[&[u8]]) -> bool {
+    (0..sql.len()).any(|at| {
+        let first = sql[at].to_ascii_lowercase();
+        words.iter().any(|word| {
+            word[0] == first
+                && sql
+                    .get(at..at + word.len())
+                    .is_some_and(|w| w.eq_ignore_ascii_case(word))
+        })
+    })
+}
+
 /// What in `sql` would leave state on the server connection past the transaction, if any.
 pub fn session_state(sql: &[u8]) -> Option<&'static str> {
-    // Most statements mention none of the words that matter: skip them without parsing.
     const WORDS: &[&[u8]] = &[
         b"set",
         b"listen",
@@ -38,11 +51,7 @@ pub fn session_state(sql: &[u8]) -> Option<&'static str> {
         b"temp",
         b"advisory",
     ];
-    let mentions = |word: &[u8]| {
-        sql.windows(word.len())
-            .any(|w| w.eq_ignore_ascii_case(word))
-    };
-    if !WORDS.iter().any(|word| mentions(word)) {
+    if !mentions(sql, WORDS) {
         return None;
     }
     let sql = String::from_utf8_lossy(sql).to_ascii_lowercase();
@@ -157,6 +166,9 @@ pub fn set_query(params: &[(&str, &str)]) -> String {
 
 /// Whether `sql` is `DISCARD ALL` or `DEALLOCATE ALL`, which drop every prepared statement.
 pub fn drops_all_statements(sql: &[u8]) -> bool {
+    if !mentions(sql, &[b"discard", b"deallocate"]) {
+        return false;
+    }
     let sql = String::from_utf8_lossy(sql).to_ascii_lowercase();
     statements(&sql).iter().any(|s| {
         let words: Vec<&str> = s.split_whitespace().collect();
@@ -169,6 +181,9 @@ pub fn drops_all_statements(sql: &[u8]) -> bool {
 
 /// The database `sql` drops, if it is `DROP DATABASE name` (alone).
 pub fn drops_database(sql: &[u8]) -> Option<String> {
+    if !mentions(sql, &[b"drop"]) {
+        return None;
+    }
     let sql = String::from_utf8_lossy(sql);
     let statements = statements(&sql);
     let [statement] = statements.as_slice() else {
@@ -195,6 +210,9 @@ pub fn drops_database(sql: &[u8]) -> Option<String> {
 
 /// The statement `DEALLOCATE name` (alone) drops, if `sql` is that.
 pub fn deallocates(sql: &[u8]) -> Option<String> {
+    if !mentions(sql, &[b"deallocate"]) {
+        return None;
+    }
     let sql = String::from_utf8_lossy(sql);
     let mut statements = statements(&sql);
     if statements.len() != 1 {
