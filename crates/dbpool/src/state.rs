@@ -40,18 +40,40 @@ fn mentions(sql: &[u8], words: &[&[u8]]) -> bool {
     })
 }
 
+/// Whether a statement of `sql` may begin with a word that can leave session state (`SET`,
+/// `RESET`, `LISTEN`, `PREPARE`, `LOAD`, `DECLARE`, `CREATE`), or with a comment (which hides
+/// its first word from this quick look). `UPDATE t SET ...` does not: its `SET` is inside.
+fn starts_statement(sql: &[u8]) -> bool {
+    const FIRST: &[&[u8]] = &[
+        b"set", b"reset", b"listen", b"prepare", b"load", b"declare", b"create", b"-", b"/",
+    ];
+    std::iter::once(0)
+        .chain(memchr_all(b';', sql).map(|at| at + 1))
+        .any(|start| {
+            let rest = &sql[start..];
+            let begin = rest.iter().position(|b| !b.is_ascii_whitespace());
+            begin.is_some_and(|begin| {
+                let rest = &rest[begin..];
+                FIRST.iter().any(|word| {
+                    rest.get(..word.len())
+                        .is_some_and(|w| w.eq_ignore_ascii_case(word))
+                })
+            })
+        })
+}
+
+/// Positions of `byte` in `bytes`.
+fn memchr_all(byte: u8, bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    bytes
+        .iter()
+        .enumerate()
+        .filter(move |(_, b)| **b == byte)
+        .map(|(at, _)| at)
+}
+
 /// What in `sql` would leave state on the server connection past the transaction, if any.
 pub fn session_state(sql: &[u8]) -> Option<&'static str> {
-    const WORDS: &[&[u8]] = &[
-        b"set",
-        b"listen",
-        b"prepare",
-        b"load",
-        b"declare",
-        b"temp",
-        b"advisory",
-    ];
-    if !mentions(sql, WORDS) {
+    if !mentions(sql, &[b"advisory"]) && !starts_statement(sql) {
         return None;
     }
     let sql = String::from_utf8_lossy(sql).to_ascii_lowercase();
@@ -261,6 +283,8 @@ mod tests {
             ),
             ("PREPARE q AS select 1", "PREPARE"),
             ("begin; set work_mem = '1GB'; commit", "SET"),
+            ("/* why */ SET search_path = x", "SET"),
+            ("  \n\tset role reporter", "SET"),
         ] {
             assert_eq!(session_state(sql.as_bytes()), Some(what), "{sql}");
         }
@@ -281,6 +305,7 @@ mod tests {
             "select 'set search_path = x; listen y'",
             "-- SET search_path = x\nselect 1",
             "insert into settings values ('prepare')",
+            "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 2",
         ] {
             assert_eq!(session_state(sql.as_bytes()), None, "{sql}");
         }
