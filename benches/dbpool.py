@@ -114,18 +114,24 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="strata-bench-pg-"))
     root.chmod(0o755)
     pg = Postgres(root)
-    ports = {"strata": free_port(), "pgbouncer": free_port(), "direct": pg.port}
+    ports = {"strata": free_port(), "strata-1-thread": free_port(), "pgbouncer": free_port(),
+             "direct": pg.port}
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
-    config = root / "strata.toml"
-    config.write_text(
-        'tiers = ["dbpool"]\n[dbpool]\n'
-        f'bind = "127.0.0.1:{ports["strata"]}"\nserver = "127.0.0.1:{pg.port}"\n'
-        f'server_password = "{PASSWORD}"\npool_size = 20\n'
-        f'[admin]\nbind = "127.0.0.1:{free_port()}"\n')
+    def strata(name, extra=""):
+        config = root / f"{name}.toml"
+        config.write_text(
+            'tiers = ["dbpool"]\n[dbpool]\n'
+            f'bind = "127.0.0.1:{ports[name]}"\nserver = "127.0.0.1:{pg.port}"\n'
+            f'server_password = "{PASSWORD}"\npool_size = 20\n{extra}'
+            f'[admin]\nbind = "127.0.0.1:{free_port()}"\n')
+        return subprocess.Popen([str(STRATA), "run", "--config", str(config)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
     procs = {
-        "strata": subprocess.Popen([str(STRATA), "run", "--config", str(config)], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True),
+        # The node's shared runtime, and one thread of the pooler's own (dbpool.threads).
+        "strata": strata("strata"),
+        "strata-1-thread": strata("strata-1-thread", "threads = 1\n"),
         "pgbouncer": pgbouncer(root, pg.port, ports["pgbouncer"], pg.as_user),
     }
     lines = [f"# PostgreSQL pooler benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}", "",
@@ -138,7 +144,8 @@ def main():
             wait_port(port)
         pg.run("pgbench", "-i", "-q", "-s", str(args.scale), "-h", str(root), "-p",
                str(pg.port), "-U", "postgres", "postgres")
-        pids = {"strata": procs["strata"].pid, "pgbouncer": server_pid(procs["pgbouncer"])}
+        pids = {"strata": procs["strata"].pid, "strata-1-thread": procs["strata-1-thread"].pid,
+                "pgbouncer": server_pid(procs["pgbouncer"])}
         for workload, extra in WORKLOADS.items():
             runs = {name: [] for name in ports}
             for port in ports.values():
@@ -151,8 +158,9 @@ def main():
             median = {name: tuple(statistics.median(run[i] for run in results)
                                   if results[0][i] is not None else None for i in range(3))
                       for name, results in runs.items()}
-            paired = [s[0] / b[0] for s, b in zip(runs["strata"], runs["pgbouncer"])]
-            report[workload] = {"median": median, "strata_over_pgbouncer_by_round": paired}
+            paired = {name: [s[0] / b[0] for s, b in zip(runs[name], runs["pgbouncer"])]
+                      for name in ("strata", "strata-1-thread")}
+            report[workload] = {"median": median, "over_pgbouncer_by_round": paired}
             s_tps, s_lat, _ = median["strata"]
             lines += [f"## {workload}", "",
                       "| target | tps | avg latency (ms) | pooler CPU per transaction | "
@@ -162,9 +170,12 @@ def main():
                 cpu_text = f"{cpu:.0f} µs" if cpu is not None else "—"
                 lines.append(f"| {name} | {tps:,.0f} | {lat:.2f} | {cpu_text} | "
                              f"{s_tps / tps:.2f}× | {s_lat / lat:.2f}× |")
-            lines += ["", "Strata ÷ PgBouncer tps, round by round: "
-                      + ", ".join(f"{x:.2f}" for x in paired)
-                      + f" (median {statistics.median(paired):.2f})", ""]
+            lines.append("")
+            for name, ratios in paired.items():
+                lines.append(f"{name} ÷ PgBouncer tps, round by round: "
+                             + ", ".join(f"{x:.2f}" for x in ratios)
+                             + f" (median {statistics.median(ratios):.2f})  ")
+            lines.append("")
     finally:
         stop(procs.values())
         pg.stop()

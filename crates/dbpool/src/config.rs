@@ -62,6 +62,9 @@ pub struct DbPoolConfig {
     pub tls_key_file: Option<std::path::PathBuf>,
     /// Refuse clients that do not use TLS.
     pub tls_required: bool,
+    /// Threads of the pooler's own that run client sessions, each a single-threaded event
+    /// loop (connections dealt in turn); 0 runs them on the node's shared runtime.
+    pub threads: usize,
     /// How often a control connection checks the server with `SELECT 1` ("0s": never).
     #[serde(with = "strata_core::duration")]
     pub health_check_interval: Duration,
@@ -104,6 +107,7 @@ impl Default for DbPoolConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_required: false,
+            threads: 0,
             health_check_interval: Duration::from_secs(10),
             health_check_database: "postgres".into(),
             query_wait_timeout: Duration::from_secs(30),

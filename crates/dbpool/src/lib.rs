@@ -24,6 +24,7 @@
 //! - `relay`: a logged-in client's messages and their answers.
 //! - `scram`: SCRAM-SHA-256 on the server side, for client logins.
 //! - `client`: a client's startup and login.
+//! - `runners`: the shared runtime, or the pooler's own threads, that run sessions.
 
 mod cancel;
 mod client;
@@ -33,6 +34,7 @@ mod health;
 mod pool;
 mod prepared;
 mod relay;
+mod runners;
 mod scram;
 mod server;
 mod state;
@@ -103,11 +105,18 @@ impl DbPool {
             tls,
             tls_required: config.tls_required,
         });
+        let runners =
+            runners::Runners::start(config.threads, &shutdown).map_err(|source| StartError {
+                key: "threads",
+                at: config.threads.to_string(),
+                source,
+            })?;
+        let runners = Arc::new(runners);
         if let Some(unix) = unix {
-            let handle = serve(pool.clone(), login.clone());
+            let handle = serve(pool.clone(), login.clone(), runners.clone());
             tokio::spawn(accept_until(unix, shutdown.clone(), "dbpool", handle));
         }
-        let handle = serve(pool.clone(), login);
+        let handle = serve(pool.clone(), login, runners);
         tokio::spawn(accept_until(listener, shutdown.clone(), "dbpool", handle));
         tokio::spawn(tend(pool.clone(), shutdown.clone()));
         tokio::spawn(health::watch(pool.clone(), shutdown));
@@ -116,12 +125,14 @@ impl DbPool {
 }
 
 /// Starts a session for each accepted client.
-fn serve<S: client::Stream + 'static>(
+fn serve<S: runners::Portable>(
     pool: Arc<pool::Pool>,
     login: Arc<client::Login>,
+    runners: Arc<runners::Runners>,
 ) -> impl FnMut(S) {
     move |stream| {
-        tokio::spawn(client::serve(stream, pool.clone(), login.clone()));
+        let (pool, login) = (pool.clone(), login.clone());
+        runners.spawn(stream, move |stream| client::serve(stream, pool, login));
     }
 }
 
