@@ -91,10 +91,12 @@ def server_pid(proc):
 
 
 def pgbench(pg, port, args, seconds, pid=None):
+    """One timed run. pgbench vacuums its small tables first (no `-n`), so every run starts
+    from the same state: TPC-B's updates otherwise bloat them and slow each later run."""
     before = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
         [str(pg.bin / "pgbench"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-         "-c", "50", "-j", "2", "-T", str(seconds), "-n", *args, "postgres"],
+         "-c", "50", "-j", "2", "-T", str(seconds), *args, "postgres"],
         env={**os.environ, "PGPASSWORD": PASSWORD}, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(out.stdout + out.stderr)
