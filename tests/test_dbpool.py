@@ -19,24 +19,37 @@ import pytest
 import requests
 
 from conftest import (EXAMPLE, PG_PASSWORD, ROOT, STRATA, Postgres, free_port, metric,
-                      wait_until)
+                      wait_for_port, wait_until)
 
 
 @pytest.fixture
 def pooler(strata, postgres):
-    """Starts a node running only the pooler, in front of the test PostgreSQL."""
+    """Starts a node running only the pooler, in front of the test PostgreSQL (or `server`,
+    another one)."""
 
-    def start(extra=""):
+    def start(extra="", server=postgres):
         port = free_port()
         config = ("[dbpool]\n"
                   f'bind = "127.0.0.1:{port}"\n'
-                  f'server = "127.0.0.1:{postgres.port}"\n'
+                  f'server = "127.0.0.1:{server.port}"\n'
                   f'server_user = "postgres"\nserver_password = "{PG_PASSWORD}"\n' + extra)
         server = strata("--tiers", "dbpool", config=config)
         server.dbpool_port = port
         return server
 
     return start
+
+
+def raw_session(server):
+    """A socket logged into a trusting pooler as postgres, its greeting read up to
+    ReadyForQuery, for tests that write protocol bytes themselves."""
+    params = b"user\0postgres\0database\0postgres\0\0"
+    sock = socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10)
+    sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+    greeting = b""
+    while not greeting.endswith(b"Z\0\0\0\x05I"):
+        greeting += sock.recv(4096)
+    return sock
 
 
 def connect(server, **kwargs):
@@ -203,12 +216,7 @@ def test_bad_clients_get_errors_and_harm_no_one(pooler):
 @pytest.mark.parametrize("mode", ["session", "transaction"])
 def test_answers_a_client_never_read_do_not_reach_the_next_client(pooler, mode):
     server = pooler(f'pool_mode = "{mode}"\npool_size = 1\nauth = "trust"\n')
-    params = b"user\0postgres\0database\0postgres\0\0"
-    with socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10) as sock:
-        sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
-        greeting = b""
-        while not greeting.endswith(b"Z\0\0\0\x05I"):
-            greeting += sock.recv(4096)
+    with raw_session(server) as sock:
         query = b"select pg_sleep(0.3), 'left over'\0"
         sock.sendall(b"Q" + struct.pack("!i", 4 + len(query)) + query + b"X\0\0\0\x04")
     with connect(server) as conn:
@@ -402,14 +410,10 @@ def test_the_reserve_serves_clients_that_waited_long(pooler):
     assert metric(server, 'strata_dbpool_events_total{event="reserve"}') == 1
 
 
-def test_the_pool_recovers_when_postgres_restarts_under_load(strata):
+def test_the_pool_recovers_when_postgres_restarts_under_load(pooler):
     own = Postgres()
     try:
-        port = free_port()
-        server = strata("--tiers", "dbpool", config=(
-            f'[dbpool]\nbind = "127.0.0.1:{port}"\nserver = "127.0.0.1:{own.port}"\n'
-            f'server_password = "{PG_PASSWORD}"\npool_size = 3\n'))
-        server.dbpool_port = port
+        server = pooler('pool_size = 3\n', server=own)
         stop = threading.Event()
         outcomes = {"ok": 0, "errors": 0, "ok_after": 0}
         restarted = threading.Event()
@@ -473,8 +477,8 @@ def test_make_run_serves_the_example_on_a_private_postgres_through_the_pooler(tm
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     admin = f"http://127.0.0.1:{ports['admin']}"
     try:
-        assert wait_until(lambda: _up(f"{admin}/healthz"), timeout=120), \
-            (tmp_path / "run.log").read_text()
+        # The admin listener opens last, once every tier is up.
+        assert wait_for_port(ports["admin"], 120, script), (tmp_path / "run.log").read_text()
         front = requests.get(f"http://127.0.0.1:{ports['http']}/", timeout=10)
         assert front.status_code == 200 and "<h1" in front.text
         status = requests.get(f"{admin}/status", timeout=10).json()
@@ -486,32 +490,13 @@ def test_make_run_serves_the_example_on_a_private_postgres_through_the_pooler(tm
         script.wait(60)
         shutil.rmtree(var, ignore_errors=True)
     # The script stops the private PostgreSQL when Strata stops.
-    assert not _listening(ports["pg"])
+    assert not wait_for_port(ports["pg"], 1)
 
 
-def _up(url):
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def _listening(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def test_health_checks_see_postgres_go_down_and_come_back(strata):
+def test_health_checks_see_postgres_go_down_and_come_back(pooler):
     own = Postgres()
     try:
-        port = free_port()
-        server = strata("--tiers", "dbpool", config=(
-            f'[dbpool]\nbind = "127.0.0.1:{port}"\nserver = "127.0.0.1:{own.port}"\n'
-            f'server_password = "{PG_PASSWORD}"\nhealth_check_interval = "200ms"\n'))
-        server.dbpool_port = port
+        server = pooler('health_check_interval = "200ms"\n', server=own)
 
         def health():
             return server.status()["dbpool"]["server"]
@@ -575,21 +560,12 @@ def test_a_client_asking_for_protocol_3_2_is_told_3_0(pooler):
 
 def test_truncated_and_oversized_messages_harm_no_one(pooler):
     server = pooler('auth = "trust"\n')
-    params = b"user\0postgres\0database\0postgres\0\0"
-    with socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10) as sock:
-        sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
-        greeting = b""
-        while not greeting.endswith(b"Z\0\0\0\x05I"):
-            greeting += sock.recv(4096)
+    with raw_session(server) as sock:
         # A query whose length claims far more than the pooler accepts.
         sock.sendall(b"Q" + struct.pack("!i", 0x7fffffff) + b"select 1")
         answer = sock.recv(4096)
         assert answer[:1] == b"E" and b"too large" in answer
-    with socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10) as sock:
-        sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
-        greeting = b""
-        while not greeting.endswith(b"Z\0\0\0\x05I"):
-            greeting += sock.recv(4096)
+    with raw_session(server) as sock:
         sock.sendall(b"Q" + struct.pack("!i", 100) + b"select")  # then the client vanishes
     with connect(server) as conn:
         assert conn.execute("select 3").fetchone()[0] == 3

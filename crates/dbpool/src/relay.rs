@@ -100,7 +100,7 @@ impl<'a> Relay<'a> {
         }
         self.ticket.hold(None);
         if let Some(lent) = self.link.take() {
-            if self.transaction_mode && self.pinned.is_none() && self.flow.at_rest() {
+            if self.may_give_back() {
                 self.pool.put_back(lent);
             } else if !matches!(result, Err(RelayError::ServerLost)) {
                 self.pool.release(lent).await;
@@ -176,9 +176,15 @@ impl<'a> Relay<'a> {
         Ok(())
     }
 
+    /// Whether the held connection may go back to the pool as it is: transaction mode, no
+    /// pin, the transaction over with nothing outstanding.
+    fn may_give_back(&self) -> bool {
+        self.transaction_mode && self.pinned.is_none() && self.flow.at_rest()
+    }
+
     /// In transaction mode, a connection whose transaction is over goes back to the pool.
     fn give_back_if_done(&mut self) {
-        if self.transaction_mode && self.pinned.is_none() && self.flow.at_rest() {
+        if self.may_give_back() {
             if let Some(lent) = self.link.take() {
                 self.ticket.hold(None);
                 self.pool.put_back(lent);
