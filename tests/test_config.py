@@ -48,6 +48,8 @@ def test_check_validates_the_pooler_only_where_it_runs(tmp_path):
     assert result.returncode != 0 and "tls_key_file" in result.stderr
     result = check(tmp_path, pooler + 'on_session_state = "ignore"\n')
     assert result.returncode != 0 and "on_session_state" in result.stderr
+    result = check(tmp_path, pooler + 'auth_query = "select 1"\n')
+    assert result.returncode != 0 and "dbpool.auth_query" in result.stderr
     result = check(tmp_path, 'tiers = ["dbpool"]\n')
     assert result.returncode != 0 and "server_password" in result.stderr
     # Not running the pooler, its section is not held against the node.

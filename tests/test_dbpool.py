@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import psycopg
@@ -613,6 +614,60 @@ def test_several_roles_each_with_their_own_pool(pooler, postgres):
             connect(server, user="reporter", password=PG_PASSWORD)
         pools = {(p["database"], p["user"]) for p in server.status()["dbpool"]["databases"]}
         assert pools == {("postgres", "reporter"), ("postgres", "postgres")}
+
+
+def test_roles_looked_up_in_postgres_log_in_without_the_pooler_knowing_passwords(pooler,
+                                                                                   postgres):
+    with psycopg.connect(host="127.0.0.1", port=postgres.port, user="postgres",
+                         password=PG_PASSWORD, dbname="postgres", autocommit=True) as admin:
+        for role in ("looked_scram", "looked_md5"):
+            admin.execute(f"drop role if exists {role}")
+        admin.execute("set password_encryption = 'scram-sha-256'")
+        admin.execute("create role looked_scram login password 'scram-pw'")
+        admin.execute("set password_encryption = 'md5'")
+        admin.execute("create role looked_md5 login password 'md5-pw'")
+        # PostgreSQL's scram-sha-256 method refuses md5-stored passwords; md5 takes both.
+        hba = postgres.data / "pg_hba.conf"
+        line = "host all looked_md5 127.0.0.1/32 md5\n"
+        if line not in hba.read_text():
+            hba.write_text(line + hba.read_text())
+        admin.execute("select pg_reload_conf()")
+    query = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1"
+    server = pooler(f'auth_query = "{query}"\npool_size = 2\n')
+    for role, password in (("looked_scram", "scram-pw"), ("looked_md5", "md5-pw")):
+        with connect(server, user=role, password=password) as conn:
+            assert conn.execute("select current_user").fetchone()[0] == role
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            connect(server, user=role, password="guess")
+        # Later server connections log in with what the proof gave: two clients, each in a
+        # transaction, need a second server connection.
+        first, second = connect(server, user=role, password=password), \
+            connect(server, user=role, password=password)
+        with first, second:
+            pids = {conn.execute("select pg_backend_pid()").fetchone()[0]
+                    for conn in (first, second)}
+            assert len(pids) == 2
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(server, user="nobody_at_all", password="x")
+    # A password changed in PostgreSQL counts at the next login.
+    with connect(server, autocommit=True) as admin:
+        admin.execute("alter role looked_scram password 'changed-pw'")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(server, user="looked_scram", password="scram-pw")
+    with connect(server, user="looked_scram", password="changed-pw") as conn:
+        assert conn.execute("select 1").fetchone()[0] == 1
+    # The configured role still logs in with its own password.
+    with connect(server) as conn:
+        assert conn.execute("select current_user").fetchone()[0] == "postgres"
+
+
+def test_a_role_lookup_with_postgres_down_is_a_clear_error(pooler):
+    server = pooler('auth_query = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1"\n'
+                    'health_check_interval = "0s"\n',
+                    server=types.SimpleNamespace(port=free_port()))
+    with pytest.raises(psycopg.OperationalError, match="could not look role"):
+        connect(server, user="someone", password="x")
+    assert server.status()["dbpool"]["server"] is not None
 
 
 def test_a_database_with_idle_pooled_connections_can_be_dropped(pooler):

@@ -9,6 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
 
+use crate::auth::{self, Credential, Secret};
 use crate::pool::{Pool, PoolKey};
 use crate::relay::Relay;
 use crate::scram;
@@ -108,10 +109,29 @@ async fn session<S: Stream>(
     }
     let user = get("user").unwrap_or_default();
     let database = get("database").unwrap_or_else(|| user.clone());
-    if !pool.config.knows(&user) {
-        let text = format!("role \"{user}\" is not served by this pooler");
-        return refuse(client, "28000", &text).await;
-    }
+    let known = pool.config.knows(&user);
+    let secret = match &pool.lookup {
+        _ if known => {
+            let password = pool.config.password_of(&user).unwrap_or_default();
+            Secret::Password(password.to_owned())
+        }
+        Some(lookup) => match lookup.secret(&pool.config, &user).await {
+            Ok(Some(secret)) => secret,
+            // As PostgreSQL does, a role that does not exist fails like a wrong password.
+            Ok(None) => {
+                let text = format!("password authentication failed for user \"{user}\"");
+                return refuse(client, "28P01", &text).await;
+            }
+            Err(error) => {
+                let text = format!("could not look role \"{user}\" up in PostgreSQL: {error}");
+                return refuse(client, "08006", &text).await;
+            }
+        },
+        None => {
+            let text = format!("role \"{user}\" is not served by this pooler");
+            return refuse(client, "28000", &text).await;
+        }
+    };
     let mut asked = Vec::new();
     for (name, value) in &params {
         if let Some(tracked) = state::tracked(name) {
@@ -125,15 +145,35 @@ async fn session<S: Stream>(
             return refuse(client, "08P01", &text).await;
         }
     }
-    let password = pool.config.password_of(&user).unwrap_or_default();
-    let proven = match pool.config.auth.as_str() {
-        "scram-sha-256" => authenticate(client, &*pool.verifier(&user, password)?).await,
-        "md5" => authenticate_md5(client, &user, password).await,
-        _ => Ok(()),
+    let proven = match (secret, pool.config.auth.as_str()) {
+        (Secret::Password(password), "trust") => Ok(Credential::Password(password)),
+        (Secret::Password(password), "scram-sha-256") => {
+            let verifier = pool.verifier(&user, &password)?;
+            authenticate(client, &verifier)
+                .await
+                .map(|_| Credential::Password(password))
+        }
+        (Secret::Password(password), _) => {
+            let stored = auth::md5_stored(&user, &password);
+            authenticate_md5(client, &stored)
+                .await
+                .map(|()| Credential::Password(password))
+        }
+        (Secret::Scram(verifier), _) => {
+            authenticate(client, &verifier).await.map(Credential::Scram)
+        }
+        (Secret::Md5(stored), _) => authenticate_md5(client, &stored)
+            .await
+            .map(|()| Credential::Md5(stored)),
     };
-    if let Err(error) = proven {
-        let text = format!("password authentication failed for user \"{user}\" ({error})");
-        return refuse(client, "28P01", &text).await;
+    match proven {
+        Err(error) => {
+            let text = format!("password authentication failed for user \"{user}\" ({error})");
+            return refuse(client, "28P01", &text).await;
+        }
+        // A looked-up role's server logins use what its latest client proved.
+        Ok(credential) if !known => pool.learn(&user, credential),
+        Ok(_) => {}
     }
     let entry = pool.entry(&PoolKey { database, user });
     // Session mode lends a connection for the whole session; transaction mode only needs to
@@ -190,8 +230,12 @@ async fn refuse<S: Stream>(client: &mut S, code: &str, text: &str) -> std::io::R
 }
 
 /// Runs a SCRAM-SHA-256 exchange with the client; on success the client has proven it
-/// knows the role's password (and has checked that the pooler knows it too).
-async fn authenticate<S: Stream>(client: &mut S, verifier: &scram::Verifier) -> Result<(), String> {
+/// knows the role's password (and has checked that the pooler knows it too), and its proof
+/// has given its keys.
+async fn authenticate<S: Stream>(
+    client: &mut S,
+    verifier: &scram::Verifier,
+) -> Result<scram::Keys, String> {
     let mut out = BytesMut::new();
     wire::authentication_sasl(&mut out);
     client.write_all(&out).await.map_err(|e| e.to_string())?;
@@ -203,19 +247,16 @@ async fn authenticate<S: Stream>(client: &mut S, verifier: &scram::Verifier) -> 
     wire::authentication_sasl_step(&mut out, 11, exchange.message());
     client.write_all(&out).await.map_err(|e| e.to_string())?;
     let last = sasl_data(client, &mut message, false).await?;
-    let server_final = exchange.verify(&last).map_err(|e| e.to_string())?;
+    let (server_final, keys) = exchange.verify(&last).map_err(|e| e.to_string())?;
     out.clear();
     wire::authentication_sasl_step(&mut out, 12, server_final.as_bytes());
-    client.write_all(&out).await.map_err(|e| e.to_string())
+    client.write_all(&out).await.map_err(|e| e.to_string())?;
+    Ok(keys)
 }
 
-/// Runs an md5 exchange: the client proves it knows `password` by hashing it with the role
-/// name and a fresh salt.
-async fn authenticate_md5<S: Stream>(
-    client: &mut S,
-    user: &str,
-    password: &str,
-) -> Result<(), String> {
+/// Runs an md5 exchange: the client proves it knows the password whose stored hash is
+/// `stored` by hashing that with a fresh salt.
+async fn authenticate_md5<S: Stream>(client: &mut S, stored: &str) -> Result<(), String> {
     let salt: [u8; 4] = random_bytes().map_err(|e| e.to_string())?;
     let mut out = BytesMut::new();
     wire::authentication_md5(&mut out, salt);
@@ -228,8 +269,7 @@ async fn authenticate_md5<S: Stream>(
     if tag != b'p' || answer.is_none() {
         return Err("expected a password message".into());
     }
-    let expected =
-        postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
+    let expected = auth::md5_answer(stored, salt);
     if answer == Some(expected.as_bytes()) {
         Ok(())
     } else {

@@ -26,6 +26,12 @@ pub struct DbPoolConfig {
     /// How clients log in: `scram-sha-256` or `md5` (against the role's password) or `trust`
     /// (any client naming a known role; for loopback only).
     pub auth: String,
+    /// Roles not configured here are looked up in PostgreSQL with this query, run on the
+    /// control connection with the role name as `$1`; it returns the name and what
+    /// `pg_authid.rolpassword` holds (SCRAM verifier or md5 hash), as PgBouncer's does.
+    /// Clients prove the password against that; the pooler then logs into PostgreSQL as
+    /// their role with what the proof gave it, never knowing the password.
+    pub auth_query: Option<String>,
     /// `transaction`: a client holds a server connection for one transaction at a time;
     /// `session`: until it disconnects.
     pub pool_mode: String,
@@ -93,6 +99,7 @@ impl Default for DbPoolConfig {
             server_password: None,
             users: Vec::new(),
             auth: "scram-sha-256".into(),
+            auth_query: None,
             pool_mode: "transaction".into(),
             pool_size: 20,
             reserve_pool_size: 0,
@@ -175,6 +182,12 @@ impl DbPoolConfig {
                     "dbpool.auth = {other:?}: expected \"scram-sha-256\", \"md5\" or \"trust\""
                 ))
             }
+        }
+        if self.auth_query.is_some() && self.auth == "trust" {
+            return Err(
+                "dbpool.auth_query needs dbpool.auth = \"scram-sha-256\" or \"md5\": the pooler logs in as a looked-up role with what its client's proof gives"
+                    .into(),
+            );
         }
         if self.pool_size == 0 {
             return Err("dbpool.pool_size = 0: must be at least 1".into());

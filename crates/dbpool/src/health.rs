@@ -104,7 +104,7 @@ async fn check(config: &DbPoolConfig, client: &mut Option<Client>) -> Result<Dur
     let started = Instant::now();
     let attempt = async {
         if client.as_ref().is_none_or(Client::is_closed) {
-            *client = Some(connect(config).await?);
+            *client = Some(connect(config, "strata-dbpool-health").await?);
         }
         let control = client.as_ref().expect("connected above");
         control
@@ -118,7 +118,8 @@ async fn check(config: &DbPoolConfig, client: &mut Option<Client>) -> Result<Dur
         .unwrap_or_else(|_| Err("no answer within 5s".into()))
 }
 
-async fn connect(config: &DbPoolConfig) -> Result<Client, String> {
+/// A control connection as `server_user` to `health_check_database`.
+pub(crate) async fn connect(config: &DbPoolConfig, name: &str) -> Result<Client, String> {
     let (host, port) = config
         .server
         .rsplit_once(':')
@@ -129,7 +130,7 @@ async fn connect(config: &DbPoolConfig) -> Result<Client, String> {
         .port(port)
         .user(&config.server_user)
         .dbname(&config.health_check_database)
-        .application_name("strata-dbpool-health")
+        .application_name(name)
         .connect_timeout(Duration::from_secs(5));
     if let Some(password) = &config.server_password {
         pg.password(password);

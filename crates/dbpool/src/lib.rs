@@ -26,6 +26,7 @@
 //! - `client`: a client's startup and login.
 //! - `runners`: the shared runtime, or the pooler's own threads, that run sessions.
 
+mod auth;
 mod cancel;
 mod client;
 pub mod config;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use strata_core::metrics::{Counter, Histogram};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::auth::Credential;
 use crate::cancel::Cancels;
 use crate::config::DbPoolConfig;
 use crate::prepared::Registry;
@@ -123,8 +124,12 @@ pub struct Pool {
     pub cancels: Arc<Cancels>,
     pub statements: Registry,
     pub health: crate::health::Health,
-    /// Each role's SCRAM verifier, made at its first login.
+    /// Each configured role's SCRAM verifier, made at its first login.
     verifiers: Mutex<HashMap<String, Arc<crate::scram::Verifier>>>,
+    /// Roles are looked up in PostgreSQL (`auth_query`).
+    pub lookup: Option<crate::auth::Lookup>,
+    /// What looked-up roles log into PostgreSQL with, from their clients' latest proofs.
+    learnt: Mutex<HashMap<String, Credential>>,
     databases: Mutex<HashMap<PoolKey, Arc<Entry>>>,
 }
 
@@ -137,7 +142,6 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     pub fn new(config: DbPoolConfig) -> Self {
         Self {
-            config,
             counts: Counts {
                 opened: Counter::default(),
                 lent: Counter::default(),
@@ -155,8 +159,26 @@ impl Pool {
             statements: Registry::default(),
             health: Default::default(),
             verifiers: Mutex::default(),
+            lookup: config.auth_query.clone().map(crate::auth::Lookup::new),
+            learnt: Mutex::default(),
             databases: Mutex::default(),
+            config,
         }
+    }
+
+    /// Keeps what a looked-up role's client proof gave, for that role's server logins.
+    pub fn learn(&self, user: &str, credential: Credential) {
+        let mut learnt = self.learnt.lock().unwrap_or_else(|e| e.into_inner());
+        learnt.insert(user.to_owned(), credential);
+    }
+
+    /// What the pooler logs into PostgreSQL with as `user`.
+    fn credential_of(&self, user: &str) -> Option<Credential> {
+        if let Some(password) = self.config.password_of(user) {
+            return Some(Credential::Password(password.to_owned()));
+        }
+        let learnt = self.learnt.lock().unwrap_or_else(|e| e.into_inner());
+        learnt.get(user).cloned()
     }
 
     /// The SCRAM verifier of role `user` with `password` (made once, with a random salt).
@@ -234,14 +256,10 @@ impl Pool {
     async fn open(&self, entry: &Entry) -> Result<ServerConn, ServerError> {
         let c = &self.config;
         let key = &entry.key;
-        let conn = ServerConn::connect(
-            &c.server,
-            &key.user,
-            &key.database,
-            c.password_of(&key.user),
-        )
-        .await
-        .inspect_err(|_| self.counts.server_errors.inc())?;
+        let credential = self.credential_of(&key.user);
+        let conn = ServerConn::connect(&c.server, &key.user, &key.database, credential.as_ref())
+            .await
+            .inspect_err(|_| self.counts.server_errors.inc())?;
         self.counts.opened.inc();
         entry.with(|db| {
             db.params.get_or_insert_with(|| conn.params.clone());

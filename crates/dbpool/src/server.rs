@@ -2,12 +2,14 @@
 //! what it reported (parameters, backend key), and reset a connection between clients.
 
 use bytes::BytesMut;
-use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::authentication::sasl;
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::auth::{self, Credential};
 use crate::prepared::OnServer;
+use crate::scram;
 use crate::wire::{self, WireError};
 
 /// One logged-in server connection.
@@ -36,8 +38,10 @@ pub enum ServerError {
     Refused { code: String, message: String },
     #[error("PostgreSQL asked for an authentication method the pooler does not speak")]
     Method,
-    #[error("PostgreSQL asked for a password and none is configured (dbpool.server_password)")]
-    NoPassword,
+    #[error("PostgreSQL asked for a {0} login and the pooler has no secret for it (dbpool.server_password, dbpool.users, or a client's proof under dbpool.auth_query)")]
+    NoSecret(&'static str),
+    #[error("SCRAM login to PostgreSQL failed: {0}")]
+    Scram(#[from] scram::ScramError),
     #[error(transparent)]
     Wire(#[from] WireError),
     #[error(transparent)]
@@ -67,7 +71,7 @@ impl ServerConn {
         addr: &str,
         user: &str,
         database: &str,
-        password: Option<&str>,
+        credential: Option<&Credential>,
     ) -> Result<Self, ServerError> {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -92,7 +96,7 @@ impl ServerConn {
             born: std::time::Instant::now(),
             prepared: OnServer::default(),
         };
-        let mut scram: Option<sasl::ScramSha256> = None;
+        let mut scram: Option<scram::ClientLogin> = None;
         let mut buf = BytesMut::new();
         loop {
             wire::read_message(&mut conn.stream, &mut buf).await?;
@@ -104,16 +108,22 @@ impl ServerConn {
             match message {
                 backend::Message::AuthenticationOk => {}
                 backend::Message::AuthenticationCleartextPassword => {
-                    let password = password.ok_or(ServerError::NoPassword)?;
+                    let password = credential
+                        .and_then(Credential::cleartext)
+                        .ok_or(ServerError::NoSecret("cleartext password"))?;
                     frontend::password_message(password.as_bytes(), &mut out)?;
                 }
                 backend::Message::AuthenticationMd5Password(body) => {
-                    let password = password.ok_or(ServerError::NoPassword)?;
-                    let hash = md5_hash(user.as_bytes(), password.as_bytes(), body.salt());
-                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                    let stored = credential
+                        .and_then(|c| c.md5(user))
+                        .ok_or(ServerError::NoSecret("md5"))?;
+                    let answer = auth::md5_answer(&stored, body.salt());
+                    frontend::password_message(answer.as_bytes(), &mut out)?;
                 }
                 backend::Message::AuthenticationSasl(_) => {
-                    let password = password.ok_or(ServerError::NoPassword)?;
+                    if credential.and_then(Credential::scram).is_none() {
+                        return Err(ServerError::NoSecret("SCRAM-SHA-256"));
+                    }
                     // The mechanisms: NUL-terminated names after the tag, length and code.
                     let offered = buf
                         .get(9..)
@@ -123,21 +133,21 @@ impl ServerConn {
                     if !offered {
                         return Err(ServerError::Method);
                     }
-                    let state = sasl::ScramSha256::new(
-                        password.as_bytes(),
-                        sasl::ChannelBinding::unsupported(),
-                    );
+                    let login = scram::ClientLogin::new(&crate::client::random_bytes()?);
+                    let first = login.first();
                     frontend::sasl_initial_response(
                         sasl::SCRAM_SHA_256,
-                        state.message(),
+                        first.as_bytes(),
                         &mut out,
                     )?;
-                    scram = Some(state);
+                    scram = Some(login);
                 }
                 backend::Message::AuthenticationSaslContinue(body) => {
                     let state = scram.as_mut().ok_or(ServerError::Method)?;
-                    state.update(body.data())?;
-                    frontend::sasl_response(state.message(), &mut out)?;
+                    let secret = credential.and_then(Credential::scram);
+                    let secret = secret.ok_or(ServerError::NoSecret("SCRAM-SHA-256"))?;
+                    let last = state.respond(body.data(), &secret)?;
+                    frontend::sasl_response(last.as_bytes(), &mut out)?;
                 }
                 backend::Message::AuthenticationSaslFinal(body) => {
                     let state = scram.as_mut().ok_or(ServerError::Method)?;
