@@ -179,7 +179,15 @@ impl ServerConn {
 
     /// Whether the idle connection has nothing to say: a server that closed it, or sent
     /// anything (a FATAL on shutdown), makes it unfit to lend.
+    ///
+    /// The reactor's readiness answers without a system call: the relay's last read drained
+    /// the socket (a short read clears readiness), so any byte or close since then has made
+    /// it readable. Only then is the socket itself asked.
     pub fn is_quiet(&self) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if self.stream.poll_read_ready(&mut cx).is_pending() {
+            return true;
+        }
         let mut byte = [0u8; 1];
         matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }

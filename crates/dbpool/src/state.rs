@@ -29,13 +29,10 @@ pub fn tracked(name: &str) -> Option<&'static str> {
 /// Whether `sql` mentions any of `words` (ASCII, any case): most statements mention none of
 /// the words that matter here, and are passed over without parsing.
 fn mentions(sql: &[u8], words: &[&[u8]]) -> bool {
-    (0..sql.len()).any(|at| {
-        let first = sql[at].to_ascii_lowercase();
-        words.iter().any(|word| {
-            word[0] == first
-                && sql
-                    .get(at..at + word.len())
-                    .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    words.iter().any(|word| {
+        memchr::memchr2_iter(word[0], word[0].to_ascii_uppercase(), sql).any(|at| {
+            sql.get(at..at + word.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(word))
         })
     })
 }
@@ -48,7 +45,7 @@ fn starts_statement(sql: &[u8]) -> bool {
         b"set", b"reset", b"listen", b"prepare", b"load", b"declare", b"create", b"-", b"/",
     ];
     std::iter::once(0)
-        .chain(memchr_all(b';', sql).map(|at| at + 1))
+        .chain(memchr::memchr_iter(b';', sql).map(|at| at + 1))
         .any(|start| {
             let rest = &sql[start..];
             let begin = rest.iter().position(|b| !b.is_ascii_whitespace());
@@ -63,13 +60,6 @@ fn starts_statement(sql: &[u8]) -> bool {
 }
 
 /// Positions of `byte` in `bytes`.
-fn memchr_all(byte: u8, bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
-    bytes
-        .iter()
-        .enumerate()
-        .filter(move |(_, b)| **b == byte)
-        .map(|(at, _)| at)
-}
 
 /// What in `sql` would leave state on the server connection past the transaction, if any.
 pub fn session_state(sql: &[u8]) -> Option<&'static str> {
