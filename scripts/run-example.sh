@@ -62,6 +62,11 @@ else
     (cd example && "$py" manage.py migrate -v0)
   fi
 fi
+# Static files: collected with content-hashed names and gzip siblings, served by the load
+# balancer (lb.routes in config/strata.toml) without reaching Python.
+export EXAMPLE_MANIFEST_STATIC=1
+(cd example && "$py" manage.py collectstatic --noinput -v0)
+"$py" scripts/precompress.py example/staticfiles
 "${EXAMPLE_STRATA_BIN:-target/release/strata}" run --config config/strata.toml --tiers "$tiers" "$@" &
 strata=$!
 # Ctrl-C or a TERM stops Strata gracefully; then the private PostgreSQL stops too (EXIT).

@@ -3,6 +3,8 @@
 import hashlib
 import os
 import re
+import subprocess
+import sys
 import time
 
 import requests
@@ -122,9 +124,28 @@ def test_make_run_configuration_serves_the_example(strata, example_db, tmp_path)
 
     db = tmp_path / "db.sqlite3"
     db.write_bytes(example_db.read_bytes())
+    # As make run does: static files collected under hashed names, with gzip siblings.
+    env = {**os.environ, "EXAMPLE_DB": str(db), "EXAMPLE_MANIFEST_STATIC": "1"}
+    subprocess.run([sys.executable, "manage.py", "collectstatic", "--noinput", "-v0"],
+                   cwd=ROOT / "example", env=env, check=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "precompress.py"),
+                    str(ROOT / "example" / "staticfiles")], check=True)
     server = strata("--config", str(ROOT / "config" / "strata.toml"), cwd=ROOT,
-                    env={"EXAMPLE_DB": str(db)})
+                    env={"EXAMPLE_DB": str(db), "EXAMPLE_MANIFEST_STATIC": "1"})
     assert "warm-up GET / -> 200 OK" in server.log()
     response = requests.get(server.url("/"))
     assert response.status_code == 200 and "Latest articles" in response.text
     assert len(server.status()["app"]["workers"]) == 2
+    # The page links the stylesheet by its hashed name; the load balancer serves it from
+    # STATIC_ROOT, compressed and immutable, without a request reaching a worker.
+    stylesheet = re.search(r'href="(/static/site\.[0-9a-f]{12}\.css)"', response.text).group(1)
+    def app_requests():
+        return sum(float(line.split()[-1]) for line in server.admin("/metrics").text.splitlines()
+                   if line.startswith("strata_app_requests_total{"))
+
+    served = app_requests()
+    css = requests.get(server.url(stylesheet), headers={"Accept-Encoding": "gzip"})
+    assert css.status_code == 200 and css.headers["Content-Encoding"] == "gzip"
+    assert css.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert css.text == (ROOT / "example" / "static" / "site.css").read_text()
+    assert app_requests() == served > 0

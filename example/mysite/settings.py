@@ -7,6 +7,7 @@ Environment variables a test or an operator may set:
                    "example"), EXAMPLE_PG_USER (default "postgres"), EXAMPLE_PG_PASSWORD
   EXAMPLE_DEBUG    "1" for Django's debug mode
   EXAMPLE_DOWNLOADS  directory /download/<name> serves files from
+  EXAMPLE_MANIFEST_STATIC  "1" once `collectstatic` has run: hashed static names (make run)
 """
 
 import os
@@ -87,6 +88,15 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = BASE_DIR / "staticfiles"
+if os.environ.get("EXAMPLE_MANIFEST_STATIC") == "1":
+    # After `collectstatic` (make run runs it): pages link content-hashed names, which
+    # Strata's load balancer serves from STATIC_ROOT as immutable files, without Python.
+    STORAGES = {
+        "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+        "staticfiles": {
+            "BACKEND": "django.contrib.staticfiles.storage.ManifestStaticFilesStorage"
+        },
+    }
 DOWNLOADS_DIR = Path(os.environ.get("EXAMPLE_DOWNLOADS", str(BASE_DIR / "files")))
 
 LOGIN_URL = "/accounts/login/"

@@ -59,8 +59,6 @@ fn starts_statement(sql: &[u8]) -> bool {
         })
 }
 
-/// Positions of `byte` in `bytes`.
-
 /// What in `sql` would leave state on the server connection past the transaction, if any.
 pub fn session_state(sql: &[u8]) -> Option<&'static str> {
     if !mentions(sql, &[b"advisory"]) && !starts_statement(sql) {

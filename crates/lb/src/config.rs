@@ -1,6 +1,7 @@
 //! Listener configuration: the `[lb]` section.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,36 @@ pub struct LbConfig {
     /// clients are already sending on them).
     #[serde(with = "strata_core::duration")]
     pub drain_linger: Duration,
+    /// Routes, tried in order; a request none claims goes to the next tier.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One `[[lb.routes]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The host it serves (`www.example.com`, or `*.example.com` for its subdomains); any
+    /// host when absent.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Requests whose path starts with this.
+    #[serde(default = "root_prefix")]
+    pub path_prefix: String,
+    /// Serve files from this directory (Django's `STATIC_ROOT`) rather than the next tier.
+    #[serde(default)]
+    pub static_dir: Option<PathBuf>,
+    /// Cache lifetime of static files whose names carry no content hash (hashed names get
+    /// a year, `immutable`).
+    #[serde(default = "static_max_age", with = "strata_core::duration")]
+    pub max_age: Duration,
+}
+
+fn root_prefix() -> String {
+    "/".into()
+}
+
+fn static_max_age() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Default for LbConfig {
@@ -39,6 +70,7 @@ impl Default for LbConfig {
             header_read_timeout: Duration::from_secs(30),
             keepalive: true,
             drain_linger: Duration::from_secs(1),
+            routes: Vec::new(),
         }
     }
 }
@@ -54,6 +86,14 @@ impl LbConfig {
         }
         if self.max_headers == 0 {
             return Err("lb.max_headers = 0: must be at least 1".into());
+        }
+        for (index, route) in self.routes.iter().enumerate() {
+            if !route.path_prefix.starts_with('/') {
+                return Err(format!(
+                    "lb.routes[{index}].path_prefix = {:?}: must start with /",
+                    route.path_prefix
+                ));
+            }
         }
         Ok(())
     }

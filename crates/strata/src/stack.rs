@@ -1,8 +1,9 @@
 //! The tiers of one node, wired together: the only place that knows which tier calls which.
 //!
-//! The listener's service is the accelerator wrapping the app server when both run here; the
-//! accelerator alone fronts `accelerator.upstream` through the seam's HTTP client; the app
-//! server alone is served directly.
+//! The listener's service is its routes (static directories) in front of the accelerator
+//! wrapping the app server when both run here; the accelerator alone fronts
+//! `accelerator.upstream` through the seam's HTTP client; the app server alone is served
+//! directly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +70,10 @@ impl Stack {
             app.set_memcache(Arc::new(cache.clone()));
         }
         let front = accelerator.as_ref().map(Accelerator::service).or(backend);
+        // The listener's routes (static directories) go in front of it all.
+        let front = front
+            .map(|next| strata_lb::router(&config.lb.routes, next))
+            .transpose()?;
         Ok(Self {
             app,
             accelerator,
