@@ -2,12 +2,18 @@
 
 import gzip
 import http.client
+import json
 import os
+import shutil
+import socket
+import ssl
+import subprocess
 import time
 
 import pytest
+import requests
 
-from conftest import app
+from conftest import STRATA, app, free_port, wait_until
 
 
 @pytest.fixture
@@ -164,3 +170,130 @@ def test_routes_by_host(strata, static_site):
     assert response.status == 200 and body.startswith(b"body")
     response, body = get(server, "/hello", Host="www.example.com")
     assert response.status == 200 and body == b"Hello, World!"
+
+
+def curl(*args):
+    """curl's answer: (HTTP version, status, body)."""
+    out = subprocess.run(["curl", "-sS", "--max-time", "10", "-w", "\n%{http_version} %{http_code}",
+                          *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    body, _, tail = out.stdout.rpartition("\n")
+    version, status = tail.split()
+    return version, int(status), body
+
+
+@pytest.fixture
+def https_server(strata, test_ca, tmp_path, static_site):
+    """The probe app behind HTTP and HTTPS listeners; the certificate files are copies the test
+    may replace."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(test_ca["cert"], cert)
+    shutil.copy(test_ca["key"], key)
+    port = free_port()
+    config = ("[lb]\n"
+              f'tls_bind = "127.0.0.1:{port}"\n'
+              f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
+              "[[lb.routes]]\n"
+              'path_prefix = "/static/"\n'
+              f'static_dir = "{static_site}"\n')
+    server = strata(*app("probe"), config=config)
+    server.tls_port, server.cert, server.key = port, cert, key
+    return server
+
+
+def test_https_speaks_http2_and_http1_by_alpn(https_server, test_ca):
+    url = f"https://localhost:{https_server.tls_port}/environ"
+    version, status, body = curl("--cacert", str(test_ca["ca"]), "--http2", url)
+    assert (version, status) == ("2", 200)
+    environ = json.loads(body)
+    assert environ["wsgi.url_scheme"] == "https"
+    assert environ["http"]["HTTP_HOST"] == f"localhost:{https_server.tls_port}"
+    assert environ["PATH_INFO"] == "/environ"
+    version, status, body = curl("--cacert", str(test_ca["ca"]), "--http1.1", url)
+    assert (version, status) == ("1.1", 200)
+    assert json.loads(body)["wsgi.url_scheme"] == "https"
+    # Static files and a POST body over HTTP/2.
+    version, status, body = curl("--cacert", str(test_ca["ca"]), "--http2",
+                                 f"https://localhost:{https_server.tls_port}/static/css/site.css")
+    assert (version, status) == ("2", 200) and body.startswith("body")
+    version, status, body = curl("--cacert", str(test_ca["ca"]), "--http2", "--data-binary",
+                                 "x" * 100000,
+                                 f"https://localhost:{https_server.tls_port}/echo-size")
+    assert (version, status) == ("2", 200) and body == "x" * 100000
+    # A Python (OpenSSL) client checking the chain, and one that does not trust the CA.
+    response = requests.get(url, verify=str(test_ca["ca"]), timeout=10)
+    assert response.status_code == 200
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(url, verify=str(test_ca["other_ca"]), timeout=10)
+    # The plain listener still serves HTTP/1.1 only.
+    version, status, _ = curl(https_server.url("/environ"))
+    assert (version, status) == ("1.1", 200)
+
+
+def test_garbage_and_plain_http_on_the_tls_port_harm_no_one(https_server, test_ca):
+    with socket.create_connection(("127.0.0.1", https_server.tls_port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.recv(100)
+    with socket.create_connection(("127.0.0.1", https_server.tls_port), timeout=10) as sock:
+        sock.sendall(os.urandom(3000))
+    version, status, _ = curl("--cacert", str(test_ca["ca"]),
+                              f"https://localhost:{https_server.tls_port}/environ")
+    assert status == 200
+
+
+def served_certificate(port):
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname="localhost") as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def test_certificates_are_reloaded_when_their_files_change(https_server, test_ca, tmp_path):
+    def der(path):
+        return ssl.PEM_cert_to_DER_cert(path.read_text())
+
+    assert served_certificate(https_server.tls_port) == der(https_server.cert)
+    # A new certificate for the same name, signed by the same CA.
+    subprocess.run(["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(tmp_path / "new.key"), "-out",
+                    str(tmp_path / "new.csr"), "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    (tmp_path / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(tmp_path / "new.csr"), "-CA",
+                    str(test_ca["ca"]), "-CAkey", str(test_ca["ca"].with_name("ca.key")),
+                    "-CAcreateserial", "-out", str(tmp_path / "new.pem"), "-days", "2",
+                    "-extfile", str(tmp_path / "ext.cnf")], check=True, capture_output=True)
+    # A broken pair first: the old certificate stays.
+    https_server.key.write_text("not a key\n")
+    time.sleep(3)
+    assert served_certificate(https_server.tls_port) == der(https_server.cert)
+    assert "do not load" in https_server.log()
+    shutil.copy(tmp_path / "new.key", https_server.key)
+    shutil.copy(tmp_path / "new.pem", https_server.cert)
+    assert wait_until(lambda: served_certificate(https_server.tls_port) == der(tmp_path / "new.pem"))
+    version, status, _ = curl("--cacert", str(test_ca["ca"]),
+                              f"https://localhost:{https_server.tls_port}/environ")
+    assert status == 200
+
+
+def test_h2c_where_configured(strata):
+    server = strata(*app("probe"), config="[lb]\nh2c = true\n")
+    version, status, body = curl("--http2-prior-knowledge", server.url("/environ"))
+    assert (version, status) == ("2", 200)
+    assert json.loads(body)["wsgi.url_scheme"] == "http"
+    version, status, _ = curl(server.url("/environ"))
+    assert (version, status) == ("1.1", 200)
+    plain = strata(*app("probe"))
+    out = subprocess.run(["curl", "-sS", "--max-time", "5", "--http2-prior-knowledge",
+                          plain.url("/environ")], capture_output=True)
+    assert out.returncode != 0
+
+
+def test_tls_settings_are_checked(tmp_path):
+    config = tmp_path / "s.toml"
+    config.write_text('[lb]\ntls_bind = "127.0.0.1:8443"\n')
+    out = subprocess.run([str(STRATA), "check", "--config", str(config)], capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and "lb.tls_cert_file" in out.stderr

@@ -25,8 +25,9 @@ def application(environ, start_response):
 class Load:
     """Clients sending requests back to back, recording every outcome."""
 
-    def __init__(self, url, clients=4):
+    def __init__(self, url, clients=4, verify=True):
         self.url = url
+        self.verify = verify
         self.results = []  # (started, finished, status or exception text, body)
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
@@ -38,7 +39,7 @@ class Load:
         while not self.stopping.is_set():
             started = time.monotonic()
             try:
-                response = session.get(self.url, timeout=10)
+                response = session.get(self.url, timeout=10, verify=self.verify)
                 outcome = (started, time.monotonic(), response.status_code, response.text)
             except requests.RequestException as error:
                 outcome = (started, time.monotonic(), repr(error), "")

@@ -5,7 +5,7 @@ import time
 
 import requests
 
-from conftest import STRATA, app
+from conftest import STRATA, app, free_port
 from test_reload import Load
 
 
@@ -40,6 +40,35 @@ def test_new_master_takes_over_without_errors(strata, tmp_path):
         assert new.wait(timeout=30) == 0
         log.close()
     assert not upgrade.exists()
+
+
+def test_the_https_listener_is_handed_over_too(strata, tmp_path, test_ca):
+    upgrade = tmp_path / "upgrade.sock"
+    tls_port = free_port()
+    config = (f'[admin]\nupgrade_socket = "{upgrade}"\n'
+              f'[lb]\ntls_bind = "127.0.0.1:{tls_port}"\n'
+              f'tls_cert_file = "{test_ca["cert"]}"\ntls_key_file = "{test_ca["key"]}"\n')
+    old = strata(*app("lifecycle"), config=config)
+    load = Load(f"https://localhost:{tls_port}/", clients=2, verify=str(test_ca["ca"]))
+    time.sleep(0.5)
+    log = open(tmp_path / "new.log", "wb")
+    new = subprocess.Popen(
+        [str(STRATA), "run", "--bind", f"127.0.0.1:{old.port}", "--admin",
+         f"127.0.0.1:{old.admin_port}", "--config", str(tmp_path / f"strata-{old.port}.toml"),
+         "--upgrade", *app("lifecycle")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        assert old.wait(timeout=60) == 0, old.log()
+        time.sleep(0.5)
+        results = load.stop()
+        assert results and [r for r in results if r[2] != 200] == []
+        new_pids = {w["pid"] for w in old.status()["app"]["workers"]}
+        answer = requests.get(f"https://localhost:{tls_port}/", verify=str(test_ca["ca"]))
+        assert int(answer.text) in new_pids
+    finally:
+        new.terminate()
+        assert new.wait(timeout=30) == 0
+        log.close()
 
 
 def test_failed_upgrade_leaves_the_old_master_serving(strata, tmp_path):

@@ -7,6 +7,7 @@
 //! - [`shutdown`]: shutdown passed as a value to every `run()`.
 //! - [`metrics`]: lock-free counters and histograms rendered in Prometheus text format.
 //! - [`listen`]: accept loops for tiers with protocols of their own (TCP and Unix).
+//! - [`tls`]: TLS towards clients (rustls), certificates reloaded when their files change.
 //! - [`duration`]: human durations (`"30s"`, `"250ms"`) for configuration files.
 //!
 //! This crate never depends on a tier; tiers depend on it.
@@ -19,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod seam;
 pub mod shutdown;
+pub mod tls;
 
 pub use seam::{Body, BodyTooLarge, BoxError, ConnInfo, HttpService};
 pub use shutdown::Shutdown;

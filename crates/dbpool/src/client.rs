@@ -15,7 +15,7 @@ use crate::relay::Relay;
 use crate::scram;
 use crate::state;
 use crate::wire::{self, Startup, WireError};
-use tokio_rustls::TlsAcceptor;
+use strata_core::tls::TlsAcceptor;
 
 /// How clients connect (who may log in is `dbpool.server_user`, `dbpool.users` and
 /// `dbpool.auth`).

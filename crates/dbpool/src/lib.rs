@@ -19,7 +19,6 @@
 //! - `prepared`: prepared statements under pooler-wide names.
 //! - `state`: session state and tracked parameters.
 //! - `cancel`: the pooler's cancel keys.
-//! - `tls`: TLS towards clients (rustls).
 //! - `health`: a control connection (tokio-postgres) that checks the server.
 //! - `relay`: a logged-in client's messages and their answers.
 //! - `scram`: SCRAM-SHA-256 on the server side, for client logins.
@@ -39,7 +38,6 @@ mod runners;
 mod scram;
 mod server;
 mod state;
-mod tls;
 mod wire;
 
 use std::fmt::Write as _;
@@ -94,11 +92,14 @@ impl DbPool {
         let pool = Arc::new(pool::Pool::new(config.clone()));
         let tls = match (&config.tls_cert_file, &config.tls_key_file) {
             (Some(cert), Some(key)) => {
-                Some(tls::acceptor(cert, key).map_err(|error| StartError {
-                    key: "tls_cert_file",
-                    at: cert.display().to_string(),
-                    source: std::io::Error::other(error),
-                })?)
+                let (acceptor, certificate) =
+                    strata_core::tls::acceptor(cert, key, &[]).map_err(|error| StartError {
+                        key: "tls_cert_file",
+                        at: cert.display().to_string(),
+                        source: std::io::Error::other(error),
+                    })?;
+                tokio::spawn(certificate.watch(shutdown.clone()));
+                Some(acceptor)
             }
             _ => None,
         };

@@ -12,6 +12,15 @@ use serde::{Deserialize, Serialize};
 pub struct LbConfig {
     /// Address the HTTP listener binds.
     pub bind: SocketAddr,
+    /// Also accept HTTP/2 without TLS on `bind` (h2c with prior knowledge, told apart from
+    /// HTTP/1.1 by its preface): for a balancer or client in front that speaks it.
+    pub h2c: bool,
+    /// Address of the HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN); none when absent.
+    pub tls_bind: Option<SocketAddr>,
+    /// Certificate chain and private key (PEM) of the HTTPS listener; a change to either
+    /// file is picked up within seconds, without a restart.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     /// Largest request head (request line and headers) in bytes; larger heads get 431.
     pub max_header_bytes: usize,
     /// Largest number of request headers; more get 431.
@@ -64,6 +73,10 @@ impl Default for LbConfig {
     fn default() -> Self {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            h2c: false,
+            tls_bind: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_body_bytes: 100 * 1024 * 1024,
@@ -86,6 +99,10 @@ impl LbConfig {
         }
         if self.max_headers == 0 {
             return Err("lb.max_headers = 0: must be at least 1".into());
+        }
+        if self.tls_bind.is_some() && (self.tls_cert_file.is_none() || self.tls_key_file.is_none())
+        {
+            return Err("lb.tls_bind needs lb.tls_cert_file and lb.tls_key_file".into());
         }
         for (index, route) in self.routes.iter().enumerate() {
             if !route.path_prefix.starts_with('/') {

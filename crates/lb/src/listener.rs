@@ -1,33 +1,63 @@
-//! The HTTP/1.1 listener: accept, parse, limit, hand to the next tier, drain on shutdown.
+//! The HTTP listeners: accept (and, on the HTTPS listener, TLS with ALPN), parse HTTP/1.1
+//! or HTTP/2, limit, hand to the next tier, drain on shutdown.
 
 use std::time::Duration;
 
-use http::{header, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use strata_core::seam::status_response;
 use strata_core::shutdown::Stage;
+use strata_core::tls::TlsAcceptor;
 use strata_core::{Body, BodyTooLarge, BoxError, ConnInfo, HttpService, Shutdown};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tower::ServiceExt;
 
 use crate::LbConfig;
 
-/// Serves HTTP/1.1 on `listener`, passing every well-formed request to `next`, until
-/// `shutdown` is requested; then stops accepting and waits for open connections to finish
-/// their current exchange, or until shutdown is forced.
-pub async fn serve(listener: TcpListener, next: HttpService, config: LbConfig, shutdown: Shutdown) {
-    let mut builder = http1::Builder::new();
+/// Most concurrent HTTP/2 streams per connection.
+const MAX_STREAMS: u32 = 256;
+
+/// The protocol side of a listener: HTTP/1.1 only, or HTTP/1.1 and HTTP/2 (told apart by
+/// the HTTP/2 preface; over TLS, ALPN offers `h2` first).
+fn builder(config: &LbConfig, http2: bool) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
+        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .max_buf_size(config.max_header_bytes)
         .max_headers(config.max_headers)
         .keep_alive(config.keepalive);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
+    if http2 {
+        builder
+    } else {
+        builder.http1_only()
+    }
+}
+
+/// Serves `listener` (in TLS when `tls` is given), passing every well-formed request to
+/// `next`, until `shutdown` is requested; then stops accepting and waits for open
+/// connections to finish their current exchange, or until shutdown is forced.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    next: HttpService,
+    config: LbConfig,
+    shutdown: Shutdown,
+) {
+    let http2 = tls.is_some() || config.h2c;
+    let builder = builder(&config, http2);
     let local = listener.local_addr().ok();
     // Each connection task holds a clone; `recv()` returns `None` once all have ended.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
@@ -49,7 +79,7 @@ pub async fn serve(listener: TcpListener, next: HttpService, config: LbConfig, s
         let info = ConnInfo {
             remote,
             local: local.unwrap_or(remote),
-            secure: false,
+            secure: tls.is_some(),
         };
         let next = next.clone();
         let max_body = config.max_body_bytes;
@@ -59,29 +89,23 @@ pub async fn serve(listener: TcpListener, next: HttpService, config: LbConfig, s
             let close = draining.stage() != Stage::Running;
             handle(request, info, max_body, next, close)
         });
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let shutdown = shutdown.clone();
         let open = open_tx.clone();
-        let linger = config.drain_linger;
+        let connection = Connection {
+            builder: builder.clone(),
+            shutdown: shutdown.clone(),
+            linger: config.drain_linger,
+        };
+        let tls = tls.clone();
+        let handshake_timeout = config.header_read_timeout;
         tokio::spawn(async move {
             let _open = open;
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => return log_connection_end(result),
-                () = shutdown.requested() => {}
-            }
-            // Draining. Closing an idle keep-alive connection now would race a request the
-            // client may be sending on it; for `drain_linger`, responses say
-            // `Connection: close` instead, and only then is the connection shut.
-            tokio::select! {
-                result = connection.as_mut() => return log_connection_end(result),
-                () = tokio::time::sleep(linger) => {}
-                () = shutdown.forced() => return,
-            }
-            connection.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = connection.as_mut() => log_connection_end(result),
-                () = shutdown.forced() => {}
+            let Some(tls) = tls else {
+                return connection.drive(TokioIo::new(stream), service).await;
+            };
+            match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                Ok(Ok(secure)) => connection.drive(TokioIo::new(secure), service).await,
+                Ok(Err(error)) => tracing::debug!(%error, %remote, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
             }
         });
     }
@@ -93,7 +117,49 @@ pub async fn serve(listener: TcpListener, next: HttpService, config: LbConfig, s
     }
 }
 
-fn log_connection_end(result: Result<(), hyper::Error>) {
+/// What serving one accepted connection needs.
+struct Connection {
+    builder: auto::Builder<TokioExecutor>,
+    shutdown: Shutdown,
+    linger: Duration,
+}
+
+impl Connection {
+    async fn drive<I, S>(self, io: TokioIo<I>, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: hyper::service::Service<
+                Request<Incoming>,
+                Response = Response<Body>,
+                Error = std::convert::Infallible,
+            > + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let connection = self.builder.serve_connection(io, service);
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            result = connection.as_mut() => return log_connection_end(result),
+            () = self.shutdown.requested() => {}
+        }
+        // Draining. Closing an idle keep-alive connection now would race a request the
+        // client may be sending on it; for `drain_linger`, responses say
+        // `Connection: close` instead (HTTP/2 gets GOAWAY), and only then is the connection
+        // shut.
+        tokio::select! {
+            result = connection.as_mut() => return log_connection_end(result),
+            () = tokio::time::sleep(self.linger) => {}
+            () = self.shutdown.forced() => return,
+        }
+        connection.as_mut().graceful_shutdown();
+        tokio::select! {
+            result = connection.as_mut() => log_connection_end(result),
+            () = self.shutdown.forced() => {}
+        }
+    }
+}
+
+fn log_connection_end(result: Result<(), BoxError>) {
     if let Err(error) = result {
         tracing::debug!(%error, "connection ended with an error");
     }
@@ -107,6 +173,7 @@ fn handle(
     next: HttpService,
     close: bool,
 ) -> ResponseFuture {
+    let http1 = request.version() <= http::Version::HTTP_11;
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -114,6 +181,20 @@ fn handle(
         .and_then(|value| value.parse::<u64>().ok());
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(info);
+    // HTTP/2 names the host in the URI's authority: the tiers behind read `Host`, and the
+    // path in origin form, as HTTP/1.1 gives them.
+    if let Some(authority) = parts.uri.authority() {
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, host);
+            }
+        }
+        if let Some(path) = parts.uri.path_and_query() {
+            if let Ok(uri) = Uri::builder().path_and_query(path.clone()).build() {
+                parts.uri = uri;
+            }
+        }
+    }
     let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
     let body: Body = Limited::new(body, limit)
         .map_err(move |error| limit_error(error, max_body))
@@ -124,11 +205,13 @@ fn handle(
         next
     };
     let next = if close {
-        HttpService::new(next.map_response(|mut response: Response<Body>| {
-            response.headers_mut().insert(
-                header::CONNECTION,
-                header::HeaderValue::from_static("close"),
-            );
+        HttpService::new(next.map_response(move |mut response: Response<Body>| {
+            // HTTP/2 has no Connection header: its drain is the GOAWAY.
+            if http1 {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             response
         }))
     } else {

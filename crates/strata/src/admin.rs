@@ -63,6 +63,7 @@ pub async fn serve(
     };
     strata_lb::serve(
         listener,
+        None,
         BoxCloneSyncService::new(service),
         limits,
         shutdown,

@@ -3,8 +3,9 @@
 //!
 //! 1. The running master listens on `admin.upgrade_socket` (by default a path derived from
 //!    `lb.bind`'s port in the temporary directory).
-//! 2. The new master connects and receives the HTTP listener (if the node has HTTP tiers)
-//!    and the admin listener. It warms its own app
+//! 2. The new master connects and receives the HTTP listener (if the node has HTTP tiers),
+//!    the HTTPS listener (if it has one) and the admin listener, tagged by one byte: `L`
+//!    (HTTP, admin), `A` (admin), `T` (HTTP, HTTPS, admin), `S` (HTTPS, admin). It warms its own app
 //!    server while the old one keeps serving, then serves the same sockets and sends `R`.
 //! 3. The old master unlinks the upgrade socket, answers `A` and shuts down gracefully; the
 //!    new master binds the upgrade socket for the next upgrade.
@@ -33,6 +34,8 @@ pub fn default_path(port: u16) -> PathBuf {
 pub struct Inherited {
     /// `None` when the old master ran no HTTP tier.
     pub http: Option<std::net::TcpListener>,
+    /// `None` when the old master had no HTTPS listener.
+    pub https: Option<std::net::TcpListener>,
     pub admin: std::net::TcpListener,
     /// Tells the old master the new one serves; returns once it has let go of the path.
     confirm: UnixStream,
@@ -42,7 +45,7 @@ pub struct Inherited {
 pub fn receive(path: &Path) -> std::io::Result<Inherited> {
     let stream = UnixStream::connect(path)?;
     let mut byte = [0u8; 1];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     rustix::net::recvmsg(
         &stream,
@@ -56,22 +59,33 @@ pub fn receive(path: &Path) -> std::io::Result<Inherited> {
             fds.extend(received);
         }
     }
-    let mut fds = fds.into_iter();
-    match (byte[0], fds.next(), fds.next()) {
-        (b'L', Some(http), Some(admin)) => Ok(Inherited {
-            http: Some(std::net::TcpListener::from(http)),
-            admin: std::net::TcpListener::from(admin),
-            confirm: stream,
-        }),
-        (b'A', Some(admin), None) => Ok(Inherited {
-            http: None,
-            admin: std::net::TcpListener::from(admin),
-            confirm: stream,
-        }),
-        _ => Err(std::io::Error::other(
-            "the running master sent no listeners",
-        )),
+    let (http, https) = match byte[0] {
+        b'L' => (true, false),
+        b'A' => (false, false),
+        b'T' => (true, true),
+        b'S' => (false, true),
+        _ => {
+            return Err(std::io::Error::other(
+                "the running master sent no listeners",
+            ))
+        }
+    };
+    if fds.len() != 1 + usize::from(http) + usize::from(https) {
+        return Err(std::io::Error::other(
+            "the running master sent the wrong number of listeners",
+        ));
     }
+    let mut fds = fds.into_iter().map(std::net::TcpListener::from);
+    let mut next = |present: bool| present.then(|| fds.next()).flatten();
+    let http = next(http);
+    let https = next(https);
+    let admin = next(true).expect("counted above");
+    Ok(Inherited {
+        http,
+        https,
+        admin,
+        confirm: stream,
+    })
 }
 
 impl Inherited {
@@ -84,10 +98,17 @@ impl Inherited {
     }
 }
 
-/// Offers `http` (when the node has one) and `admin` to a new master on `path` until one
-/// takes them; then starts this node's graceful shutdown. Runs on a thread of its own;
-/// returns whether it handed over.
-pub fn offer(path: PathBuf, http: Option<OwnedFd>, admin: OwnedFd, shutdown: Shutdown) -> bool {
+/// The listeners a master offers, as duplicated descriptors.
+pub struct Listeners {
+    pub http: Option<OwnedFd>,
+    pub https: Option<OwnedFd>,
+    pub admin: OwnedFd,
+}
+
+/// Offers the listeners (HTTP and HTTPS when the node has them, admin) to a new master on
+/// `path` until one takes them; then starts this node's graceful shutdown. Runs on a thread
+/// of its own; returns whether it handed over.
+pub fn offer(path: PathBuf, listeners: Listeners, shutdown: Shutdown) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
@@ -105,13 +126,20 @@ pub fn offer(path: PathBuf, http: Option<OwnedFd>, admin: OwnedFd, shutdown: Shu
         if shutdown.stage() != Stage::Running {
             break;
         }
+        let Listeners { http, https, admin } = &listeners;
         let fds: Vec<_> = http
             .iter()
-            .map(|h| h.as_fd())
+            .chain(https)
+            .map(|fd| fd.as_fd())
             .chain([admin.as_fd()])
             .collect();
-        let tag: &[u8] = if http.is_some() { b"L" } else { b"A" };
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+        let tag: &[u8] = match (http.is_some(), https.is_some()) {
+            (true, false) => b"L",
+            (false, false) => b"A",
+            (true, true) => b"T",
+            (false, true) => b"S",
+        };
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         control.push(SendAncillaryMessage::ScmRights(&fds));
         if let Err(error) = rustix::net::sendmsg(

@@ -55,8 +55,15 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
         } else {
             None
         };
+        let https = match config.lb.tls_bind {
+            Some(addr) if config.runs_http() => {
+                Some(bind(addr).with_context(|| format!("cannot bind lb.tls_bind = {addr}"))?)
+            }
+            _ => None,
+        };
         Sockets::Bound {
             http,
+            https,
             admin: bind(config.admin.bind)
                 .with_context(|| format!("cannot bind admin.bind = {}", config.admin.bind))?,
         }
@@ -66,20 +73,25 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
         json: config.log.format == "json",
     };
     let shutdown = Shutdown::new();
+    let tls = tls_acceptor(&config, &shutdown)?;
     let stack = Arc::new(Stack::start(&config, log, &shutdown).await?);
-    let (http, admin_listener) = sockets.listen(&config).await?;
+    let (http, https, admin_listener) = sockets.listen(&config).await?;
     tracing::info!(
         http = %http.as_ref().map_or_else(|| "-".to_owned(), local),
+        https = %https.as_ref().map_or_else(|| "-".to_owned(), local),
         admin = %local(&admin_listener),
         "listening"
     );
 
     let offered = {
-        let http_fd = http.as_ref().map(rustix::io::dup).transpose()?;
-        let admin_fd = rustix::io::dup(&admin_listener)?;
+        let listeners = handoff::Listeners {
+            http: http.as_ref().map(rustix::io::dup).transpose()?,
+            https: https.as_ref().map(rustix::io::dup).transpose()?,
+            admin: rustix::io::dup(&admin_listener)?,
+        };
         let shutdown = shutdown.clone();
         let path = upgrade_path.clone();
-        std::thread::spawn(move || handoff::offer(path, http_fd, admin_fd, shutdown))
+        std::thread::spawn(move || handoff::offer(path, listeners, shutdown))
     };
     tokio::spawn(handle_signals(
         shutdown.clone(),
@@ -94,12 +106,34 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
         config.clone(),
         shutdown.clone(),
     ));
-    match (http, stack.front.clone()) {
-        (Some(http), Some(front)) => {
-            strata_lb::serve(http, front, config.lb.clone(), shutdown.clone()).await
+    match stack.front.clone() {
+        Some(front) => {
+            let serve = |listener, tls| {
+                strata_lb::serve(
+                    listener,
+                    tls,
+                    front.clone(),
+                    config.lb.clone(),
+                    shutdown.clone(),
+                )
+            };
+            let plain = http.map(|listener| serve(listener, None));
+            let secure = https.map(|listener| serve(listener, tls));
+            tokio::join!(
+                async {
+                    if let Some(plain) = plain {
+                        plain.await;
+                    }
+                },
+                async {
+                    if let Some(secure) = secure {
+                        secure.await;
+                    }
+                }
+            );
         }
         // A node of non-HTTP tiers (cache) runs until it is told to stop.
-        _ => shutdown.requested().await,
+        None => shutdown.requested().await,
     }
     let forced = shutdown.stage() == Stage::Forced;
     tracing::info!(forced, "listener drained; stopping the tiers");
@@ -123,18 +157,23 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
 enum Sockets {
     Bound {
         http: Option<TcpSocket>,
+        https: Option<TcpSocket>,
         admin: TcpSocket,
     },
     Inherited(handoff::Inherited),
 }
 
 impl Sockets {
-    async fn listen(self, config: &Config) -> anyhow::Result<(Option<TcpListener>, TcpListener)> {
+    async fn listen(self, config: &Config) -> anyhow::Result<Listening> {
         match self {
-            Sockets::Bound { http, admin } => Ok((
+            Sockets::Bound { http, https, admin } => Ok((
                 http.map(|h| h.listen(1024))
                     .transpose()
                     .context("cannot listen on lb.bind")?,
+                https
+                    .map(|h| h.listen(1024))
+                    .transpose()
+                    .context("cannot listen on lb.tls_bind")?,
                 admin.listen(128).context("cannot listen on admin.bind")?,
             )),
             Sockets::Inherited(inherited) => {
@@ -144,25 +183,57 @@ impl Sockets {
                 };
                 // The new master's tiers decide: an inherited HTTP listener it does not need is
                 // closed; one it needs but did not inherit is bound.
-                let http = match (&inherited.http, config.runs_http()) {
-                    (Some(http), true) => Some(adopt(http.try_clone()?)?),
-                    (None, true) => Some(
-                        bind(config.lb.bind)
-                            .and_then(|s| s.listen(1024))
-                            .with_context(|| format!("cannot bind lb.bind = {}", config.lb.bind))?,
-                    ),
-                    (_, false) => None,
+                let take = |inherited: &Option<std::net::TcpListener>,
+                            wanted: Option<SocketAddr>,
+                            key: &str|
+                 -> anyhow::Result<Option<TcpListener>> {
+                    match (inherited, wanted) {
+                        (Some(listener), Some(_)) => Ok(Some(adopt(listener.try_clone()?)?)),
+                        (None, Some(addr)) => Ok(Some(
+                            bind(addr)
+                                .and_then(|s| s.listen(1024))
+                                .with_context(|| format!("cannot bind {key} = {addr}"))?,
+                        )),
+                        (_, None) => Ok(None),
+                    }
                 };
+                let runs = config.runs_http();
+                let http = take(&inherited.http, runs.then_some(config.lb.bind), "lb.bind")?;
+                let https = take(
+                    &inherited.https,
+                    config.lb.tls_bind.filter(|_| runs),
+                    "lb.tls_bind",
+                )?;
                 let admin = adopt(inherited.admin.try_clone()?)?;
                 // Serving from here on (the kernel queues for both masters); let the old go.
                 tokio::task::spawn_blocking(move || inherited.confirm())
                     .await?
                     .context("the old master did not acknowledge the upgrade")?;
                 tracing::info!("upgrade: the old master is draining");
-                Ok((http, admin))
+                Ok((http, https, admin))
             }
         }
     }
+}
+
+/// The HTTP, HTTPS and admin listeners, listening.
+type Listening = (Option<TcpListener>, Option<TcpListener>, TcpListener);
+
+/// The HTTPS listener's TLS (ALPN: HTTP/2, then HTTP/1.1), its certificate files watched for
+/// changes; `None` without `lb.tls_bind`.
+fn tls_acceptor(
+    config: &Config,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<strata_core::tls::TlsAcceptor>> {
+    let lb = &config.lb;
+    let (Some(_), Some(cert), Some(key)) = (lb.tls_bind, &lb.tls_cert_file, &lb.tls_key_file)
+    else {
+        return Ok(None);
+    };
+    let (acceptor, certificate) = strata_core::tls::acceptor(cert, key, &[b"h2", b"http/1.1"])
+        .context("lb.tls_cert_file / lb.tls_key_file")?;
+    tokio::spawn(certificate.watch(shutdown.clone()));
+    Ok(Some(acceptor))
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpSocket> {
