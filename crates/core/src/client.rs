@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::util::BoxCloneSyncService;
 
-use crate::seam::{status_response, strip_hop_by_hop, Body, HttpService};
+use crate::seam::{status_response, strip_hop_by_hop, Body, HttpService, UpstreamFailure};
 
 /// An HTTP/1.1 origin at `base` (`http://host:port`) as a seam service: requests keep their
 /// path, query and `Host`; connection failures become 502, a missing response head within
@@ -39,12 +39,27 @@ pub fn upstream(base: &Uri, timeout: Duration) -> HttpService {
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "upstream request failed");
-                    status_response(StatusCode::BAD_GATEWAY, "upstream unavailable")
+                    let failure = if error.is_connect() {
+                        UpstreamFailure::Connect
+                    } else {
+                        UpstreamFailure::Broken
+                    };
+                    failed(StatusCode::BAD_GATEWAY, "upstream unavailable", failure)
                 }
-                Err(_) => status_response(StatusCode::GATEWAY_TIMEOUT, "upstream timed out"),
+                Err(_) => failed(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream timed out",
+                    UpstreamFailure::Timeout,
+                ),
             })
         }
     }))
+}
+
+fn failed(status: StatusCode, text: &str, failure: UpstreamFailure) -> Response<Body> {
+    let mut response = status_response(status, text);
+    response.extensions_mut().insert(failure);
+    response
 }
 
 /// Sends `request`; a body-less request that failed on a pooled connection the origin had

@@ -22,5 +22,7 @@ pub mod seam;
 pub mod shutdown;
 pub mod tls;
 
-pub use seam::{Body, BodyTooLarge, BoxError, ConnInfo, HttpService};
+pub use seam::{
+    Body, BodyTooLarge, BoxError, ConnInfo, HttpService, Readiness, Ready, UpstreamFailure,
+};
 pub use shutdown::Shutdown;

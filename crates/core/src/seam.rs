@@ -44,6 +44,34 @@ pub trait Memcache: Send + Sync {
     fn execute(&self, commands: &[u8]) -> Vec<u8>;
 }
 
+/// Whether a local tier can take traffic, answered out of band by its supervisor: a health
+/// check never waits behind busy workers to learn it.
+pub trait Readiness: Send + Sync {
+    fn readiness(&self) -> Ready;
+}
+
+/// A local tier's answer to a health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// Serving: warm workers connected, not shutting down.
+    pub ready: bool,
+    /// Workers free right now.
+    pub free: usize,
+}
+
+/// Why a next tier on another host gave no response of its own, attached to the 502/504 the
+/// client answers instead (a response extension): the balancer retries a request that never
+/// left (`Connect`) and counts each kind against the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// No connection could be made: nothing was sent.
+    Connect,
+    /// The connection failed after the request was (perhaps) sent.
+    Broken,
+    /// No response head within the timeout.
+    Timeout,
+}
+
 /// Where a request came from, inserted into request extensions by the listener.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {

@@ -37,8 +37,155 @@ pub struct LbConfig {
     /// clients are already sending on them).
     #[serde(with = "strata_core::duration")]
     pub drain_linger: Duration,
-    /// Routes, tried in order; a request none claims goes to the next tier.
+    /// Routes, tried in order; a request none claims goes to `default_backend`, or to the
+    /// next tier of this node.
     pub routes: Vec<RouteConfig>,
+    /// Backend pools routes can name.
+    pub backends: Vec<BackendConfig>,
+    /// The pool requests no route claims go to; the next tier of this node when absent.
+    pub default_backend: Option<String>,
+    /// Networks (CIDR, or single addresses) whose `X-Forwarded-For`/`-Proto` are believed
+    /// and which may ask for one backend by name (`X-Strata-Backend`); others' forwarded
+    /// headers are replaced, and their backend requests refused unless they carry the admin
+    /// token (`X-Strata-Token`).
+    pub trusted_networks: Vec<String>,
+}
+
+/// One `[[lb.backends]]` pool.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    pub name: String,
+    /// `p2c` (power of two choices on peak-EWMA latency × load, the default),
+    /// `least-requests`, `round-robin` or `weighted` (random in proportion to weights).
+    pub balance: String,
+    pub servers: Vec<ServerConfig>,
+    /// A new or recovered server's share ramps from 10 % to its full weight over this long.
+    #[serde(with = "strata_core::duration")]
+    pub slow_start: Duration,
+    /// Requests waiting for a server under its `max_conn`, at most; more get 503 at once.
+    pub max_queue: usize,
+    /// Longest a request waits for a server; then 503.
+    #[serde(with = "strata_core::duration")]
+    pub queue_timeout: Duration,
+    /// How long a server has to send its response head; then 504.
+    #[serde(with = "strata_core::duration")]
+    pub timeout: Duration,
+    /// Active checks: `GET health_path` on remote servers (2xx/3xx passes); the local tier
+    /// answers from its supervisor instead, without a request.
+    pub health_path: String,
+    #[serde(with = "strata_core::duration")]
+    pub health_interval: Duration,
+    #[serde(with = "strata_core::duration")]
+    pub health_timeout: Duration,
+    /// Consecutive passed checks that bring a server back, failed ones that take it out.
+    pub rise: u32,
+    pub fall: u32,
+    /// Passive checks: this many failures in a row (no connection, 502/503/504, timeouts)
+    /// eject a server for `ejection_time`.
+    pub eject_after: u32,
+    #[serde(with = "strata_core::duration")]
+    pub ejection_time: Duration,
+    /// Never eject more than this share of the servers.
+    pub max_ejection: f64,
+    /// Below this share of healthy servers the pool is in panic: it sends traffic to all of
+    /// them rather than overload the few (or shut the site down).
+    pub panic_threshold: f64,
+    /// Times an idempotent request that could not reach a server is sent to another; within
+    /// a budget of 20 % of requests in flight (at least 3).
+    pub retries: u32,
+}
+
+/// One server of a pool.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Its name in `X-Strata-Backend`, `/status` and metrics.
+    pub name: String,
+    /// `http://host:port` (another Strata node or any HTTP server), or `local`: this node's
+    /// next tier.
+    pub url: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Most requests it is sent at once (HAProxy's `maxconn`); unlimited when absent.
+    #[serde(default)]
+    pub max_conn: Option<usize>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            balance: "p2c".into(),
+            servers: Vec::new(),
+            slow_start: Duration::from_secs(30),
+            max_queue: 1024,
+            queue_timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(60),
+            health_path: "/".into(),
+            health_interval: Duration::from_secs(2),
+            health_timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            eject_after: 5,
+            ejection_time: Duration::from_secs(30),
+            max_ejection: 0.5,
+            panic_threshold: 0.5,
+            retries: 1,
+        }
+    }
+}
+
+impl BackendConfig {
+    fn validate(&self, index: usize) -> Result<(), String> {
+        let at = format!("lb.backends[{index}]");
+        if self.name.is_empty() {
+            return Err(format!("{at}.name: every backend pool needs a name"));
+        }
+        if !matches!(
+            self.balance.as_str(),
+            "p2c" | "least-requests" | "round-robin" | "weighted"
+        ) {
+            return Err(format!(
+                "{at}.balance = {:?}: expected \"p2c\", \"least-requests\", \"round-robin\" or \"weighted\"",
+                self.balance
+            ));
+        }
+        if self.servers.is_empty() {
+            return Err(format!("{at}.servers: a pool needs at least one server"));
+        }
+        for (i, server) in self.servers.iter().enumerate() {
+            if server.url != "local" && !server.url.starts_with("http://") {
+                return Err(format!(
+                    "{at}.servers[{i}].url = {:?}: expected http://host:port or \"local\"",
+                    server.url
+                ));
+            }
+            if server.weight == 0 {
+                return Err(format!("{at}.servers[{i}].weight = 0: must be at least 1"));
+            }
+        }
+        for (key, share) in [
+            ("max_ejection", self.max_ejection),
+            ("panic_threshold", self.panic_threshold),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(format!(
+                    "{at}.{key} = {share}: expected a share from 0 to 1"
+                ));
+            }
+        }
+        if self.rise == 0 || self.fall == 0 || self.eject_after == 0 {
+            return Err(format!(
+                "{at}: rise, fall and eject_after must be at least 1"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One `[[lb.routes]]` entry.
@@ -55,6 +202,9 @@ pub struct RouteConfig {
     /// Serve files from this directory (Django's `STATIC_ROOT`) rather than the next tier.
     #[serde(default)]
     pub static_dir: Option<PathBuf>,
+    /// Send to this backend pool (a `[[lb.backends]]` name) rather than the next tier.
+    #[serde(default)]
+    pub backend: Option<String>,
     /// Cache lifetime of static files whose names carry no content hash (hashed names get
     /// a year, `immutable`).
     #[serde(default = "static_max_age", with = "strata_core::duration")]
@@ -84,6 +234,9 @@ impl Default for LbConfig {
             keepalive: true,
             drain_linger: Duration::from_secs(1),
             routes: Vec::new(),
+            backends: Vec::new(),
+            default_backend: None,
+            trusted_networks: Vec::new(),
         }
     }
 }
@@ -104,11 +257,34 @@ impl LbConfig {
         {
             return Err("lb.tls_bind needs lb.tls_cert_file and lb.tls_key_file".into());
         }
+        for (index, backend) in self.backends.iter().enumerate() {
+            backend.validate(index)?;
+        }
+        let known = |name: &str| self.backends.iter().any(|b| b.name == name);
+        if let Some(name) = self.default_backend.as_deref().filter(|n| !known(n)) {
+            return Err(format!(
+                "lb.default_backend = {name:?}: no such lb.backends name"
+            ));
+        }
+        for network in &self.trusted_networks {
+            crate::forwarded::Network::parse(network)
+                .map_err(|e| format!("lb.trusted_networks: {network:?}: {e}"))?;
+        }
         for (index, route) in self.routes.iter().enumerate() {
             if !route.path_prefix.starts_with('/') {
                 return Err(format!(
                     "lb.routes[{index}].path_prefix = {:?}: must start with /",
                     route.path_prefix
+                ));
+            }
+            if route.static_dir.is_some() && route.backend.is_some() {
+                return Err(format!(
+                    "lb.routes[{index}]: static_dir and backend do not go together"
+                ));
+            }
+            if let Some(name) = route.backend.as_deref().filter(|n| !known(n)) {
+                return Err(format!(
+                    "lb.routes[{index}].backend = {name:?}: no such lb.backends name"
                 ));
             }
         }

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tower::ServiceExt;
 
+use crate::forwarded::{self, Trusted};
 use crate::LbConfig;
 
 /// Most concurrent HTTP/2 streams per connection.
@@ -59,6 +60,7 @@ pub async fn serve(
     let http2 = tls.is_some() || config.h2c;
     let builder = builder(&config, http2);
     let local = listener.local_addr().ok();
+    let trusted = Trusted::new(&config.trusted_networks);
     // Each connection task holds a clone; `recv()` returns `None` once all have ended.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
 
@@ -84,9 +86,11 @@ pub async fn serve(
         let next = next.clone();
         let max_body = config.max_body_bytes;
         let draining = shutdown.clone();
-        let service = service_fn(move |request: Request<Incoming>| {
+        let trusted = trusted.contains(remote.ip());
+        let service = service_fn(move |mut request: Request<Incoming>| {
             let next = next.clone();
             let close = draining.stage() != Stage::Running;
+            forwarded::apply(request.headers_mut(), remote.ip(), info.secure, trusted);
             handle(request, info, max_body, next, close)
         });
         let open = open_tx.clone();

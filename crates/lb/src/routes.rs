@@ -1,12 +1,14 @@
-//! Routing: `[[lb.routes]]` in order, by host and path prefix, to a static directory or to the
-//! next tier; a request no route claims goes to the next tier.
+//! Routing: `[[lb.routes]]` in order, by host and path prefix, to a static directory, a
+//! backend pool or the next tier; a request no route claims goes to `lb.default_backend`, or
+//! to the next tier.
 
 use std::sync::Arc;
 
 use http::{header, Request};
 use strata_core::{Body, HttpService};
 
-use crate::config::RouteConfig;
+use crate::config::LbConfig;
+use crate::proxy::Balancer;
 use crate::statics::StaticDir;
 
 /// Why the routes could not be set up.
@@ -20,7 +22,7 @@ pub struct RouteError {
 
 enum Target {
     Static(StaticDir),
-    Next,
+    Service(HttpService),
 }
 
 struct Route {
@@ -59,12 +61,24 @@ impl Route {
     }
 }
 
-/// The listener's service: `routes` in front of `next`.
-pub fn router(routes: &[RouteConfig], next: HttpService) -> Result<HttpService, RouteError> {
-    let mut built = Vec::with_capacity(routes.len());
-    for (index, route) in routes.iter().enumerate() {
-        let target = match &route.static_dir {
-            Some(dir) => Target::Static(
+/// The listener's service: the routes of `config` in front of `next` (this node's next tier)
+/// and the pools of `balancer`.
+pub fn router(
+    config: &LbConfig,
+    next: HttpService,
+    balancer: &Balancer,
+) -> Result<HttpService, RouteError> {
+    let pool = |name: &str| {
+        balancer
+            .pool(name)
+            .map(|pool| balancer.service(pool))
+            .expect("backend names are checked by LbConfig::validate")
+    };
+    let fallback = config.default_backend.as_deref().map_or(next.clone(), pool);
+    let mut built = Vec::with_capacity(config.routes.len());
+    for (index, route) in config.routes.iter().enumerate() {
+        let target = match (&route.static_dir, &route.backend) {
+            (Some(dir), _) => Target::Static(
                 StaticDir::open(dir, &route.path_prefix, route.max_age).map_err(|source| {
                     RouteError {
                         index,
@@ -73,7 +87,8 @@ pub fn router(routes: &[RouteConfig], next: HttpService) -> Result<HttpService, 
                     }
                 })?,
             ),
-            None => Target::Next,
+            (None, Some(name)) => Target::Service(pool(name)),
+            (None, None) => Target::Service(next.clone()),
         };
         built.push(Route {
             host: route.host.as_ref().map(|h| h.to_ascii_lowercase()),
@@ -82,20 +97,23 @@ pub fn router(routes: &[RouteConfig], next: HttpService) -> Result<HttpService, 
         });
     }
     if built.is_empty() {
-        return Ok(next);
+        return Ok(fallback);
     }
     let built = Arc::new(built);
     Ok(HttpService::new(tower::service_fn(
         move |request: Request<Body>| {
             let built = built.clone();
-            let next = next.clone();
+            let fallback = fallback.clone();
             async move {
                 let host = request_host(&request);
                 let path = request.uri().path();
                 let route = built.iter().find(|r| r.matches(host.as_deref(), path));
                 match route.map(|r| &r.target) {
                     Some(Target::Static(dir)) => Ok(dir.serve(&request)),
-                    Some(Target::Next) | None => strata_core::seam::call(&next, request).await,
+                    Some(Target::Service(service)) => {
+                        strata_core::seam::call(service, request).await
+                    }
+                    None => strata_core::seam::call(&fallback, request).await,
                 }
             }
         },
@@ -110,7 +128,11 @@ mod tests {
         Route {
             host: host.map(str::to_owned),
             prefix: prefix.into(),
-            target: Target::Next,
+            target: Target::Service(HttpService::new(tower::service_fn(
+                |_: Request<Body>| async {
+                    Ok(strata_core::seam::status_response(http::StatusCode::OK, ""))
+                },
+            ))),
         }
     }
 

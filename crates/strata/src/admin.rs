@@ -93,6 +93,9 @@ async fn route(
                     "server": d.health(),
                     "databases": d.status(),
                 })),
+                "lb": stack.balancer.as_ref().map(|b| serde_json::json!({
+                    "backends": b.status(),
+                })),
             });
             typed(status.to_string(), "application/json")
         }

@@ -208,9 +208,10 @@ impl Config {
         }
         let has = |tier: &str| self.tiers.iter().any(|t| t == tier);
         let fronts_upstream = has("accelerator") && self.accelerator.upstream.is_some();
-        if self.runs_http() && !(has("app") || fronts_upstream) {
+        let balances = has("lb") && self.lb.default_backend.is_some();
+        if self.runs_http() && !(has("app") || fronts_upstream || balances) {
             return Err(
-                "tiers: without the app tier, run the accelerator with accelerator.upstream set"
+                "tiers: without the app tier, run the accelerator with accelerator.upstream set, or the lb with lb.default_backend"
                     .into(),
             );
         }

@@ -26,6 +26,8 @@ pub struct Stack {
     pub accelerator: Option<Accelerator>,
     pub cache: Option<Cache>,
     pub dbpool: Option<DbPool>,
+    /// The listener's backend pools.
+    pub balancer: Option<strata_lb::Balancer>,
     /// What the HTTP listener hands every request to; `None` on a node of non-HTTP tiers.
     pub front: Option<HttpService>,
 }
@@ -70,15 +72,41 @@ impl Stack {
             app.set_memcache(Arc::new(cache.clone()));
         }
         let front = accelerator.as_ref().map(Accelerator::service).or(backend);
-        // The listener's routes (static directories) go in front of it all.
-        let front = front
-            .map(|next| strata_lb::router(&config.lb.routes, next))
-            .transpose()?;
+        // A balancer alone (`--tiers lb` with lb.default_backend) has no next tier of its own.
+        let front = front.or_else(|| {
+            runs("lb").then(|| {
+                HttpService::new(tower::service_fn(|_| async {
+                    Ok(strata_core::seam::status_response(
+                        http::StatusCode::BAD_GATEWAY,
+                        "this node runs no tier behind its balancer",
+                    ))
+                }))
+            })
+        });
+        // The listener's routes (static directories, backend pools) go in front of it all.
+        let (front, balancer) = match front {
+            Some(next) => {
+                let readiness = app
+                    .clone()
+                    .map(|app| app as Arc<dyn strata_core::Readiness>);
+                let balancer = strata_lb::Balancer::start(
+                    &config.lb,
+                    &next,
+                    readiness,
+                    config.admin.token.clone(),
+                    shutdown,
+                )?;
+                let front = strata_lb::router(&config.lb, next, &balancer)?;
+                (Some(front), Some(balancer))
+            }
+            None => (None, None),
+        };
         Ok(Self {
             app,
             accelerator,
             cache,
             dbpool,
+            balancer,
             front,
         })
     }
@@ -96,6 +124,9 @@ impl Stack {
         }
         if let Some(dbpool) = &self.dbpool {
             dbpool.render_metrics(out);
+        }
+        if let Some(balancer) = &self.balancer {
+            balancer.render_metrics(out);
         }
     }
 

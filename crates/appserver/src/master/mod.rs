@@ -384,3 +384,10 @@ impl tower::Service<Request<Body>> for AppService {
         Box::pin(async move { Ok(exchange::run(shared, request).await) })
     }
 }
+
+impl strata_core::Readiness for AppServer {
+    /// The supervisor's own answer to a health check: no request goes to a worker for it.
+    fn readiness(&self) -> strata_core::Ready {
+        self.shared.pool.readiness()
+    }
+}

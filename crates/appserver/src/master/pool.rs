@@ -244,6 +244,20 @@ impl Pool {
         self.lock().workers.values().cloned().collect()
     }
 
+    /// Whether the pool serves (open, with workers connected) and how many workers are free.
+    pub fn readiness(&self) -> strata_core::Ready {
+        let state = self.lock();
+        let free = state
+            .workers
+            .values()
+            .filter(|w| matches!(w.state, WorkerState::Idle))
+            .count();
+        strata_core::Ready {
+            ready: !state.closed && !state.workers.is_empty(),
+            free,
+        }
+    }
+
     /// Requests waiting for a worker.
     pub fn queued(&self) -> usize {
         self.lock()

@@ -1,0 +1,410 @@
+//! A backend pool: its servers, what is known of each (health, ejection, latency, requests in
+//! flight), the choice of a server for each request, and the shared queue where requests wait
+//! when every server is at its `max_conn` (HAProxy's maxconn/maxqueue/timeout queue).
+//!
+//! Which servers may be chosen: those up (active checks) and not ejected (passive checks);
+//! but when fewer than `panic_threshold` of them are, all are — a partial failure is never
+//! turned into an outage by the balancer itself.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use strata_core::metrics::Counter;
+use strata_core::{HttpService, Readiness};
+use tokio::sync::Notify;
+
+use crate::balance::{self, Balance, Candidate, PeakEwma};
+use crate::config::BackendConfig;
+
+/// Latency a server starts with, and starts again with when it comes back (seconds): its
+/// first answers set the real figure at once (a peak), and slow start keeps it from being
+/// flooded meanwhile.
+const FIRST_LATENCY: f64 = 0.005;
+
+/// What the balancer knows of one server.
+#[derive(Debug)]
+struct Known {
+    up: bool,
+    passes: u32,
+    fails: u32,
+    errors_in_row: u32,
+    ejected_until: Option<Instant>,
+    /// When it joined or last came back: slow start counts from here.
+    since: Instant,
+    latency: PeakEwma,
+}
+
+/// One server of a pool.
+pub struct Server {
+    pub name: String,
+    pub service: HttpService,
+    /// The remote server's base URL for active checks; `None` for the local tier.
+    pub url: Option<http::Uri>,
+    /// The local tier's supervisor, asked instead of a check request.
+    pub local: Option<Arc<dyn Readiness>>,
+    weight: f64,
+    max_conn: Option<usize>,
+    in_flight: AtomicUsize,
+    known: Mutex<Known>,
+    pub requests: Counter,
+    pub failures: Counter,
+    pub ejections: Counter,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A server as `/status` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct ServerStatus {
+    pub name: String,
+    pub up: bool,
+    pub ejected: bool,
+    pub in_flight: usize,
+    pub latency_ms: f64,
+    pub weight_now: f64,
+    pub requests: u64,
+    pub failures: u64,
+}
+
+impl Server {
+    pub fn new(
+        name: String,
+        service: HttpService,
+        url: Option<http::Uri>,
+        local: Option<Arc<dyn Readiness>>,
+        weight: u32,
+        max_conn: Option<usize>,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            name,
+            service,
+            url,
+            local,
+            weight: f64::from(weight),
+            max_conn,
+            in_flight: AtomicUsize::new(0),
+            known: Mutex::new(Known {
+                up: true,
+                passes: 0,
+                fails: 0,
+                errors_in_row: 0,
+                ejected_until: None,
+                since: now,
+                latency: PeakEwma::new(FIRST_LATENCY, now),
+            }),
+            requests: Counter::default(),
+            failures: Counter::default(),
+            ejections: Counter::default(),
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn has_room(&self) -> bool {
+        self.max_conn
+            .is_none_or(|max| self.in_flight.load(Ordering::Relaxed) < max)
+    }
+
+    /// Up and not ejected; an ejection that has run out ends here (slow start again).
+    fn healthy(&self, now: Instant) -> bool {
+        let mut known = self.known();
+        if known.ejected_until.is_some_and(|until| now >= until) {
+            known.ejected_until = None;
+            known.since = now;
+            known.latency = PeakEwma::new(FIRST_LATENCY, now);
+        }
+        known.up && known.ejected_until.is_none()
+    }
+
+    /// The result of an active check, counted against `rise`/`fall`.
+    pub fn checked(&self, passed: bool, rise: u32, fall: u32) {
+        let mut known = self.known();
+        if passed {
+            known.fails = 0;
+            known.passes = known.passes.saturating_add(1);
+            if !known.up && known.passes >= rise {
+                let now = Instant::now();
+                known.up = true;
+                known.since = now;
+                known.latency = PeakEwma::new(FIRST_LATENCY, now);
+                tracing::info!(server = %self.name, "backend server is up");
+            }
+        } else {
+            known.passes = 0;
+            known.fails = known.fails.saturating_add(1);
+            if known.up && known.fails >= fall {
+                known.up = false;
+                tracing::warn!(server = %self.name, "backend server is down");
+            }
+        }
+    }
+
+    pub fn status(&self, slow_start: Duration) -> ServerStatus {
+        let now = Instant::now();
+        let healthy = self.healthy(now);
+        let known = self.known();
+        ServerStatus {
+            name: self.name.clone(),
+            up: known.up,
+            ejected: known.ejected_until.is_some(),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            latency_ms: known.latency.get(now) * 1000.0,
+            weight_now: if healthy {
+                self.weight * balance::slow_start(now - known.since, slow_start)
+            } else {
+                0.0
+            },
+            requests: self.requests.get(),
+            failures: self.failures.get(),
+        }
+    }
+}
+
+/// Why no server was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("every server is busy and the queue is full")]
+    QueueFull,
+    #[error("no server became free in time")]
+    QueueTimeout,
+    #[error("no such server")]
+    Unknown,
+    #[error("no server left to try")]
+    Exhausted,
+}
+
+/// One backend pool.
+pub struct Pool {
+    pub name: String,
+    pub servers: Vec<Arc<Server>>,
+    pub config: BackendConfig,
+    balance: Balance,
+    turn: AtomicUsize,
+    waiting: AtomicUsize,
+    freed: Notify,
+    in_flight: AtomicUsize,
+    retrying: AtomicUsize,
+    pub panics: Counter,
+    pub queue_timeouts: Counter,
+    pub retries: Counter,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A server lent to one request; given back when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    pool: Arc<Pool>,
+    pub index: usize,
+    started: Instant,
+}
+
+impl Lease {
+    pub fn server(&self) -> &Arc<Server> {
+        &self.pool.servers[self.index]
+    }
+
+    /// Records how the request went: its latency, and whether it failed (passive checks).
+    pub fn finish(self, failed: bool) {
+        let server = self.server().clone();
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.started).as_secs_f64();
+        let mut known = server.known();
+        if failed {
+            server.failures.inc();
+            // A fast failure must not look like a fast server.
+            let penalty = (known.latency.get(now) * 4.0).max(0.25);
+            known.latency.observe(penalty.max(elapsed), now);
+            known.errors_in_row = known.errors_in_row.saturating_add(1);
+            if known.errors_in_row >= self.pool.config.eject_after && known.ejected_until.is_none()
+            {
+                drop(known);
+                self.pool.eject(&server, now);
+            }
+        } else {
+            known.latency.observe(elapsed, now);
+            known.errors_in_row = 0;
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.server().in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.pool.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.pool.freed.notify_one();
+    }
+}
+
+impl Pool {
+    pub fn new(config: BackendConfig, servers: Vec<Arc<Server>>) -> Self {
+        Self {
+            name: config.name.clone(),
+            balance: Balance::parse(&config.balance),
+            servers,
+            config,
+            turn: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            freed: Notify::new(),
+            in_flight: AtomicUsize::new(0),
+            retrying: AtomicUsize::new(0),
+            panics: Counter::default(),
+            queue_timeouts: Counter::default(),
+            retries: Counter::default(),
+        }
+    }
+
+    /// Ejects `server` for `ejection_time`, unless that would eject more than
+    /// `max_ejection` of the pool.
+    fn eject(&self, server: &Server, now: Instant) {
+        let ejected = self
+            .servers
+            .iter()
+            .filter(|s| s.known().ejected_until.is_some_and(|until| now < until))
+            .count();
+        let limit = (self.config.max_ejection * self.servers.len() as f64).floor() as usize;
+        if ejected + 1 > limit {
+            tracing::warn!(server = %server.name, "backend server failing, but max_ejection reached: kept");
+            return;
+        }
+        let mut known = server.known();
+        known.ejected_until = Some(now + self.config.ejection_time);
+        known.errors_in_row = 0;
+        server.ejections.inc();
+        tracing::warn!(server = %server.name, "backend server ejected after repeated failures");
+    }
+
+    /// The server for one request (not one of `tried`), waiting in the pool's queue while
+    /// every candidate is at its `max_conn`.
+    pub async fn lease(self: &Arc<Self>, tried: &[usize]) -> Result<Lease, Refused> {
+        match self.try_lease(tried) {
+            Pick::Leased(lease) => return Ok(lease),
+            Pick::Nobody => return Err(Refused::Exhausted),
+            Pick::Busy => {}
+        }
+        if self.waiting.load(Ordering::Relaxed) >= self.config.max_queue {
+            return Err(Refused::QueueFull);
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.config.queue_timeout;
+        let outcome = loop {
+            let freed = self.freed.notified();
+            match self.try_lease(tried) {
+                Pick::Leased(lease) => break Ok(lease),
+                Pick::Nobody => break Err(Refused::Exhausted),
+                Pick::Busy => {}
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                self.queue_timeouts.inc();
+                break Err(Refused::QueueTimeout);
+            }
+        };
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        outcome
+    }
+
+    /// The server named `name`, whatever its health (direct access, for debugging it).
+    pub fn lease_named(self: &Arc<Self>, name: &str) -> Result<Lease, Refused> {
+        let index = self
+            .servers
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or(Refused::Unknown)?;
+        Ok(self.take(index))
+    }
+
+    fn take(self: &Arc<Self>, index: usize) -> Lease {
+        self.servers[index]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        self.servers[index].requests.inc();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            pool: self.clone(),
+            index,
+            started: Instant::now(),
+        }
+    }
+
+    fn try_lease(self: &Arc<Self>, tried: &[usize]) -> Pick {
+        let now = Instant::now();
+        let healthy: Vec<bool> = self.servers.iter().map(|s| s.healthy(now)).collect();
+        let count = healthy.iter().filter(|h| **h).count();
+        let panic = (count as f64) < self.config.panic_threshold * self.servers.len() as f64;
+        if panic {
+            self.panics.inc();
+        }
+        let mut indices = Vec::with_capacity(self.servers.len());
+        let mut candidates = Vec::with_capacity(self.servers.len());
+        let mut eligible = false;
+        for (index, server) in self.servers.iter().enumerate() {
+            if tried.contains(&index) || !(panic || healthy[index]) {
+                continue;
+            }
+            eligible = true;
+            if !server.has_room() {
+                continue;
+            }
+            let known = server.known();
+            let ramp = balance::slow_start(now - known.since, self.config.slow_start);
+            candidates.push(Candidate {
+                weight: server.weight * ramp,
+                in_flight: server.in_flight.load(Ordering::Relaxed),
+                latency: known.latency.get(now),
+            });
+            indices.push(index);
+        }
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed);
+        match balance::pick(self.balance, &candidates, turn) {
+            Some(chosen) => Pick::Leased(self.take(indices[chosen])),
+            None if eligible => Pick::Busy,
+            None => Pick::Nobody,
+        }
+    }
+
+    /// Whether one more retry fits the budget: 20 % of requests in flight, at least 3.
+    pub fn retry_permit(self: &Arc<Self>) -> Option<RetryPermit> {
+        let budget = (self.in_flight.load(Ordering::Relaxed) / 5).max(3);
+        if self.retrying.fetch_add(1, Ordering::Relaxed) >= budget {
+            self.retrying.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        self.retries.inc();
+        Some(RetryPermit(self.clone()))
+    }
+}
+
+/// What one attempt to choose a server found.
+enum Pick {
+    Leased(Lease),
+    /// Servers may be chosen, but all are at their `max_conn`: wait.
+    Busy,
+    /// None may be chosen (all tried, or none healthy outside panic).
+    Nobody,
+}
+
+/// A retry in the budget; given back when dropped.
+#[derive(Debug)]
+pub struct RetryPermit(Arc<Pool>);
+
+impl Drop for RetryPermit {
+    fn drop(&mut self) {
+        self.0.retrying.fetch_sub(1, Ordering::Relaxed);
+    }
+}
