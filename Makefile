@@ -30,6 +30,7 @@ bench: build
 	bash benches/accelerator.sh
 	bash benches/cache.sh
 	bash benches/dbpool.sh
+	bash benches/lb.sh
 
 build:
 	$(CARGO) build --release --locked

@@ -38,9 +38,9 @@ def wait_port(port, timeout=60):
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def wrk(port, path, seconds, connections=32):
+def wrk(port, path, seconds, connections=32, scheme="http"):
     out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
-                          "--latency", f"http://127.0.0.1:{port}{path}"],
+                          "--latency", f"{scheme}://127.0.0.1:{port}{path}"],
                          capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
@@ -53,7 +53,7 @@ def wrk(port, path, seconds, connections=32):
     return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "errors": errors}
 
 
-def measure(servers, path, rounds, seconds, env):
+def measure(servers, path, rounds, seconds, env, scheme="http"):
     """Starts every server (name -> (port, command)), measures them round-robin, stops them;
     returns name -> median req/s, median p99 and total errors."""
     procs = {}
@@ -63,13 +63,13 @@ def measure(servers, path, rounds, seconds, env):
                                            stderr=subprocess.DEVNULL, start_new_session=True)
         for name, (port, _) in servers.items():
             wait_port(port)
-            wrk(port, path, 3)  # discarded warm-up
+            wrk(port, path, 3, scheme=scheme)  # discarded warm-up
         results = {name: [] for name in servers}
         names = list(servers)
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
-                results[name].append(wrk(servers[name][0], path, seconds))
+                results[name].append(wrk(servers[name][0], path, seconds, scheme=scheme))
     finally:
         stop(procs.values())
     return {

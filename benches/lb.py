@@ -1,0 +1,139 @@
+"""Load balancer benchmark driver (run through benches/lb.sh).
+
+A fast backend (crates/lb/examples/fixed_body.rs, a bare hyper server answering 13 bytes) on
+core 1 beside wrk; in front of it, each pinned to core 0: Strata (`--tiers lb`, a pool of one
+server), HAProxy (one thread, `http-reuse always`) and nginx (one worker, upstream
+keepalive). Two workloads: plain HTTP/1.1 keep-alive, and TLS termination (TLS 1.3, ECDSA
+P-256, HTTP/1.1 to the backend). The method of benchlib.measure; the ceiling is the backend
+hit directly by the same wrk.
+"""
+
+import argparse
+import datetime
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from benchlib import ROOT, STRATA, free_port, measure, save, table
+
+BODY = 13
+
+HAPROXY = """
+global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend plain
+    bind 127.0.0.1:{port}
+    default_backend origin
+frontend secure
+    bind 127.0.0.1:{tls_port} ssl crt {tmp}/haproxy.pem alpn http/1.1
+    default_backend origin
+backend origin
+    http-reuse always
+    server o 127.0.0.1:{origin}
+"""
+
+NGINX = """
+worker_processes 1;
+daemon off;
+user root;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    upstream origin {{ server 127.0.0.1:{origin}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {tmp}/cert.pem;
+        ssl_certificate_key {tmp}/key.pem;
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+STRATA_CONFIG = """
+tiers = ["lb"]
+[lb]
+bind = "127.0.0.1:{port}"
+tls_bind = "127.0.0.1:{tls_port}"
+tls_cert_file = "{tmp}/cert.pem"
+tls_key_file = "{tmp}/key.pem"
+default_backend = "origin"
+[[lb.backends]]
+name = "origin"
+health_interval = "1h"
+[[lb.backends.servers]]
+name = "o"
+url = "http://127.0.0.1:{origin}"
+[admin]
+bind = "127.0.0.1:{admin}"
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="strata-bench-lb-"))
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(tmp / "key.pem"),
+                    "-out", str(tmp / "cert.pem"), "-days", "2", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    (tmp / "haproxy.pem").write_text((tmp / "cert.pem").read_text() + (tmp / "key.pem").read_text())
+    origin = free_port()
+    fixed_body = ROOT / "target" / "release" / "examples" / "fixed_body"
+    backend = subprocess.Popen(["taskset", "-c", "1", str(fixed_body), f"127.0.0.1:{origin}",
+                                str(BODY)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ports = {name: (free_port(), free_port()) for name in ("strata", "haproxy", "nginx")}
+    fill = lambda name, text: text.format(port=ports[name][0], tls_port=ports[name][1],
+                                          tmp=tmp, origin=origin, admin=free_port())
+    (tmp / "strata.toml").write_text(fill("strata", STRATA_CONFIG))
+    (tmp / "haproxy.cfg").write_text(fill("haproxy", HAPROXY))
+    (tmp / "nginx.conf").write_text(fill("nginx", NGINX))
+    pin = ["taskset", "-c", "0"]
+    commands = {
+        "strata": pin + [str(STRATA), "run", "--config", str(tmp / "strata.toml")],
+        "haproxy": pin + ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
+        "nginx": pin + ["nginx", "-c", str(tmp / "nginx.conf")],
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    lines = [f"# Load balancer benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}", "",
+             f"Proxying to a backend answering {BODY} bytes; proxies pinned to core 0, wrk "
+             f"(`-t1 -c32 -d{args.seconds}s`) and the backend on core 1; median of "
+             f"{args.rounds} rounds.", ""]
+    report = {}
+    try:
+        for workload, scheme, index in (("proxy-http", "http", 0), ("proxy-tls", "https", 1)):
+            servers = {name: (ports[name][index], command) for name, command in commands.items()}
+            summary = measure(servers, "/", args.rounds, args.seconds, env, scheme=scheme)
+            ceiling = measure({"backend direct": (origin, ["sleep", "infinity"])}, "/",
+                              args.rounds, args.seconds, env)
+            report[workload] = {"servers": summary, "ceiling": ceiling}
+            lines += [f"## {workload}", ""] + table(summary) + [
+                "", f"Ceiling (backend hit directly): {ceiling['backend direct']['rps']:.0f} "
+                f"req/s, p99 {ceiling['backend direct']['p99_ms']:.2f} ms.", ""]
+    finally:
+        backend.terminate()
+        backend.wait()
+    lines.append("Ratios are Strata's figure over the other's: req/s above 1 and p99 below 1 "
+                 "favour Strata.")
+    save("lb", lines, report)
+
+
+if __name__ == "__main__":
+    main()
