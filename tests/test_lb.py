@@ -297,3 +297,53 @@ def test_tls_settings_are_checked(tmp_path):
     out = subprocess.run([str(STRATA), "check", "--config", str(config)], capture_output=True,
                          text=True)
     assert out.returncode != 0 and "lb.tls_cert_file" in out.stderr
+
+
+def raw_exchange(port, data):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            # Closed with the request unread: the kernel resets rather than ends.
+            pass
+        return received
+
+
+def test_the_proxy_protocol_names_the_client(strata):
+    server = strata(*app("probe"), config="[lb]\nproxy_protocol = true\n")
+    request = b"GET /environ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = raw_exchange(server.port,
+                          b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 80\r\n" + request)
+    environ = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert environ["REMOTE_ADDR"] == "203.0.113.7"
+    assert environ["http"]["HTTP_X_FORWARDED_FOR"] == "203.0.113.7"
+    v2 = (b"\r\n\r\n\0\r\nQUIT\n" + bytes([0x21, 0x11]) + (12).to_bytes(2, "big")
+          + bytes([198, 51, 100, 9, 127, 0, 0, 1]) + (4321).to_bytes(2, "big")
+          + (80).to_bytes(2, "big"))
+    answer = raw_exchange(server.port, v2 + request)
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["REMOTE_ADDR"] == "198.51.100.9"
+    # Without the header, or with a broken one: refused, and the listener goes on.
+    assert raw_exchange(server.port, request) == b""
+    assert raw_exchange(server.port, b"PROXY TCP4 nonsense\r\n" + request) == b""
+    answer = raw_exchange(server.port, b"PROXY UNKNOWN\r\n" + request)
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["REMOTE_ADDR"] == "127.0.0.1"
+
+
+def test_connections_past_the_limit_wait_their_turn(strata):
+    server = strata(*app("hello"), config="[lb]\nmax_connections = 1\n")
+    first = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    first.request("GET", "/")
+    assert first.getresponse().read() == b"Hello, World!"
+    # The first connection is still open: a second one is accepted only once it closes.
+    waiting = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    waiting.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    waiting.settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        waiting.recv(100)
+    first.close()
+    waiting.settimeout(10)
+    assert b"Hello, World!" in waiting.recv(1000) + waiting.recv(1000)
+    waiting.close()

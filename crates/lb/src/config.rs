@@ -15,6 +15,11 @@ pub struct LbConfig {
     /// Also accept HTTP/2 without TLS on `bind` (h2c with prior knowledge, told apart from
     /// HTTP/1.1 by its preface): for a balancer or client in front that speaks it.
     pub h2c: bool,
+    /// The listeners sit behind a balancer that speaks the PROXY protocol (v1 or v2): every
+    /// connection must start with its header, whose client address stands for the peer.
+    pub proxy_protocol: bool,
+    /// Most client connections open at once per listener; more wait in the kernel's queue.
+    pub max_connections: usize,
     /// Address of the HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN); none when absent.
     pub tls_bind: Option<SocketAddr>,
     /// Certificate chain and private key (PEM) of the HTTPS listener; a change to either
@@ -224,6 +229,8 @@ impl Default for LbConfig {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8000)),
             h2c: false,
+            proxy_protocol: false,
+            max_connections: 10_000,
             tls_bind: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -252,6 +259,9 @@ impl LbConfig {
         }
         if self.max_headers == 0 {
             return Err("lb.max_headers = 0: must be at least 1".into());
+        }
+        if self.max_connections == 0 {
+            return Err("lb.max_connections = 0: must be at least 1".into());
         }
         if self.tls_bind.is_some() && (self.tls_cert_file.is_none() || self.tls_key_file.is_none())
         {

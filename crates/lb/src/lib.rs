@@ -14,6 +14,7 @@ mod forwarded;
 mod health;
 mod listener;
 mod proxy;
+mod proxy_protocol;
 mod routes;
 mod statics;
 mod upstream;

@@ -1,6 +1,7 @@
 //! The HTTP listeners: accept (and, on the HTTPS listener, TLS with ALPN), parse HTTP/1.1
 //! or HTTP/2, limit, hand to the next tier, drain on shutdown.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
@@ -19,6 +20,7 @@ use tokio::sync::mpsc;
 use tower::ServiceExt;
 
 use crate::forwarded::{self, Trusted};
+use crate::proxy_protocol;
 use crate::LbConfig;
 
 /// Most concurrent HTTP/2 streams per connection.
@@ -64,11 +66,17 @@ pub async fn serve(
     let builder = builder(&config, http2);
     let local = listener.local_addr().ok();
     let trusted = Trusted::new(&config.trusted_networks);
+    // At `max_connections`, accepting waits and new connections queue in the kernel.
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     // Each connection task holds a clone; `recv()` returns `None` once all have ended.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
 
     loop {
-        let (stream, remote) = tokio::select! {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+            () = shutdown.requested() => break,
+        };
+        let (mut stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
@@ -81,21 +89,10 @@ pub async fn serve(
             () = shutdown.requested() => break,
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
-            remote,
-            local: local.unwrap_or(remote),
-            secure: tls.is_some(),
-        };
         let next = next.clone();
         let max_body = config.max_body_bytes;
         let draining = shutdown.clone();
-        let trusted = trusted.contains(remote.ip());
-        let service = service_fn(move |mut request: Request<Incoming>| {
-            let next = next.clone();
-            let close = draining.stage() != Stage::Running;
-            forwarded::apply(request.headers_mut(), remote.ip(), info.secure, trusted);
-            handle(request, info, max_body, next, close)
-        });
+        let trusted = trusted.contains(peer.ip());
         let open = open_tx.clone();
         let connection = Connection {
             builder: builder.clone(),
@@ -104,8 +101,29 @@ pub async fn serve(
         };
         let tls = tls.clone();
         let handshake_timeout = config.header_read_timeout;
+        let proxy_protocol = config.proxy_protocol;
         tokio::spawn(async move {
-            let _open = open;
+            let (_open, _permit) = (open, permit);
+            // Behind a balancer that speaks the PROXY protocol, its header names the client.
+            let remote = if proxy_protocol {
+                match proxy_protocol::read(&mut stream, handshake_timeout).await {
+                    Ok(client) => client.unwrap_or(peer),
+                    Err(error) => return tracing::debug!(%error, %peer, "connection refused"),
+                }
+            } else {
+                peer
+            };
+            let info = ConnInfo {
+                remote,
+                local: local.unwrap_or(peer),
+                secure: tls.is_some(),
+            };
+            let service = service_fn(move |mut request: Request<Incoming>| {
+                let next = next.clone();
+                let close = draining.stage() != Stage::Running;
+                forwarded::apply(request.headers_mut(), remote.ip(), info.secure, trusted);
+                handle(request, info, max_body, next, close)
+            });
             let Some(tls) = tls else {
                 return connection.drive(TokioIo::new(stream), service).await;
             };
