@@ -6,15 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-missing=()
-for tool in wrk varnishd nginx; do
-  command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  packages=("${missing[@]/varnishd/varnish}")
-  apt-get install -y -q "${packages[@]}" >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null && apt-get install -y -q "${packages[@]}" >/dev/null; }
-fi
+. benches/tools.sh
+need wrk varnishd:varnish nginx
 [ -x target/release/strata ] || cargo build --release --locked
 cargo build --release --locked --example fixed_body -p strata-lb
 exec python3 benches/accelerator.py "$@"

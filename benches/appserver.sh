@@ -5,9 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v wrk >/dev/null; then
-  apt-get install -y -q wrk >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null; }
-fi
+. benches/tools.sh
+need wrk
 if [ ! -x .bench-venv/bin/python ]; then
   python3 -m venv .bench-venv
 fi

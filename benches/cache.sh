@@ -4,10 +4,8 @@
 # never as a test dependency.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v memcached >/dev/null; then
-  apt-get install -y -q memcached >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null && apt-get install -y -q memcached >/dev/null; }
-fi
+. benches/tools.sh
+need memcached
 [ -x target/release/strata ] || cargo build --release --locked
 cargo build --release --locked --example memload -p strata-cache
 exec python3 benches/cache.py "$@"

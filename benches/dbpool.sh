@@ -4,10 +4,8 @@
 # a test dependency; PostgreSQL comes from the machine's server binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v pgbouncer >/dev/null; then
-  apt-get install -y -q pgbouncer >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null && apt-get install -y -q pgbouncer >/dev/null; }
-fi
+. benches/tools.sh
+need pgbouncer
 ls /usr/lib/postgresql/*/bin/pgbench >/dev/null || {
   echo "PostgreSQL server binaries are needed (/usr/lib/postgresql/*/bin)" >&2; exit 1; }
 [ -x target/release/strata ] || cargo build --release --locked

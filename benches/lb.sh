@@ -6,14 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-missing=()
-for tool in wrk haproxy nginx; do
-  command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; }
-fi
+. benches/tools.sh
+need wrk haproxy nginx
 [ -x target/release/strata ] || cargo build --release --locked
 cargo build --release --locked --example fixed_body -p strata-lb
 exec python3 benches/lb.py "$@"
