@@ -347,3 +347,32 @@ def test_connections_past_the_limit_wait_their_turn(strata):
     waiting.settimeout(10)
     assert b"Hello, World!" in waiting.recv(1000) + waiting.recv(1000)
     waiting.close()
+
+
+def test_a_stalled_request_body_times_out(strata):
+    server = strata(*app("hello"), config='[lb]\nbody_read_timeout = "300ms"\n')
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        started = time.monotonic()
+        answer = sock.recv(1000)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 5
+    # A body that keeps coming, however slowly, is read.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+        for byte in b"abcd":
+            time.sleep(0.15)
+            sock.sendall(bytes([byte]))
+        assert sock.recv(1000).startswith(b"HTTP/1.1 200")
+
+
+def test_idle_keep_alive_connections_are_closed_after_the_head_timeout(strata):
+    server = strata(*app("hello"), config='[lb]\nheader_read_timeout = "500ms"\n')
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(1000).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        rest = sock.recv(1000)
+        # Closed by the server (perhaps after a 408), not by this client's timeout.
+        assert rest == b"" or rest.startswith(b"HTTP/1.1 408"), rest
+        assert 0.3 < time.monotonic() - started < 5

@@ -23,6 +23,7 @@ pub mod shutdown;
 pub mod tls;
 
 pub use seam::{
-    Body, BodyTooLarge, BoxError, ConnInfo, HttpService, Readiness, Ready, UpstreamFailure,
+    Body, BodyStalled, BodyTooLarge, BoxError, ConnInfo, HttpService, Readiness, Ready,
+    UpstreamFailure,
 };
 pub use shutdown::Shutdown;

@@ -99,6 +99,25 @@ impl std::fmt::Display for BodyTooLarge {
 
 impl std::error::Error for BodyTooLarge {}
 
+/// The error a request body yields when the client stops sending it for longer than the
+/// listener allows (`lb.body_read_timeout`); the tier reading the body answers 408.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyStalled {
+    pub after: std::time::Duration,
+}
+
+impl std::fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the client sent no request body data for {:?}",
+            self.after
+        )
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
 /// A future answering a request through a seam service.
 pub type ResponseFuture =
     Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send + 'static>>;

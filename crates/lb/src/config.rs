@@ -35,6 +35,9 @@ pub struct LbConfig {
     /// Time a client has to send a complete request head.
     #[serde(with = "strata_core::duration")]
     pub header_read_timeout: Duration,
+    /// Longest pause while a client sends a request body; then the body ends in an error.
+    #[serde(with = "strata_core::duration")]
+    pub body_read_timeout: Duration,
     /// Whether client connections are kept alive between requests.
     pub keepalive: bool,
     /// On shutdown, how long open keep-alive connections are kept while their responses say
@@ -238,6 +241,7 @@ impl Default for LbConfig {
             max_headers: 100,
             max_body_bytes: 100 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(60),
             keepalive: true,
             drain_linger: Duration::from_secs(1),
             routes: Vec::new(),

@@ -16,6 +16,7 @@ mod listener;
 mod proxy;
 mod proxy_protocol;
 mod routes;
+mod slow_body;
 mod statics;
 mod upstream;
 

@@ -90,7 +90,10 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let next = next.clone();
-        let max_body = config.max_body_bytes;
+        let limits = Limits {
+            max_body: config.max_body_bytes,
+            body_timeout: config.body_read_timeout,
+        };
         let draining = shutdown.clone();
         let trusted = trusted.contains(peer.ip());
         let open = open_tx.clone();
@@ -122,7 +125,7 @@ pub async fn serve(
                 let next = next.clone();
                 let close = draining.stage() != Stage::Running;
                 forwarded::apply(request.headers_mut(), remote.ip(), info.secure, trusted);
-                handle(request, info, max_body, next, close)
+                handle(request, info, limits, next, close)
             });
             let Some(tls) = tls else {
                 return connection.drive(TokioIo::new(stream), service).await;
@@ -190,14 +193,22 @@ fn log_connection_end(result: Result<(), BoxError>) {
     }
 }
 
-/// Applies the body limit and passes the request on.
+/// What a request body may be.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_body: u64,
+    body_timeout: Duration,
+}
+
+/// Applies the body limits and passes the request on.
 fn handle(
     request: Request<Incoming>,
     info: ConnInfo,
-    max_body: u64,
+    limits: Limits,
     next: HttpService,
     close: bool,
 ) -> ResponseFuture {
+    let max_body = limits.max_body;
     let http1 = request.version() <= http::Version::HTTP_11;
     let declared = request
         .headers()
@@ -221,9 +232,12 @@ fn handle(
         }
     }
     let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-    let body: Body = Limited::new(body, limit)
+    let mut body: Body = Limited::new(body, limit)
         .map_err(move |error| limit_error(error, max_body))
         .boxed_unsync();
+    if !http_body::Body::is_end_stream(&body) {
+        body = crate::slow_body::Timed::new(body, limits.body_timeout).boxed_unsync();
+    }
     let next = if declared.is_some_and(|length| length > max_body) {
         HttpService::new(tower::service_fn(|_| async { Ok(too_large()) }))
     } else {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use strata_core::seam::{empty, full, status_response};
-use strata_core::{Body, BodyTooLarge, BoxError, ConnInfo};
+use strata_core::{Body, BodyStalled, BodyTooLarge, BoxError, ConnInfo};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -130,6 +130,9 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>) -> Response<Body> {
         Ok(read) => read,
         Err(error) if error.is::<BodyTooLarge>() => {
             return status_response(StatusCode::PAYLOAD_TOO_LARGE, &error.to_string())
+        }
+        Err(error) if error.is::<BodyStalled>() => {
+            return status_response(StatusCode::REQUEST_TIMEOUT, &error.to_string())
         }
         Err(error) => {
             return status_response(StatusCode::BAD_REQUEST, &format!("request body: {error}"))
