@@ -312,24 +312,29 @@ def raw_exchange(port, data):
         return received
 
 
+def environ_after(port, header):
+    """The probe's environ for a request sent after `header` (read as HTTP, chunked or not)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(header + b"GET /environ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return json.loads(response.read())
+
+
 def test_the_proxy_protocol_names_the_client(strata):
     server = strata(*app("probe"), config="[lb]\nproxy_protocol = true\n")
     request = b"GET /environ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    answer = raw_exchange(server.port,
-                          b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 80\r\n" + request)
-    environ = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    environ = environ_after(server.port, b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 80\r\n")
     assert environ["REMOTE_ADDR"] == "203.0.113.7"
     assert environ["http"]["HTTP_X_FORWARDED_FOR"] == "203.0.113.7"
     v2 = (b"\r\n\r\n\0\r\nQUIT\n" + bytes([0x21, 0x11]) + (12).to_bytes(2, "big")
           + bytes([198, 51, 100, 9, 127, 0, 0, 1]) + (4321).to_bytes(2, "big")
           + (80).to_bytes(2, "big"))
-    answer = raw_exchange(server.port, v2 + request)
-    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["REMOTE_ADDR"] == "198.51.100.9"
+    assert environ_after(server.port, v2)["REMOTE_ADDR"] == "198.51.100.9"
     # Without the header, or with a broken one: refused, and the listener goes on.
     assert raw_exchange(server.port, request) == b""
     assert raw_exchange(server.port, b"PROXY TCP4 nonsense\r\n" + request) == b""
-    answer = raw_exchange(server.port, b"PROXY UNKNOWN\r\n" + request)
-    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["REMOTE_ADDR"] == "127.0.0.1"
+    assert environ_after(server.port, b"PROXY UNKNOWN\r\n")["REMOTE_ADDR"] == "127.0.0.1"
 
 
 def test_connections_past_the_limit_wait_their_turn(strata):
