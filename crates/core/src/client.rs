@@ -238,13 +238,9 @@ fn retarget(mut request: Request<Body>) -> Request<Body> {
             request.headers_mut().insert(header::HOST, host);
         }
     }
-    let path = request
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
     if request.uri().authority().is_some() || request.uri().path_and_query().is_none() {
-        if let Ok(uri) = Uri::try_from(path) {
+        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        if let Ok(uri) = Uri::try_from(path.to_owned()) {
             *request.uri_mut() = uri;
         }
     }

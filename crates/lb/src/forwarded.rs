@@ -84,18 +84,43 @@ impl Trusted {
     }
 }
 
-/// Sets the forwarded headers for a request from `peer` on a `secure` (or plain) listener.
-pub fn apply(headers: &mut HeaderMap, peer: IpAddr, secure: bool, trusted: bool) {
-    let proto = if secure { "https" } else { "http" };
-    let chain = match headers.get(FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) if trusted => format!("{earlier}, {peer}"),
-        _ => peer.to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&chain) {
-        headers.insert(FORWARDED_FOR, value);
+/// What one connection tells the servers behind about its client: made once per connection.
+#[derive(Debug, Clone)]
+pub struct Forwarder {
+    peer: IpAddr,
+    peer_value: Option<HeaderValue>,
+    proto: &'static str,
+    trusted: bool,
+}
+
+impl Forwarder {
+    /// For a connection from `peer` on a `secure` (or plain) listener; `trusted` when the
+    /// peer is in `trusted_networks`.
+    pub fn new(peer: IpAddr, secure: bool, trusted: bool) -> Self {
+        Self {
+            peer,
+            peer_value: HeaderValue::from_str(&peer.to_string()).ok(),
+            proto: if secure { "https" } else { "http" },
+            trusted,
+        }
     }
-    if !(trusted && headers.contains_key(FORWARDED_PROTO)) {
-        headers.insert(FORWARDED_PROTO, HeaderValue::from_static(proto));
+
+    /// Sets the forwarded headers of one request.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        let earlier = headers
+            .get(FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .filter(|_| self.trusted);
+        let value = match earlier {
+            Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", self.peer)).ok(),
+            None => self.peer_value.clone(),
+        };
+        if let Some(value) = value {
+            headers.insert(FORWARDED_FOR, value);
+        }
+        if !(self.trusted && headers.contains_key(FORWARDED_PROTO)) {
+            headers.insert(FORWARDED_PROTO, HeaderValue::from_static(self.proto));
+        }
     }
 }
 
@@ -136,10 +161,10 @@ mod tests {
         headers.insert(FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         headers.insert(FORWARDED_PROTO, HeaderValue::from_static("https"));
         let mut untrusted = headers.clone();
-        apply(&mut untrusted, ip("9.9.9.9"), false, false);
+        Forwarder::new(ip("9.9.9.9"), false, false).apply(&mut untrusted);
         assert_eq!(untrusted[FORWARDED_FOR], "9.9.9.9");
         assert_eq!(untrusted[FORWARDED_PROTO], "http");
-        apply(&mut headers, ip("10.0.0.1"), false, true);
+        Forwarder::new(ip("10.0.0.1"), false, true).apply(&mut headers);
         assert_eq!(headers[FORWARDED_FOR], "1.2.3.4, 10.0.0.1");
         assert_eq!(headers[FORWARDED_PROTO], "https");
     }

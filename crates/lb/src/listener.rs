@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tower::ServiceExt;
 
-use crate::forwarded::{self, Trusted};
+use crate::forwarded::{Forwarder, Trusted};
 use crate::proxy_protocol;
 use crate::LbConfig;
 
@@ -121,10 +121,11 @@ pub async fn serve(
                 local: local.unwrap_or(peer),
                 secure: tls.is_some(),
             };
+            let forwarder = Forwarder::new(remote.ip(), info.secure, trusted);
             let service = service_fn(move |mut request: Request<Incoming>| {
                 let next = next.clone();
                 let close = draining.stage() != Stage::Running;
-                forwarded::apply(request.headers_mut(), remote.ip(), info.secure, trusted);
+                forwarder.apply(request.headers_mut());
                 handle(request, info, limits, next, close)
             });
             let Some(tls) = tls else {
