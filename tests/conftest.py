@@ -45,6 +45,20 @@ def children(pid):
     return sorted(found)
 
 
+def exchange(port, raw):
+    """Sends `raw` bytes and returns everything the server answers until it closes (a reset,
+    as when it closes with the request unread, ends the answer too)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
 def wait_for_port(port, timeout, process=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

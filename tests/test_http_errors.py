@@ -1,23 +1,9 @@
 """Bad input is answered by the listener and never reaches Python."""
 
-import socket
-
 import pytest
 import requests
 
-from conftest import app
-
-
-def exchange(port, raw):
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(raw)
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
-    return data
+from conftest import app, exchange
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import STRATA, app, free_port, wait_until
+from conftest import STRATA, app, exchange, free_port, wait_until
 
 
 @pytest.fixture
@@ -299,19 +299,6 @@ def test_tls_settings_are_checked(tmp_path):
     assert out.returncode != 0 and "lb.tls_cert_file" in out.stderr
 
 
-def raw_exchange(port, data):
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(data)
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except ConnectionResetError:
-            # Closed with the request unread: the kernel resets rather than ends.
-            pass
-        return received
-
-
 def environ_after(port, header):
     """The probe's environ for a request sent after `header` (read as HTTP, chunked or not)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -332,8 +319,8 @@ def test_the_proxy_protocol_names_the_client(strata):
           + (80).to_bytes(2, "big"))
     assert environ_after(server.port, v2)["REMOTE_ADDR"] == "198.51.100.9"
     # Without the header, or with a broken one: refused, and the listener goes on.
-    assert raw_exchange(server.port, request) == b""
-    assert raw_exchange(server.port, b"PROXY TCP4 nonsense\r\n" + request) == b""
+    assert exchange(server.port, request) == b""
+    assert exchange(server.port, b"PROXY TCP4 nonsense\r\n" + request) == b""
     assert environ_after(server.port, b"PROXY UNKNOWN\r\n")["REMOTE_ADDR"] == "127.0.0.1"
 
 

@@ -137,8 +137,8 @@ pub async fn read(
             if seen == buf.len() {
                 return Err(ProxyError::Malformed);
             }
-            // Part of a header: wait for more.
-            stream.readable().await.map_err(|_| ProxyError::Closed)?;
+            // Part of a header: the socket stays readable while it is unread, so wait a moment
+            // and look again.
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     };
