@@ -358,6 +358,26 @@ def test_a_stalled_request_body_times_out(strata):
         assert sock.recv(1000).startswith(b"HTTP/1.1 200")
 
 
+def test_a_request_head_trickled_in_is_cut_off_at_the_head_timeout(strata):
+    """Slowloris: a head that keeps coming a byte at a time still has to be whole in time."""
+    server = strata(*app("hello"), config='[lb]\nheader_read_timeout = "500ms"\n')
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        started = time.monotonic()
+        sock.settimeout(0.1)
+        closed = False
+        while not closed and time.monotonic() - started < 5:
+            try:
+                sock.sendall(b"a")
+                closed = sock.recv(1000) == b""
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed, "the server kept a trickling head open"
+        assert 0.4 < time.monotonic() - started < 3
+
+
 def test_idle_keep_alive_connections_are_closed_after_the_head_timeout(strata):
     server = strata(*app("hello"), config='[lb]\nheader_read_timeout = "500ms"\n')
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:

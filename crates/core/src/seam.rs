@@ -9,12 +9,13 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 use tower::util::BoxCloneSyncService;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 /// An error carried by a body or a tier.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -125,8 +126,18 @@ pub type ResponseFuture =
 /// Sends `request` to `service` (await it with [`answer`]). Boxed with its type spelled out:
 /// this keeps the compiler from losing the lifetime of the body's error type inside callers'
 /// async state machines.
+///
+/// Tiers are ready at once (they queue inside, never by back-pressure at the seam), so the
+/// readiness check passes on its first poll and the service's own boxed future is returned
+/// as it is; only a service that is not ready yet is wrapped in a future that waits for it.
 pub fn call(service: &HttpService, request: Request<Body>) -> ResponseFuture {
-    Box::pin(service.clone().oneshot(request))
+    let mut service = service.clone();
+    let mut cx = Context::from_waker(Waker::noop());
+    match service.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => service.call(request),
+        Poll::Ready(Err(never)) => match never {},
+        Poll::Pending => Box::pin(service.oneshot(request)),
+    }
 }
 
 /// Awaits a [`call`]; tiers answer every request, so there is no error to handle.
@@ -139,33 +150,52 @@ pub async fn answer(future: ResponseFuture) -> Response<Body> {
 
 /// Header fields that describe one connection (RFC 9110 §7.6.1): never stored, never
 /// forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "trailer",
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRAILER,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`] (a match on the text: a jump on its length and a
+/// comparison or two, where comparing with each name in turn costs nine).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "trailer"
+    )
+}
+
 /// Removes the hop-by-hop fields and the fields `Connection` names.
-pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<String> = headers
+///
+/// Most messages carry none: one pass over the names (comparisons of known names, no
+/// hashing) finds that out. A field named by `Connection` needs a `Connection` field, itself
+/// hop-by-hop, so the pass cannot miss one.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|n| n.trim().to_ascii_lowercase())
-        .filter(|n| !n.is_empty())
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in named
-        .iter()
-        .map(String::as_str)
-        .chain(HOP_BY_HOP.iter().copied())
-    {
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
 }
@@ -204,5 +234,49 @@ mod tests {
         assert_eq!(response.status(), 503);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"503 queue full\n");
+    }
+
+    fn headers(fields: &[(&str, &str)]) -> HeaderMap {
+        fields
+            .iter()
+            .map(|(n, v)| {
+                (
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_those_connection_names_go() {
+        let mut map = headers(&[
+            ("connection", "close, X-Trace ,"),
+            ("keep-alive", "timeout=5"),
+            ("x-trace", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "text/plain"),
+            ("x-kept", "2"),
+        ]);
+        strip_hop_by_hop(&mut map);
+        let left: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn the_quick_check_knows_every_hop_by_hop_name() {
+        assert!(HOP_BY_HOP.iter().all(is_hop_by_hop));
+        assert!(!is_hop_by_hop(&header::HOST));
+        assert!(!is_hop_by_hop(&HeaderName::from_static(
+            "x-forwarded-proto"
+        )));
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_fields_are_left_alone() {
+        let mut map = headers(&[("x-trace", "1"), ("host", "a")]);
+        strip_hop_by_hop(&mut map);
+        assert_eq!(map.len(), 2);
     }
 }

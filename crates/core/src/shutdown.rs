@@ -4,6 +4,10 @@
 //! [`Shutdown::requested`] to stop accepting work; a second, forced stage
 //! ([`Shutdown::forced`]) tells them to stop waiting for in-flight work.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
 use tokio::sync::watch;
 
 /// The stages of a shutdown, in order.
@@ -63,10 +67,58 @@ impl Shutdown {
         self.reached(Stage::Forced).await
     }
 
+    /// Runs `work` until it completes (`Some` of its output) or shutdown reaches `stage`
+    /// (`None`), whichever is first.
+    ///
+    /// Unlike a `select!` of the two, which registers with the shutdown channel at every
+    /// wake-up of `work` (a lock per poll), this registers once per waker and afterwards
+    /// only reads the stage: what a busy connection pays per request is one atomic read.
+    pub fn unless<F: Future + Unpin>(&self, stage: Stage, work: F) -> Unless<'_, F> {
+        Unless {
+            work,
+            reached: Box::pin(self.reached(stage)),
+            shutdown: self,
+            stage,
+            registered: None,
+        }
+    }
+
     async fn reached(&self, stage: Stage) {
         let mut rx = self.rx.clone();
         // The sender lives in `self`, so the channel cannot close while we wait.
         let _ = rx.wait_for(|current| *current >= stage).await;
+    }
+}
+
+/// The future of [`Shutdown::unless`].
+pub struct Unless<'a, F> {
+    work: F,
+    reached: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+    shutdown: &'a Shutdown,
+    stage: Stage,
+    /// The waker the shutdown channel knows; another one must register again.
+    registered: Option<Waker>,
+}
+
+impl<F: Future + Unpin> Future for Unless<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let Poll::Ready(output) = Pin::new(&mut this.work).poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        let fresh = this
+            .registered
+            .as_ref()
+            .is_none_or(|waker| !waker.will_wake(cx.waker()));
+        if fresh || this.shutdown.stage() >= this.stage {
+            this.registered = Some(cx.waker().clone());
+            if this.reached.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -82,6 +134,43 @@ mod tests {
         assert_eq!(shutdown.stage(), Stage::Forced);
         shutdown.requested().await;
         shutdown.forced().await;
+    }
+
+    #[tokio::test]
+    async fn unless_returns_the_work_or_gives_way_to_shutdown() {
+        let shutdown = Shutdown::new();
+        assert_eq!(
+            shutdown
+                .unless(Stage::Graceful, std::pin::pin!(async { 7 }))
+                .await,
+            Some(7)
+        );
+        let observer = shutdown.clone();
+        let waiting = tokio::spawn(async move {
+            observer
+                .unless(
+                    Stage::Graceful,
+                    std::pin::pin!(std::future::pending::<()>()),
+                )
+                .await
+        });
+        tokio::task::yield_now().await;
+        shutdown.trigger(Stage::Graceful);
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("shutdown ends the wait")
+            .unwrap();
+        assert_eq!(outcome, None);
+        // Already past the stage: the work still gets its first poll, then gives way.
+        assert_eq!(
+            shutdown
+                .unless(
+                    Stage::Graceful,
+                    std::pin::pin!(std::future::pending::<()>())
+                )
+                .await,
+            None
+        );
     }
 
     #[tokio::test]

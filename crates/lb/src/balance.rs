@@ -34,7 +34,7 @@ impl Balance {
 }
 
 /// One server that may be chosen.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Candidate {
     pub weight: f64,
     pub in_flight: usize,

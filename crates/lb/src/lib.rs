@@ -11,6 +11,7 @@ mod balance;
 mod conditional;
 mod config;
 mod forwarded;
+mod head_timer;
 mod health;
 mod listener;
 mod proxy;

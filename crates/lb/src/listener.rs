@@ -10,18 +10,21 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use strata_core::seam::status_response;
+use strata_core::seam::{answer, call, status_response, ResponseFuture};
 use strata_core::shutdown::Stage;
 use strata_core::tls::TlsAcceptor;
 use strata_core::{Body, BodyTooLarge, BoxError, ConnInfo, HttpService, Shutdown};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tower::ServiceExt;
 
 use crate::forwarded::{Forwarder, Trusted};
+use crate::head_timer::{Activity, Tracked, TrackedBody};
 use crate::proxy_protocol;
 use crate::LbConfig;
+
+/// The header count hyper allows when none is configured.
+const HYPER_MAX_HEADERS: usize = 100;
 
 /// Most concurrent HTTP/2 streams per connection.
 const MAX_STREAMS: u32 = 256;
@@ -30,16 +33,20 @@ const MAX_STREAMS: u32 = 256;
 /// the HTTP/2 preface; over TLS, ALPN offers `h2` first).
 fn builder(config: &LbConfig, http2: bool) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
+    let mut http1 = builder.http1();
+    http1
+        // The head timeout is the connection's own (`head_timer`), not hyper's.
+        .header_read_timeout(None)
         .max_buf_size(config.max_header_bytes)
-        .max_headers(config.max_headers)
         .keep_alive(config.keepalive)
         // Head and body in one buffer, one write: small responses are the common case, and
         // a vectored write of two pieces costs the kernel more than the copy.
         .writev(false);
+    // hyper's own limit is the same 100 on the stack; a limit set explicitly, even to the
+    // same number, makes it fill a fresh array of that size for every request head.
+    if config.max_headers != HYPER_MAX_HEADERS {
+        http1.max_headers(config.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -97,10 +104,13 @@ pub async fn serve(
         let draining = shutdown.clone();
         let trusted = trusted.contains(peer.ip());
         let open = open_tx.clone();
+        let activity = Activity::new();
         let connection = Connection {
             builder: builder.clone(),
             shutdown: shutdown.clone(),
             linger: config.drain_linger,
+            activity: activity.clone(),
+            head_timeout: config.header_read_timeout,
         };
         let tls = tls.clone();
         let handshake_timeout = config.header_read_timeout;
@@ -123,10 +133,10 @@ pub async fn serve(
             };
             let forwarder = Forwarder::new(remote.ip(), info.secure, trusted);
             let service = service_fn(move |mut request: Request<Incoming>| {
-                let next = next.clone();
+                let guard = activity.begin(request.version());
                 let close = draining.stage() != Stage::Running;
                 forwarder.apply(request.headers_mut());
-                handle(request, info, limits, next, close)
+                Tracked::new(handle(request, info, limits, &next, close), guard)
             });
             let Some(tls) = tls else {
                 return connection.drive(TokioIo::new(stream), service).await;
@@ -151,6 +161,8 @@ struct Connection {
     builder: auto::Builder<TokioExecutor>,
     shutdown: Shutdown,
     linger: Duration,
+    activity: Arc<Activity>,
+    head_timeout: Duration,
 }
 
 impl Connection {
@@ -159,7 +171,7 @@ impl Connection {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: hyper::service::Service<
                 Request<Incoming>,
-                Response = Response<Body>,
+                Response = Response<TrackedBody>,
                 Error = std::convert::Infallible,
             > + Send
             + 'static,
@@ -167,9 +179,14 @@ impl Connection {
     {
         let connection = self.builder.serve_connection(io, service);
         let mut connection = std::pin::pin!(connection);
+        let serving = self.shutdown.unless(Stage::Graceful, connection.as_mut());
         tokio::select! {
-            result = connection.as_mut() => return log_connection_end(result),
-            () = self.shutdown.requested() => {}
+            served = serving => if let Some(result) = served {
+                return log_connection_end(result);
+            },
+            () = self.activity.overdue(self.head_timeout) => {
+                return tracing::debug!("no whole request head within header_read_timeout");
+            }
         }
         // Draining. Closing an idle keep-alive connection now would race a request the
         // client may be sending on it; for `drain_linger`, responses say
@@ -206,7 +223,7 @@ fn handle(
     request: Request<Incoming>,
     info: ConnInfo,
     limits: Limits,
-    next: HttpService,
+    next: &HttpService,
     close: bool,
 ) -> ResponseFuture {
     let max_body = limits.max_body;
@@ -239,32 +256,24 @@ fn handle(
     if !http_body::Body::is_end_stream(&body) {
         body = crate::slow_body::Timed::new(body, limits.body_timeout).boxed_unsync();
     }
-    let next = if declared.is_some_and(|length| length > max_body) {
-        HttpService::new(tower::service_fn(|_| async { Ok(too_large()) }))
-    } else {
-        next
-    };
-    let next = if close {
-        HttpService::new(next.map_response(move |mut response: Response<Body>| {
-            // HTTP/2 has no Connection header: its drain is the GOAWAY.
-            if http1 {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
+    if declared.is_some_and(|length| length > max_body) {
+        return Box::pin(async { Ok(too_large()) });
+    }
+    let response = call(next, Request::from_parts(parts, body));
+    if !close {
+        return response;
+    }
+    Box::pin(async move {
+        let mut response = answer(response).await;
+        // HTTP/2 has no Connection header: its drain is the GOAWAY.
+        if http1 {
             response
-        }))
-    } else {
-        next
-    };
-    Box::pin(next.oneshot(Request::from_parts(parts, body)))
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        Ok(response)
+    })
 }
-
-/// The boxed future of one request; boxing erases the lifetimes the compiler otherwise fails
-/// to prove `Send` for inside the spawned connection task.
-type ResponseFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send>,
->;
 
 /// Names the limit error so the tier reading the body can answer 413.
 fn limit_error(error: BoxError, limit: u64) -> BoxError {

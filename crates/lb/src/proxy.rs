@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderName, Method, Request, Response, StatusCode};
 use strata_core::seam::{call, empty, status_response};
 use strata_core::{Body, ConnInfo, HttpService, Readiness, Shutdown, UpstreamFailure};
 
@@ -14,9 +14,9 @@ use crate::forwarded::Trusted;
 use crate::upstream::{Pool, Refused, Server, ServerStatus};
 
 /// Names the one server a request asks for.
-pub const BACKEND_HEADER: &str = "x-strata-backend";
+pub static BACKEND_HEADER: HeaderName = HeaderName::from_static("x-strata-backend");
 /// The admin token that lets a client outside the trusted networks ask for one server.
-pub const TOKEN_HEADER: &str = "x-strata-token";
+pub static TOKEN_HEADER: HeaderName = HeaderName::from_static("x-strata-token");
 
 /// Why the pools could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -180,8 +180,8 @@ fn copy_head(request: &Request<Body>) -> Option<Request<Body>> {
 }
 
 async fn forward(pool: Arc<Pool>, access: &Access, mut request: Request<Body>) -> Response<Body> {
-    let asked = request.headers_mut().remove(BACKEND_HEADER);
-    let token = request.headers_mut().remove(TOKEN_HEADER);
+    let asked = request.headers_mut().remove(&BACKEND_HEADER);
+    let token = request.headers_mut().remove(&TOKEN_HEADER);
     if let Some(asked) = asked {
         let trusted = request
             .extensions()

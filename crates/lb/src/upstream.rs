@@ -22,6 +22,9 @@ use crate::config::BackendConfig;
 /// flooded meanwhile.
 const FIRST_LATENCY: f64 = 0.005;
 
+/// Pools up to this many servers are chosen from without a heap allocation.
+const INLINE_SERVERS: usize = 8;
+
 /// What the balancer knows of one server.
 #[derive(Debug)]
 struct Known {
@@ -33,6 +36,18 @@ struct Known {
     /// When it joined or last came back: slow start counts from here.
     since: Instant,
     latency: PeakEwma,
+}
+
+impl Known {
+    /// Up and not ejected; an ejection that has run out ends here (slow start again).
+    fn healthy(&mut self, now: Instant) -> bool {
+        if self.ejected_until.is_some_and(|until| now >= until) {
+            self.ejected_until = None;
+            self.since = now;
+            self.latency = PeakEwma::new(FIRST_LATENCY, now);
+        }
+        self.up && self.ejected_until.is_none()
+    }
 }
 
 /// One server of a pool.
@@ -112,18 +127,24 @@ impl Server {
 
     fn has_room(&self) -> bool {
         self.max_conn
-            .is_none_or(|max| self.in_flight.load(Ordering::Relaxed) < max)
+            .is_none_or(|max| self.in_flight.load(Ordering::SeqCst) < max)
     }
 
     /// Up and not ejected; an ejection that has run out ends here (slow start again).
     fn healthy(&self, now: Instant) -> bool {
+        self.known().healthy(now)
+    }
+
+    /// Whether the server is healthy, and what choosing it weighs now (one lock).
+    fn observe(&self, now: Instant, slow_start: Duration) -> (bool, Candidate) {
         let mut known = self.known();
-        if known.ejected_until.is_some_and(|until| now >= until) {
-            known.ejected_until = None;
-            known.since = now;
-            known.latency = PeakEwma::new(FIRST_LATENCY, now);
-        }
-        known.up && known.ejected_until.is_none()
+        let healthy = known.healthy(now);
+        let candidate = Candidate {
+            weight: self.weight * balance::slow_start(now - known.since, slow_start),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            latency: known.latency.get(now),
+        };
+        (healthy, candidate)
     }
 
     /// The result of an active check, counted against `rise`/`fall`.
@@ -246,9 +267,13 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.server().in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.server().in_flight.fetch_sub(1, Ordering::SeqCst);
         self.pool.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.pool.freed.notify_one();
+        // SeqCst pairs with the waiter's: either it sees the room made above, or this sees
+        // it waiting.
+        if self.pool.waiting.load(Ordering::SeqCst) > 0 {
+            self.pool.freed.notify_one();
+        }
     }
 }
 
@@ -301,7 +326,7 @@ impl Pool {
         if self.waiting.load(Ordering::Relaxed) >= self.config.max_queue {
             return Err(Refused::QueueFull);
         }
-        self.waiting.fetch_add(1, Ordering::Relaxed);
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + self.config.queue_timeout;
         let outcome = loop {
             let freed = self.freed.notified();
@@ -343,36 +368,56 @@ impl Pool {
     }
 
     fn try_lease(self: &Arc<Self>, tried: &[usize]) -> Pick {
+        let n = self.servers.len();
+        if n <= INLINE_SERVERS {
+            let mut seen = [Seen::default(); INLINE_SERVERS];
+            let mut candidates = [Candidate::default(); INLINE_SERVERS];
+            self.choose(tried, &mut seen[..n], &mut candidates[..n])
+        } else {
+            self.choose(
+                tried,
+                &mut vec![Seen::default(); n],
+                &mut vec![Candidate::default(); n],
+            )
+        }
+    }
+
+    /// [`Pool::try_lease`] with room for what it reads of each server (`seen`) and for the
+    /// candidates, one slot per server each.
+    fn choose(
+        self: &Arc<Self>,
+        tried: &[usize],
+        seen: &mut [Seen],
+        candidates: &mut [Candidate],
+    ) -> Pick {
         let now = Instant::now();
-        let healthy: Vec<bool> = self.servers.iter().map(|s| s.healthy(now)).collect();
-        let count = healthy.iter().filter(|h| **h).count();
+        // Each server read once, under its lock once: healthy, and what choosing it weighs.
+        for (slot, server) in seen.iter_mut().zip(&self.servers) {
+            (slot.healthy, slot.candidate) = server.observe(now, self.config.slow_start);
+        }
+        let count = seen.iter().filter(|s| s.healthy).count();
         let panic = (count as f64) < self.config.panic_threshold * self.servers.len() as f64;
         if panic {
             self.panics.inc();
         }
-        let mut indices = Vec::with_capacity(self.servers.len());
-        let mut candidates = Vec::with_capacity(self.servers.len());
         let mut eligible = false;
-        for (index, server) in self.servers.iter().enumerate() {
-            if tried.contains(&index) || !(panic || healthy[index]) {
+        let mut kept = 0;
+        for index in 0..seen.len() {
+            if tried.contains(&index) || !(panic || seen[index].healthy) {
                 continue;
             }
             eligible = true;
-            if !server.has_room() {
+            if !self.servers[index].has_room() {
                 continue;
             }
-            let known = server.known();
-            let ramp = balance::slow_start(now - known.since, self.config.slow_start);
-            candidates.push(Candidate {
-                weight: server.weight * ramp,
-                in_flight: server.in_flight.load(Ordering::Relaxed),
-                latency: known.latency.get(now),
-            });
-            indices.push(index);
+            candidates[kept] = seen[index].candidate;
+            // `kept <= index`: the slot of an earlier server is free to say who this is.
+            seen[kept].index = index;
+            kept += 1;
         }
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        match balance::pick(self.balance, &candidates, turn) {
-            Some(chosen) => Pick::Leased(self.take(indices[chosen])),
+        match balance::pick(self.balance, &candidates[..kept], turn) {
+            Some(chosen) => Pick::Leased(self.take(seen[chosen].index)),
             None if eligible => Pick::Busy,
             None => Pick::Nobody,
         }
@@ -388,6 +433,15 @@ impl Pool {
         self.retries.inc();
         Some(RetryPermit(self.clone()))
     }
+}
+
+/// What choosing reads of one server.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    healthy: bool,
+    candidate: Candidate,
+    /// Once compacted: which server the candidate in the same place is.
+    index: usize,
 }
 
 /// What one attempt to choose a server found.
