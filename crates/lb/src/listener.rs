@@ -1,12 +1,15 @@
 //! The HTTP listeners: accept (and, on the HTTPS listener, TLS with ALPN), parse HTTP/1.1
 //! or HTTP/2, limit, hand to the next tier, drain on shutdown.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -29,34 +32,50 @@ const HYPER_MAX_HEADERS: usize = 100;
 /// Most concurrent HTTP/2 streams per connection.
 const MAX_STREAMS: u32 = 256;
 
-/// The protocol side of a listener: HTTP/1.1 only, or HTTP/1.1 and HTTP/2 (told apart by
-/// the HTTP/2 preface; over TLS, ALPN offers `h2` first).
-fn builder(config: &LbConfig, http2: bool) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    let mut http1 = builder.http1();
-    http1
+/// How a listener speaks HTTP.
+#[derive(Clone)]
+enum Protocols {
+    /// HTTP/1.1 alone: hyper's HTTP/1 connection, with nothing in front of it.
+    Http1(http1::Builder),
+    /// HTTP/1.1 and HTTP/2, told apart by the HTTP/2 preface (over TLS, ALPN offers `h2`
+    /// first).
+    Both(auto::Builder<TokioExecutor>),
+}
+
+/// Applies the listener's HTTP/1.1 settings to a builder of either kind (hyper's and
+/// hyper-util's builders have the same methods, but no trait in common).
+macro_rules! http1_settings {
+    ($builder:expr, $config:expr) => {{
         // The head timeout is the connection's own (`head_timer`), not hyper's.
-        .header_read_timeout(None)
-        .max_buf_size(config.max_header_bytes)
-        .keep_alive(config.keepalive)
-        // Head and body in one buffer, one write: small responses are the common case, and
-        // a vectored write of two pieces costs the kernel more than the copy.
-        .writev(false);
-    // hyper's own limit is the same 100 on the stack; a limit set explicitly, even to the
-    // same number, makes it fill a fresh array of that size for every request head.
-    if config.max_headers != HYPER_MAX_HEADERS {
-        http1.max_headers(config.max_headers);
+        $builder
+            .header_read_timeout(None)
+            .max_buf_size($config.max_header_bytes)
+            .keep_alive($config.keepalive)
+            // Head and body in one buffer, one write: small responses are the common case,
+            // and a vectored write of two pieces costs the kernel more than the copy.
+            .writev(false);
+        // hyper's own limit is the same 100 on the stack; a limit set explicitly, even to
+        // the same number, makes it fill a fresh array of that size for every request head.
+        if $config.max_headers != HYPER_MAX_HEADERS {
+            $builder.max_headers($config.max_headers);
+        }
+    }};
+}
+
+fn protocols(config: &LbConfig, http2: bool) -> Protocols {
+    if !http2 {
+        let mut builder = http1::Builder::new();
+        http1_settings!(builder, config);
+        return Protocols::Http1(builder);
     }
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    http1_settings!(builder.http1(), config);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX));
-    if http2 {
-        builder
-    } else {
-        builder.http1_only()
-    }
+    Protocols::Both(builder)
 }
 
 /// Serves `listener` (in TLS when `tls` is given), passing every well-formed request to
@@ -70,7 +89,7 @@ pub async fn serve(
     shutdown: Shutdown,
 ) {
     let http2 = tls.is_some() || config.h2c;
-    let builder = builder(&config, http2);
+    let protocols = protocols(&config, http2);
     let local = listener.local_addr().ok();
     let trusted = Trusted::new(&config.trusted_networks);
     // At `max_connections`, accepting waits and new connections queue in the kernel.
@@ -106,7 +125,7 @@ pub async fn serve(
         let open = open_tx.clone();
         let activity = Activity::new();
         let connection = Connection {
-            builder: builder.clone(),
+            protocols: protocols.clone(),
             shutdown: shutdown.clone(),
             linger: config.drain_linger,
             activity: activity.clone(),
@@ -158,7 +177,7 @@ pub async fn serve(
 
 /// What serving one accepted connection needs.
 struct Connection {
-    builder: auto::Builder<TokioExecutor>,
+    protocols: Protocols,
     shutdown: Shutdown,
     linger: Duration,
     activity: Arc<Activity>,
@@ -177,7 +196,25 @@ impl Connection {
             + 'static,
         S::Future: Send + 'static,
     {
-        let connection = self.builder.serve_connection(io, service);
+        match &self.protocols {
+            Protocols::Http1(builder) => {
+                let connection = builder.serve_connection(io, service);
+                self.run(connection, |c| c.graceful_shutdown()).await;
+            }
+            Protocols::Both(builder) => {
+                let connection = builder.serve_connection(io, service);
+                self.run(connection, |c| c.graceful_shutdown()).await;
+            }
+        }
+    }
+
+    /// Serves `connection` until it ends, its head timeout passes, or shutdown: then drains
+    /// it (`graceful` asks it to finish its exchange and close).
+    async fn run<C, E>(&self, connection: C, graceful: impl FnOnce(Pin<&mut C>))
+    where
+        C: Future<Output = Result<(), E>>,
+        E: Into<BoxError>,
+    {
         let mut connection = std::pin::pin!(connection);
         let serving = self.shutdown.unless(Stage::Graceful, connection.as_mut());
         tokio::select! {
@@ -197,7 +234,7 @@ impl Connection {
             () = tokio::time::sleep(self.linger) => {}
             () = self.shutdown.forced() => return,
         }
-        connection.as_mut().graceful_shutdown();
+        graceful(connection.as_mut());
         tokio::select! {
             result = connection.as_mut() => log_connection_end(result),
             () = self.shutdown.forced() => {}
@@ -205,8 +242,9 @@ impl Connection {
     }
 }
 
-fn log_connection_end(result: Result<(), BoxError>) {
+fn log_connection_end<E: Into<BoxError>>(result: Result<(), E>) {
     if let Err(error) = result {
+        let error: BoxError = error.into();
         tracing::debug!(%error, "connection ended with an error");
     }
 }
