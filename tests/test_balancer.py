@@ -115,6 +115,23 @@ def test_a_slow_server_gets_little_traffic(strata, backends):
     assert bodies["slow"] < 0.1 * sum(bodies.values()), bodies
 
 
+def test_a_response_head_late_past_the_pool_timeout_is_a_504(strata, backends):
+    """The timeout holds on a kept-alive connection whose earlier request armed its timer."""
+    slow = backends("slow", "--delay", "1.5")
+    server = balancer(strata, [slow], timeout='"500ms"', eject_after=100)
+    session = requests.Session()
+    # `/headers` answers at once: the connection to the backend is pooled, its timer armed.
+    assert session.get(server.url("/headers"), timeout=10).status_code == 200
+    time.sleep(0.3)
+    started = time.monotonic()
+    late = session.get(server.url("/"), timeout=10)
+    waited = time.monotonic() - started
+    assert late.status_code == 504, late.text
+    assert 0.4 < waited < 1.3, waited
+    # A request in time afterwards is served.
+    assert session.get(server.url("/headers"), timeout=10).status_code == 200
+
+
 def test_a_server_coming_up_under_load_ramps_up_slowly(strata, backends):
     old = backends("old", "--delay", "0.02")
     new = backends("new", "--delay", "0.02", start=False)

@@ -33,7 +33,6 @@ use std::sync::Arc;
 
 use http::Request;
 use strata_core::{Body, HttpService};
-use tower::util::BoxCloneSyncService;
 
 pub use config::AcceleratorConfig;
 
@@ -78,10 +77,10 @@ impl Accelerator {
     /// The tier as a seam service.
     pub fn service(&self) -> HttpService {
         let shared = self.shared.clone();
-        BoxCloneSyncService::new(tower::service_fn(move |request: Request<Body>| {
+        HttpService::from_fn(move |request: Request<Body>| {
             let shared = shared.clone();
             async move { Ok(shared.handle(request).await) }
-        }))
+        })
     }
 
     /// Removes (or with `soft`, marks stale) every variant of `url` (`http://host/path?query`

@@ -8,6 +8,7 @@
 //! closed it: the keep-alive race) is sent again on a fresh connection: hyper hands such a
 //! request back unsent.
 
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -22,7 +23,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tower::util::BoxCloneSyncService;
+use tokio::time::{Instant, Sleep};
 
 use crate::seam::{
     status_response, strip_hop_by_hop, Body, BoxError, HttpService, UpstreamFailure,
@@ -49,24 +50,21 @@ pub fn upstream(base: &Uri, timeout: Duration) -> HttpService {
         address,
         idle: Mutex::new(Vec::new()),
     });
-    BoxCloneSyncService::new(tower::service_fn(move |request: Request<Body>| {
+    HttpService::from_fn(move |request: Request<Body>| {
         let origin = origin.clone();
         async move {
             let request = retarget(request);
-            let answer = tokio::time::timeout(timeout, origin.send(request)).await;
-            Ok(match answer {
-                Ok(Ok(response)) => response,
-                Ok(Err(failure)) => {
-                    failed(StatusCode::BAD_GATEWAY, "upstream unavailable", failure)
-                }
-                Err(_) => failed(
+            Ok(match origin.send(request, Instant::now() + timeout).await {
+                Ok(response) => response,
+                Err(UpstreamFailure::Timeout) => failed(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream timed out",
                     UpstreamFailure::Timeout,
                 ),
+                Err(failure) => failed(StatusCode::BAD_GATEWAY, "upstream unavailable", failure),
             })
         }
-    }))
+    })
 }
 
 fn failed(status: StatusCode, text: &str, failure: UpstreamFailure) -> Response<Body> {
@@ -78,28 +76,61 @@ fn failed(status: StatusCode, text: &str, failure: UpstreamFailure) -> Response<
 /// One origin and its idle connections.
 struct Origin {
     address: String,
-    idle: Mutex<Vec<SendRequest<Body>>>,
+    idle: Mutex<Vec<Pooled>>,
+}
+
+/// A connection to the origin, with the timer its requests wait on.
+///
+/// The timer is lazy: armed for the deadline of some earlier request on this connection
+/// (never a later one, as deadlines only grow), it is re-armed only when it fires before the
+/// current request's own deadline. A busy connection touches the runtime's timer wheel about
+/// once per timeout, where a timer per request would arm and disarm an entry every time.
+struct Pooled {
+    sender: SendRequest<Body>,
+    timer: Pin<Box<Sleep>>,
+}
+
+/// Waits for `work` until `deadline` on a connection's lazy `timer`; `None` once it has
+/// passed.
+async fn within<F: Future + Unpin>(
+    mut work: F,
+    timer: &mut Pin<Box<Sleep>>,
+    deadline: Instant,
+) -> Option<F::Output> {
+    poll_fn(move |cx| {
+        if let Poll::Ready(output) = Pin::new(&mut work).poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return Poll::Ready(None);
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 impl Origin {
-    fn take_idle(&self) -> Option<SendRequest<Body>> {
+    fn take_idle(&self) -> Option<Pooled> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(sender) = idle.pop() {
-            if !sender.is_closed() {
-                return Some(sender);
+        while let Some(pooled) = idle.pop() {
+            if !pooled.sender.is_closed() {
+                return Some(pooled);
             }
         }
         None
     }
 
-    fn give_back(&self, sender: SendRequest<Body>) {
+    fn give_back(&self, pooled: Pooled) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push(pooled);
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<Body>, UpstreamFailure> {
+    async fn connect(&self, deadline: Instant) -> Result<Pooled, UpstreamFailure> {
         let connect = async {
             let stream = TcpStream::connect(&self.address).await?;
             stream.set_nodelay(true)?;
@@ -116,12 +147,17 @@ impl Origin {
             });
             Ok::<_, std::io::Error>(sender)
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-            Ok(Ok(sender)) => Ok(sender),
+        let limit = deadline.min(Instant::now() + CONNECT_TIMEOUT);
+        match tokio::time::timeout_at(limit, connect).await {
+            Ok(Ok(sender)) => Ok(Pooled {
+                sender,
+                timer: Box::pin(tokio::time::sleep_until(deadline)),
+            }),
             Ok(Err(error)) => {
                 tracing::warn!(%error, origin = %self.address, "cannot connect upstream");
                 Err(UpstreamFailure::Connect)
             }
+            Err(_) if Instant::now() >= deadline => Err(UpstreamFailure::Timeout),
             Err(_) => {
                 tracing::warn!(origin = %self.address, "upstream connect timed out");
                 Err(UpstreamFailure::Connect)
@@ -134,29 +170,35 @@ impl Origin {
     async fn send(
         self: Arc<Self>,
         mut request: Request<Body>,
+        deadline: Instant,
     ) -> Result<Response<Body>, UpstreamFailure> {
         let mut fresh = false;
         loop {
-            let mut sender = match self.take_idle() {
-                Some(sender) => sender,
+            let mut pooled = match self.take_idle() {
+                Some(pooled) => pooled,
                 None => {
                     fresh = true;
-                    self.connect().await?
+                    self.connect(deadline).await?
                 }
             };
-            if sender.ready().await.is_err() {
-                if fresh {
-                    return Err(UpstreamFailure::Connect);
-                }
-                continue;
+            let ready = poll_fn(|cx| pooled.sender.poll_ready(cx));
+            match within(std::pin::pin!(ready), &mut pooled.timer, deadline).await {
+                None => return Err(UpstreamFailure::Timeout),
+                Some(Err(_)) if fresh => return Err(UpstreamFailure::Connect),
+                Some(Err(_)) => continue,
+                Some(Ok(())) => {}
             }
-            match sender.try_send_request(request).await {
+            let sent = std::pin::pin!(pooled.sender.try_send_request(request));
+            let Some(sent) = within(sent, &mut pooled.timer, deadline).await else {
+                return Err(UpstreamFailure::Timeout);
+            };
+            match sent {
                 Ok(response) => {
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     let body = Returning {
                         body,
-                        sender: Some(sender),
+                        pooled: Some(pooled),
                         origin: self.clone(),
                     };
                     return Ok(Response::from_parts(parts, body.boxed_unsync()));
@@ -185,7 +227,7 @@ impl Origin {
 /// A response body that gives its connection back to the pool at its end.
 struct Returning {
     body: Incoming,
-    sender: Option<SendRequest<Body>>,
+    pooled: Option<Pooled>,
     origin: Arc<Origin>,
 }
 
@@ -199,8 +241,8 @@ impl http_body::Body for Returning {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         if let Poll::Ready(None) = polled {
-            if let Some(sender) = self.sender.take() {
-                self.origin.give_back(sender);
+            if let Some(pooled) = self.pooled.take() {
+                self.origin.give_back(pooled);
             }
         }
         polled.map_err(Into::into)
@@ -219,9 +261,9 @@ impl Drop for Returning {
     /// A body with nothing left to read (empty, or HEAD's) may never be polled to its end:
     /// its connection goes back all the same. One left half-read is closed.
     fn drop(&mut self) {
-        if let Some(sender) = self.sender.take() {
+        if let Some(pooled) = self.pooled.take() {
             if self.body.is_end_stream() {
-                self.origin.give_back(sender);
+                self.origin.give_back(pooled);
             }
         }
     }

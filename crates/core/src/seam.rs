@@ -9,12 +9,12 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
-use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
 /// An error carried by a body or a tier.
@@ -23,8 +23,70 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type that crosses tiers, in both directions.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
-/// A tier as the next tier (or the listener) sees it.
-pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+/// A tier as the next tier (or the listener) sees it: cloned by reference count, called by
+/// shared reference, so a request crossing it costs the boxed future of the tier's work and
+/// nothing else. It is a `tower::Service` as well, always ready.
+#[derive(Clone)]
+pub struct HttpService(Arc<dyn Fn(Request<Body>) -> ResponseFuture + Send + Sync>);
+
+impl HttpService {
+    /// A tier written as a function from the request to the future of its response.
+    pub fn from_fn<F, Fut>(tier: F) -> Self
+    where
+        F: Fn(Request<Body>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+    {
+        Self(Arc::new(move |request| Box::pin(tier(request))))
+    }
+
+    /// Any tower service, cloned for each request (tower calls by `&mut`).
+    pub fn new<S>(service: S) -> Self
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        Self(Arc::new(move |request| {
+            let mut service = service.clone();
+            // Tiers are ready at once (they queue inside, never by back-pressure at the
+            // seam): the check passes on its first poll and the call goes straight out.
+            let mut cx = Context::from_waker(Waker::noop());
+            match service.poll_ready(&mut cx) {
+                Poll::Ready(Ok(())) => Box::pin(service.call(request)),
+                Poll::Ready(Err(never)) => match never {},
+                Poll::Pending => Box::pin(service.oneshot(request)),
+            }
+        }))
+    }
+
+    /// Sends `request` to the tier.
+    pub fn serve(&self, request: Request<Body>) -> ResponseFuture {
+        (self.0)(request)
+    }
+}
+
+impl std::fmt::Debug for HttpService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HttpService")
+    }
+}
+
+impl Service<Request<Body>> for HttpService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> ResponseFuture {
+        self.serve(request)
+    }
+}
 
 /// Invalidation one tier offers the others: the accelerator implements it, the app server's
 /// workers call it from application code (`strata.purge_url`), with no network hop.
@@ -126,18 +188,8 @@ pub type ResponseFuture =
 /// Sends `request` to `service` (await it with [`answer`]). Boxed with its type spelled out:
 /// this keeps the compiler from losing the lifetime of the body's error type inside callers'
 /// async state machines.
-///
-/// Tiers are ready at once (they queue inside, never by back-pressure at the seam), so the
-/// readiness check passes on its first poll and the service's own boxed future is returned
-/// as it is; only a service that is not ready yet is wrapped in a future that waits for it.
 pub fn call(service: &HttpService, request: Request<Body>) -> ResponseFuture {
-    let mut service = service.clone();
-    let mut cx = Context::from_waker(Waker::noop());
-    match service.poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => service.call(request),
-        Poll::Ready(Err(never)) => match never {},
-        Poll::Pending => Box::pin(service.oneshot(request)),
-    }
+    service.serve(request)
 }
 
 /// Awaits a [`call`]; tiers answer every request, so there is no error to handle.

@@ -102,10 +102,10 @@ impl Balancer {
     /// The seam service sending requests to pool `pool`.
     pub fn service(&self, pool: Arc<Pool>) -> HttpService {
         let access = self.access.clone();
-        HttpService::new(tower::service_fn(move |request: Request<Body>| {
+        HttpService::from_fn(move |request: Request<Body>| {
             let (pool, access) = (pool.clone(), access.clone());
             async move { Ok(forward(pool, &access, request).await) }
-        }))
+        })
     }
 
     pub fn status(&self) -> Vec<PoolStatus> {

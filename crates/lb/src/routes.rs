@@ -100,24 +100,20 @@ pub fn router(
         return Ok(fallback);
     }
     let built = Arc::new(built);
-    Ok(HttpService::new(tower::service_fn(
-        move |request: Request<Body>| {
-            let built = built.clone();
-            let fallback = fallback.clone();
-            async move {
-                let host = request_host(&request);
-                let path = request.uri().path();
-                let route = built.iter().find(|r| r.matches(host.as_deref(), path));
-                match route.map(|r| &r.target) {
-                    Some(Target::Static(dir)) => Ok(dir.serve(&request)),
-                    Some(Target::Service(service)) => {
-                        strata_core::seam::call(service, request).await
-                    }
-                    None => strata_core::seam::call(&fallback, request).await,
-                }
+    Ok(HttpService::from_fn(move |request: Request<Body>| {
+        let built = built.clone();
+        let fallback = fallback.clone();
+        async move {
+            let host = request_host(&request);
+            let path = request.uri().path();
+            let route = built.iter().find(|r| r.matches(host.as_deref(), path));
+            match route.map(|r| &r.target) {
+                Some(Target::Static(dir)) => Ok(dir.serve(&request)),
+                Some(Target::Service(service)) => strata_core::seam::call(service, request).await,
+                None => strata_core::seam::call(&fallback, request).await,
             }
-        },
-    )))
+        }
+    }))
 }
 
 #[cfg(test)]
@@ -128,11 +124,9 @@ mod tests {
         Route {
             host: host.map(str::to_owned),
             prefix: prefix.into(),
-            target: Target::Service(HttpService::new(tower::service_fn(
-                |_: Request<Body>| async {
-                    Ok(strata_core::seam::status_response(http::StatusCode::OK, ""))
-                },
-            ))),
+            target: Target::Service(HttpService::from_fn(|_: Request<Body>| async {
+                Ok(strata_core::seam::status_response(http::StatusCode::OK, ""))
+            })),
         }
     }
 

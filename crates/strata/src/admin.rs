@@ -13,10 +13,9 @@ use std::time::Instant;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use strata_core::seam::{full, status_response};
-use strata_core::{Body, Shutdown};
+use strata_core::{Body, HttpService, Shutdown};
 use strata_lb::LbConfig;
 use tokio::net::TcpListener;
-use tower::util::BoxCloneSyncService;
 
 use crate::config::Config;
 use crate::reload::{Reloaded, Reloader};
@@ -33,7 +32,7 @@ pub async fn serve(
     let started = Instant::now();
     let token = config.admin.token.clone().map(|t| format!("Bearer {t}"));
     let tiers = config.tiers.clone();
-    let service = tower::service_fn(move |request: Request<Body>| {
+    let service = HttpService::from_fn(move |request: Request<Body>| {
         let stack = stack.clone();
         let reloader = reloader.clone();
         let token = token.clone();
@@ -61,14 +60,7 @@ pub async fn serve(
         bind: config.admin.bind,
         ..LbConfig::default()
     };
-    strata_lb::serve(
-        listener,
-        None,
-        BoxCloneSyncService::new(service),
-        limits,
-        shutdown,
-    )
-    .await;
+    strata_lb::serve(listener, None, service, limits, shutdown).await;
 }
 
 async fn route(

@@ -75,12 +75,12 @@ impl Stack {
         // A balancer alone (`--tiers lb` with lb.default_backend) has no next tier of its own.
         let front = front.or_else(|| {
             runs("lb").then(|| {
-                HttpService::new(tower::service_fn(|_| async {
+                HttpService::from_fn(|_| async {
                     Ok(strata_core::seam::status_response(
                         http::StatusCode::BAD_GATEWAY,
                         "this node runs no tier behind its balancer",
                     ))
-                }))
+                })
             })
         });
         // The listener's routes (static directories, backend pools) go in front of it all.

@@ -8,22 +8,16 @@ mod pool;
 mod supervisor;
 mod zygote;
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::task::{Context, Poll};
 
-use http::{Request, Response};
 use serde::Serialize;
 use strata_core::metrics::{self, Counter, Histogram, StatusCounter, LATENCY_BOUNDS};
 use strata_core::seam::{Invalidate, Memcache};
-use strata_core::{Body, HttpService};
+use strata_core::HttpService;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
-use tower::util::BoxCloneSyncService;
 
 use crate::control::{LogSpec, ZygoteSpec};
 use crate::AppConfig;
@@ -240,8 +234,10 @@ impl AppServer {
 
     /// The app server as a tier service.
     pub fn service(&self) -> HttpService {
-        BoxCloneSyncService::new(AppService {
-            shared: self.shared.clone(),
+        let shared = self.shared.clone();
+        HttpService::from_fn(move |request| {
+            let shared = shared.clone();
+            async move { Ok(exchange::run(shared, request).await) }
         })
     }
 
@@ -363,26 +359,6 @@ fn private_dir() -> std::io::Result<PathBuf> {
         }
     }
     Err(std::io::Error::other("no free socket directory name"))
-}
-
-#[derive(Clone)]
-struct AppService {
-    shared: Arc<Shared>,
-}
-
-impl tower::Service<Request<Body>> for AppService {
-    type Response = Response<Body>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let shared = self.shared.clone();
-        Box::pin(async move { Ok(exchange::run(shared, request).await) })
-    }
 }
 
 impl strata_core::Readiness for AppServer {
