@@ -1,9 +1,10 @@
 //! The seam between tiers.
 //!
-//! Every HTTP tier is a `tower::Service<Request<Body>>` answering `Response<Body>`. Tiers never
-//! fail at the seam: a tier turns its own failures into responses (502, 503, 504), so the error
-//! type is `Infallible`. Co-located tiers call each other through this type directly; split
-//! across hosts, the next tier is an HTTP client service of the same type.
+//! Every HTTP tier is an [`HttpService`] (a `tower::Service<Request<Body>>` answering
+//! `Response<Body>`, called by shared reference). Tiers never fail at the seam: a tier turns
+//! its own failures into responses (502, 503, 504), so the error type is `Infallible`.
+//! Co-located tiers call each other through this type directly; split across hosts, the next
+//! tier is an HTTP client service of the same type.
 
 use std::convert::Infallible;
 use std::future::Future;
