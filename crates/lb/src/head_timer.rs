@@ -16,7 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +24,7 @@ use http::{Response, Version};
 use http_body::{Frame, SizeHint};
 use strata_core::seam::ResponseFuture;
 use strata_core::{Body, BoxError};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// `in_flight` while the timer is off for good (an HTTP/2 connection).
 const OFF: usize = usize::MAX / 2;
@@ -60,24 +60,12 @@ impl Activity {
 
     /// Completes once the connection has waited `limit` for a request head with no request
     /// in progress; never on a connection that turned out to be HTTP/2.
-    pub async fn overdue(&self, limit: Duration) {
-        let mut deadline = self.base + limit;
-        loop {
-            tokio::time::sleep_until(deadline).await;
-            let busy = self.in_flight.load(Ordering::Relaxed);
-            if busy >= OFF {
-                return std::future::pending().await;
-            }
-            if busy > 0 {
-                // The head came; waiting for the next one starts when this response ends.
-                deadline = Instant::now() + limit;
-                continue;
-            }
-            let since = Duration::from_micros(self.idle_since.load(Ordering::Relaxed));
-            deadline = self.base + since + limit;
-            if Instant::now() >= deadline {
-                return;
-            }
+    pub fn overdue(&self, limit: Duration) -> Overdue<'_> {
+        Overdue {
+            activity: self,
+            limit,
+            sleep: Box::pin(tokio::time::sleep_until(self.base + limit)),
+            registered: None,
         }
     }
 
@@ -85,6 +73,55 @@ impl Activity {
         let since = u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.idle_since.store(since, Ordering::Relaxed);
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The future of [`Activity::overdue`].
+///
+/// Polled at every wake-up of its connection, it looks at its timer only when the timer
+/// may have fired (its deadline has passed) or the waker changed: the timer stays armed in
+/// between and wakes the connection itself.
+pub struct Overdue<'a> {
+    activity: &'a Activity,
+    limit: Duration,
+    sleep: Pin<Box<Sleep>>,
+    registered: Option<Waker>,
+}
+
+impl Future for Overdue<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        let same_waker = this
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()));
+        if same_waker && Instant::now() < this.sleep.deadline() {
+            return Poll::Pending;
+        }
+        this.registered = Some(cx.waker().clone());
+        while this.sleep.as_mut().poll(cx).is_ready() {
+            let activity = this.activity;
+            let busy = activity.in_flight.load(Ordering::Relaxed);
+            let now = Instant::now();
+            let deadline = if busy >= OFF {
+                // HTTP/2: never; the timer is left to sleep for a long time.
+                now + Duration::from_secs(86_400 * 365)
+            } else if busy > 0 {
+                // The head came; waiting for the next one starts when this response ends.
+                now + this.limit
+            } else {
+                let since = Duration::from_micros(activity.idle_since.load(Ordering::Relaxed));
+                let deadline = activity.base + since + this.limit;
+                if now >= deadline {
+                    return Poll::Ready(());
+                }
+                deadline
+            };
+            this.sleep.as_mut().reset(deadline);
+        }
+        Poll::Pending
     }
 }
 

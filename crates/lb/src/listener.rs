@@ -218,6 +218,7 @@ impl Connection {
         let mut connection = std::pin::pin!(connection);
         let serving = self.shutdown.unless(Stage::Graceful, connection.as_mut());
         tokio::select! {
+            biased;
             served = serving => if let Some(result) = served {
                 return log_connection_end(result);
             },
