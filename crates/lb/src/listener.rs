@@ -13,7 +13,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use strata_core::seam::{answer, call, status_response, ResponseFuture};
+use strata_core::seam::{answer, call, empty, status_response, ResponseFuture};
 use strata_core::shutdown::Stage;
 use strata_core::tls::TlsAcceptor;
 use strata_core::{Body, BodyTooLarge, BoxError, ConnInfo, HttpService, Shutdown};
@@ -288,13 +288,17 @@ fn handle(
             }
         }
     }
-    let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-    let mut body: Body = Limited::new(body, limit)
-        .map_err(move |error| limit_error(error, max_body))
-        .boxed_unsync();
-    if !http_body::Body::is_end_stream(&body) {
-        body = crate::slow_body::Timed::new(body, limits.body_timeout).boxed_unsync();
-    }
+    // A request without a body (most of them) passes an empty one, which costs no
+    // allocation; a body is limited in size and in pauses.
+    let body: Body = if http_body::Body::is_end_stream(&body) {
+        empty()
+    } else {
+        let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
+        let limited = Limited::new(body, limit)
+            .map_err(move |error| limit_error(error, max_body))
+            .boxed_unsync();
+        crate::slow_body::Timed::new(limited, limits.body_timeout).boxed_unsync()
+    };
     if declared.is_some_and(|length| length > max_body) {
         return Box::pin(async { Ok(too_large()) });
     }

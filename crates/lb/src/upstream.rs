@@ -243,7 +243,7 @@ impl Lease {
 
     /// Records how the request went: its latency, and whether it failed (passive checks).
     pub fn finish(self, failed: bool) {
-        let server = self.server().clone();
+        let server = self.server();
         let now = Instant::now();
         let elapsed = now.duration_since(self.started).as_secs_f64();
         let mut known = server.known();
@@ -256,7 +256,7 @@ impl Lease {
             if known.errors_in_row >= self.pool.config.eject_after && known.ejected_until.is_none()
             {
                 drop(known);
-                self.pool.eject(&server, now);
+                self.pool.eject(server, now);
             }
         } else {
             known.latency.observe(elapsed, now);
