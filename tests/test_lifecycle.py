@@ -52,7 +52,10 @@ def test_max_requests_recycles_without_failures(strata):
     first = set(server.worker_pids())
     session = requests.Session()
     pids = set()
-    for _ in range(150):
+    # A retiring worker serves on until its successor is ready (capacity is never dropped),
+    # so on a loaded machine a worker may pass its limit: go on until five have served.
+    deadline = time.monotonic() + 60
+    while len(pids) < 5 and time.monotonic() < deadline:
         response = session.get(server.url("/"))
         assert response.status_code == 200
         pids.add(int(response.text))

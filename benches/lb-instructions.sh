@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, Strata against HAProxy, counted by callgrind:
+# a figure that does not move with the machine's load or CPU steal, so a change to the
+# request path can be judged by it before a timed run (`benches/lb.sh`) confirms it.
+#
+# Each proxy runs twice under valgrind in front of the same fast backend
+# (crates/lb/examples/fixed_body.rs), loaded by wrk for 2 s and then for 10 s; the difference of
+# the two totals over the difference of the requests served cancels start-up and shutdown.
+# Kernel work (the sends and receives, about equal for both) is not counted.
+#
+# Usage: bash benches/lb-instructions.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+. benches/tools.sh
+need wrk haproxy valgrind
+[ -x target/release/strata ] || cargo build --release --locked
+cargo build --release --locked --example fixed_body -p strata-lb
+
+tmp=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+origin=$(port) strata_port=$(port) admin=$(port) haproxy_port=$(port)
+target/release/examples/fixed_body "127.0.0.1:$origin" 13 >/dev/null 2>&1 &
+
+cat >"$tmp/strata.toml" <<EOF
+tiers = ["lb"]
+[lb]
+bind = "127.0.0.1:$strata_port"
+default_backend = "origin"
+[[lb.backends]]
+name = "origin"
+health_interval = "1h"
+[[lb.backends.servers]]
+name = "o"
+url = "http://127.0.0.1:$origin"
+[admin]
+bind = "127.0.0.1:$admin"
+EOF
+cat >"$tmp/haproxy.cfg" <<EOF
+global
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend plain
+    bind 127.0.0.1:$haproxy_port
+    default_backend origin
+backend origin
+    http-reuse always
+    server o 127.0.0.1:$origin
+EOF
+
+# One run under callgrind: prints "<requests> <instructions>".
+run() {
+  local seconds=$1 listen=$2 out=$tmp/callgrind.$RANDOM
+  shift 2
+  valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >/dev/null 2>&1 &
+  local pid=$!
+  for _ in $(seq 120); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$listen") 2>/dev/null && break
+    sleep 0.5
+  done
+  sleep 1
+  local requests
+  requests=$(wrk -t1 -c32 -d"${seconds}s" "http://127.0.0.1:$listen/" | awk '/requests in/ {print $1}')
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+  echo "$requests $(awk '/^(summary|totals):/ {print $2; exit}' "$out")"
+}
+
+per_request() {
+  local short long
+  short=$(run 2 "$@")
+  long=$(run 10 "$@")
+  python3 -c "import sys; r1, i1, r2, i2 = map(int, sys.argv[1:]); print(round((i2 - i1) / (r2 - r1)))" \
+    $short $long
+}
+
+strata=$(per_request "$strata_port" target/release/strata run --config "$tmp/strata.toml")
+haproxy=$(per_request "$haproxy_port" haproxy -db -f "$tmp/haproxy.cfg")
+echo "user-space instructions per proxied request (callgrind): Strata $strata, HAProxy $haproxy," \
+  "Strata ÷ HAProxy $(python3 -c "print(round($strata / $haproxy, 2))")"
