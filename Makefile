@@ -31,6 +31,7 @@ bench: build
 	bash benches/cache.sh
 	bash benches/dbpool.sh
 	bash benches/lb.sh
+	bash benches/lb-instructions.sh
 
 build:
 	$(CARGO) build --release --locked
