@@ -9,12 +9,15 @@
 # Kernel work (the sends and receives, about equal for both) is not counted.
 #
 # Usage: bash benches/lb-instructions.sh
+#        STRATA=/path/to/strata bash benches/lb-instructions.sh   # another build, e.g. an
+#        earlier commit's (`git worktree add /tmp/old <commit> && cargo build --release`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+strata_bin=${STRATA:-target/release/strata}
 
 . benches/tools.sh
 need wrk haproxy valgrind
-[ -x target/release/strata ] || cargo build --release --locked
+[ -x "$strata_bin" ] || cargo build --release --locked
 cargo build --release --locked --example fixed_body -p strata-lb
 
 tmp=$(mktemp -d)
@@ -80,7 +83,7 @@ per_request() {
     $short $long
 }
 
-strata=$(per_request "$strata_port" target/release/strata run --config "$tmp/strata.toml")
+strata=$(per_request "$strata_port" "$strata_bin" run --config "$tmp/strata.toml")
 haproxy=$(per_request "$haproxy_port" haproxy -db -f "$tmp/haproxy.cfg")
 echo "user-space instructions per proxied request (callgrind): Strata $strata, HAProxy $haproxy," \
   "Strata ÷ HAProxy $(python3 -c "print(round($strata / $haproxy, 2))")"
