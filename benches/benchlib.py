@@ -55,7 +55,8 @@ def wrk(port, path, seconds, connections=32, scheme="http"):
 
 def measure(servers, path, rounds, seconds, env, scheme="http"):
     """Starts every server (name -> (port, command)), measures them round-robin, stops them;
-    returns name -> median req/s, median p99 and total errors."""
+    returns name -> median req/s, median p99, total errors, each round's figures and, when
+    one of them is "strata", Strata's ratio to it round by round."""
     procs = {}
     try:
         for name, (port, command) in servers.items():
@@ -72,24 +73,40 @@ def measure(servers, path, rounds, seconds, env, scheme="http"):
                 results[name].append(wrk(servers[name][0], path, seconds, scheme=scheme))
     finally:
         stop(procs.values())
-    return {
-        name: {
+    reference = "strata" if "strata" in results else None
+    summary = {}
+    for name, runs in results.items():
+        row = {
             "rps": statistics.median(r["rps"] for r in runs),
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "errors": sum(r["errors"] for r in runs),
+            "rounds": runs,
         }
-        for name, runs in results.items()
-    }
+        if reference:
+            # Paired by round: a slow minute slows both servers of a round alike, so the
+            # median of the rounds' ratios moves less than the ratio of the medians.
+            ours = results[reference]
+            row["rps_ratio_by_round"] = [a["rps"] / b["rps"] for a, b in zip(ours, runs)]
+            row["p99_ratio_by_round"] = [a["p99_ms"] / b["p99_ms"] for a, b in zip(ours, runs)]
+        summary[name] = row
+    return summary
 
 
 def table(summary, reference="strata"):
-    """Markdown rows: each server with the reference's ratios against it."""
-    s = summary[reference]
-    lines = ["| server | req/s | p99 ms | errors | Strata req/s ratio | Strata p99 ratio |",
-             "|---|---|---|---|---|---|"]
+    """Markdown rows: each server with the reference's ratios against it, as the median of the
+    rounds' ratios (each round measured both in the same minute)."""
+    lines = ["| server | req/s | p99 ms | errors | Strata req/s ratio | Strata p99 ratio |"
+             " req/s ratios by round | p99 ratios by round |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in summary.items():
+        if name == reference:
+            lines.append(f"| {name} | {row['rps']:.0f} | {row['p99_ms']:.2f} | {row['errors']} "
+                         "| | | | |")
+            continue
+        rps, p99 = row["rps_ratio_by_round"], row["p99_ratio_by_round"]
         lines.append(f"| {name} | {row['rps']:.0f} | {row['p99_ms']:.2f} | {row['errors']} | "
-                     f"{s['rps'] / row['rps']:.2f} | {s['p99_ms'] / row['p99_ms']:.2f} |")
+                     f"{statistics.median(rps):.2f} | {statistics.median(p99):.2f} | "
+                     f"{' '.join(f'{x:.2f}' for x in rps)} | {' '.join(f'{x:.2f}' for x in p99)} |")
     return lines
 
 

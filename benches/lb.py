@@ -130,8 +130,8 @@ def main():
     finally:
         backend.terminate()
         backend.wait()
-    lines.append("Ratios are Strata's figure over the other's: req/s above 1 and p99 below 1 "
-                 "favour Strata.")
+    lines.append("Ratios are Strata's figure over the other's, the median of the rounds' ratios "
+                 "(both measured in the same minute): req/s above 1 and p99 below 1 favour Strata.")
     save("lb", lines, report)
 
 
