@@ -32,6 +32,7 @@ bench: build
 	bash benches/dbpool.sh
 	bash benches/lb.sh
 	bash benches/lb-instructions.sh
+	bash benches/app-instructions.sh
 
 build:
 	$(CARGO) build --release --locked

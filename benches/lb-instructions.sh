@@ -57,33 +57,7 @@ backend origin
     server o 127.0.0.1:$origin
 EOF
 
-# One run under callgrind: prints "<requests> <instructions>".
-run() {
-  local seconds=$1 listen=$2 out=$tmp/callgrind.$RANDOM
-  shift 2
-  valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >/dev/null 2>&1 &
-  local pid=$!
-  for _ in $(seq 120); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$listen") 2>/dev/null && break
-    sleep 0.5
-  done
-  sleep 1
-  local requests
-  requests=$(wrk -t1 -c32 -d"${seconds}s" "http://127.0.0.1:$listen/" | awk '/requests in/ {print $1}')
-  kill "$pid"
-  wait "$pid" 2>/dev/null || true
-  echo "$requests $(awk '/^(summary|totals):/ {print $2; exit}' "$out")"
-}
-
-per_request() {
-  local short long
-  short=$(run 2 "$@")
-  long=$(run 10 "$@")
-  python3 -c "import sys; r1, i1, r2, i2 = map(int, sys.argv[1:]); print(round((i2 - i1) / (r2 - r1)))" \
-    $short $long
-}
-
-strata=$(per_request "$strata_port" "$strata_bin" run --config "$tmp/strata.toml")
-haproxy=$(per_request "$haproxy_port" haproxy -db -f "$tmp/haproxy.cfg")
+strata=$(instructions_per_request "$strata_port" "$strata_bin" run --config "$tmp/strata.toml")
+haproxy=$(instructions_per_request "$haproxy_port" haproxy -db -f "$tmp/haproxy.cfg")
 echo "user-space instructions per proxied request (callgrind): Strata $strata, HAProxy $haproxy," \
   "Strata ÷ HAProxy $(python3 -c "print(round($strata / $haproxy, 2))")"

@@ -102,6 +102,14 @@ impl Encoder {
         Self::default()
     }
 
+    /// An empty encoder with room for `bytes`.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(bytes),
+            frame_start: 0,
+        }
+    }
+
     /// Starts a frame of `kind`; its length is filled in by [`Encoder::finish`].
     pub fn begin(&mut self, kind: u8) -> &mut Self {
         self.frame_start = self.buf.len();

@@ -4,6 +4,8 @@
 //! `wsgi.*` entries; everything that depends on HTTP parsing happens here, in Rust.
 
 use http::request::Parts;
+use std::net::IpAddr;
+
 use http::{header, HeaderName};
 use strata_core::ConnInfo;
 
@@ -17,6 +19,14 @@ pub struct CgiVars {
 }
 
 impl CgiVars {
+    /// No variables yet, with room for about `bytes` of them.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self {
+            enc: Encoder::with_capacity(bytes),
+            count: 0,
+        }
+    }
+
     /// Appends one variable; callers never add a name twice.
     pub fn push(&mut self, key: &[u8], value: &[u8]) {
         self.enc.short(key).long(value);
@@ -51,7 +61,7 @@ impl CgiVars {
 
 /// Builds the CGI variables for `parts`, mounted at `script_name`.
 pub fn build(parts: &Parts, info: Option<&ConnInfo>, script_name: &str) -> CgiVars {
-    let mut vars = CgiVars::default();
+    let mut vars = CgiVars::with_capacity(estimate(parts));
     vars.push(b"REQUEST_METHOD", parts.method.as_str().as_bytes());
     let path = percent_decode(parts.uri.path().as_bytes());
     let path_info = match path.strip_prefix(script_name.as_bytes()) {
@@ -67,20 +77,44 @@ pub fn build(parts: &Parts, info: Option<&ConnInfo>, script_name: &str) -> CgiVa
         _ => b"HTTP/1.1",
     };
     vars.push(b"SERVER_PROTOCOL", protocol);
-    let (server_name, server_port) = server_name_port(parts, info);
-    vars.push(b"SERVER_NAME", server_name.as_bytes());
-    vars.push(b"SERVER_PORT", server_port.as_bytes());
+    let host = parts.uri.authority().map(|a| a.as_str()).or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    let local_ip;
+    // `[::1]:8000`, `example.com:8000`, `example.com`.
+    let (name, port) = match host.map(|h| (h, h.rfind(':'))) {
+        Some((host, Some(i))) if !host[i..].contains(']') => {
+            (&host.as_bytes()[..i], Some(&host[i + 1..]))
+        }
+        Some((host, _)) => (host.as_bytes(), None),
+        None => match info {
+            Some(info) => {
+                local_ip = Ascii::ip(info.local.ip());
+                (local_ip.bytes(), None)
+            }
+            None => (&b"localhost"[..], None),
+        },
+    };
+    vars.push(b"SERVER_NAME", name);
+    match (port, info) {
+        (Some(port), _) => vars.push(b"SERVER_PORT", port.as_bytes()),
+        (None, Some(info)) => vars.push(b"SERVER_PORT", Ascii::number(info.local.port()).bytes()),
+        (None, None) => vars.push(b"SERVER_PORT", b"80"),
+    }
     if let Some(info) = info {
-        vars.push(b"REMOTE_ADDR", info.remote.ip().to_string().as_bytes());
-        vars.push(b"REMOTE_PORT", info.remote.port().to_string().as_bytes());
+        vars.push(b"REMOTE_ADDR", Ascii::ip(info.remote.ip()).bytes());
+        vars.push(b"REMOTE_PORT", Ascii::number(info.remote.port()).bytes());
     }
     let secure = info.is_some_and(|i| i.secure);
     vars.push(b"wsgi.url_scheme", if secure { b"https" } else { b"http" });
-    let mut key = String::with_capacity(64);
+    let mut key = Vec::with_capacity(64);
     for name in parts.headers.keys() {
-        let key: &str = match *name {
-            header::CONTENT_TYPE => "CONTENT_TYPE",
-            header::CONTENT_LENGTH => "CONTENT_LENGTH",
+        let key: &[u8] = match *name {
+            header::CONTENT_TYPE => b"CONTENT_TYPE",
+            header::CONTENT_LENGTH => b"CONTENT_LENGTH",
             // Names with `_` would collide with their `-` spelling once converted; they are
             // dropped rather than merged (a spoofing vector otherwise).
             _ if name.as_str().contains('_') => continue,
@@ -92,7 +126,7 @@ pub fn build(parts: &Parts, info: Option<&ConnInfo>, script_name: &str) -> CgiVa
         let mut values = parts.headers.get_all(name).iter().map(|v| v.as_bytes());
         let first = values.next().unwrap_or_default();
         match values.next() {
-            None => vars.push(key.as_bytes(), first),
+            None => vars.push(key, first),
             Some(second) => {
                 let separator: &[u8] = if *name == header::COOKIE {
                     b"; "
@@ -104,57 +138,104 @@ pub fn build(parts: &Parts, info: Option<&ConnInfo>, script_name: &str) -> CgiVa
                     joined.extend_from_slice(separator);
                     joined.extend_from_slice(value);
                 }
-                vars.push(key.as_bytes(), &joined);
+                vars.push(key, &joined);
             }
         }
     }
     vars
 }
 
+/// Bytes enough for the variables of `parts` in most requests: each header as a key and a
+/// value with their prefixes, plus the fixed variables.
+fn estimate(parts: &Parts) -> usize {
+    let headers: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| 2 * name.as_str().len() + value.len() + 16)
+        .sum();
+    256 + 2 * parts.uri.path().len() + parts.uri.query().map_or(0, str::len) + headers
+}
+
 /// Writes `HTTP_USER_AGENT` for `user-agent` into `key`.
-fn http_key(name: &HeaderName, key: &mut String) {
+fn http_key(name: &HeaderName, key: &mut Vec<u8>) {
     key.clear();
-    key.push_str("HTTP_");
-    key.extend(name.as_str().chars().map(|c| {
-        if c == '-' {
-            '_'
+    key.extend_from_slice(b"HTTP_");
+    key.extend(name.as_str().bytes().map(|b| {
+        if b == b'-' {
+            b'_'
         } else {
-            c.to_ascii_uppercase()
+            b.to_ascii_uppercase()
         }
     }));
 }
 
-fn server_name_port(parts: &Parts, info: Option<&ConnInfo>) -> (String, String) {
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
-    let default_port = match info {
-        Some(info) => info.local.port().to_string(),
-        None => "80".into(),
-    };
-    match host {
-        Some(host) => {
-            // `[::1]:8000`, `example.com:8000`, `example.com`.
-            let (name, port) = match host.rfind(':') {
-                Some(i) if !host[i..].contains(']') => {
-                    (host[..i].to_owned(), host[i + 1..].to_owned())
-                }
-                _ => (host, default_port),
-            };
-            (name, port)
+/// An address or a port written out on the stack, without the formatting machinery (the
+/// per-request path of the master).
+struct Ascii {
+    buf: [u8; 46],
+    len: usize,
+}
+
+impl Ascii {
+    fn new() -> Self {
+        Self {
+            buf: [0; 46],
+            len: 0,
         }
-        None => match info {
-            Some(info) => (info.local.ip().to_string(), default_port),
-            None => ("localhost".into(), default_port),
-        },
+    }
+
+    fn number(n: u16) -> Self {
+        let mut text = Self::new();
+        text.decimal(n);
+        text
+    }
+
+    fn ip(ip: IpAddr) -> Self {
+        let mut text = Self::new();
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push(b'.');
+                    }
+                    text.decimal(octet.into());
+                }
+            }
+            IpAddr::V6(v6) => {
+                use std::io::Write;
+                let mut rest = &mut text.buf[..];
+                // At most 45 characters: it always fits.
+                let _ = write!(rest, "{v6}");
+                text.len = 46 - rest.len();
+            }
+        }
+        text
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.buf[self.len] = byte;
+        self.len += 1;
+    }
+
+    fn decimal(&mut self, n: u16) {
+        let mut digits = [0u8; 5];
+        let mut at = digits.len();
+        let mut n = n;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &digit in &digits[at..] {
+            self.push(digit);
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -251,6 +332,24 @@ mod tests {
         assert_eq!(vars.get("SERVER_PORT"), Some(&b"8000"[..]));
         let bare = vars_for(http::Request::get("/").body(()).unwrap(), "");
         assert_eq!(bare.get("SERVER_NAME"), Some(&b"127.0.0.1"[..]));
+    }
+
+    #[test]
+    fn addresses_and_ports_are_written_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.7",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(Ascii::ip(ip).bytes(), ip.to_string().as_bytes());
+        }
+        for port in [0, 9, 10, 80, 8000, 65535] {
+            assert_eq!(Ascii::number(port).bytes(), port.to_string().as_bytes());
+        }
     }
 
     #[test]

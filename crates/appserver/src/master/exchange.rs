@@ -40,7 +40,8 @@ struct PendingBody {
     /// not act on a truncated body.
     abandoned: bool,
     /// The request's host: purges of a path (`strata.purge_url("/blog/")`) mean this host.
-    host: String,
+    /// Kept as it came (a shared reference to the request's bytes) and read only by a purge.
+    host: Option<HeaderValue>,
 }
 
 /// A worker lent to one exchange. Dropped before the exchange completed (the client went
@@ -87,7 +88,7 @@ impl Drop for Lease {
             let mut rest = PendingBody {
                 body: None,
                 abandoned: true,
-                host: String::new(),
+                host: None,
             };
             let mut worker = worker;
             let mut payload = Vec::new();
@@ -142,28 +143,28 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>) -> Response<Body> {
         // A chunked body read whole: give frameworks that rely on it a length.
         vars.push(b"CONTENT_LENGTH", start.len().to_string().as_bytes());
     }
-    let host = parts
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
-        .unwrap_or_default()
-        .to_ascii_lowercase();
+    let host = parts.headers.get(http::header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let mut rest = PendingBody {
         body,
         abandoned: false,
         host,
     };
-    let mut enc = Encoder::new();
+    let mut enc = Encoder::with_capacity(vars.encoded().len() + start.len() + 16);
     for _attempt in 0..3 {
         let waited = Instant::now();
         let worker = match shared.pool.acquire().await {
             Ok(worker) => worker,
             Err(rejected) => return rejected_response(shared, rejected),
         };
-        shared.metrics.queue_wait.observe(waited.elapsed());
+        let acquired = Instant::now();
+        shared.metrics.queue_wait.observe(acquired - waited);
         // The timeout counts the worker's time, not the queue's.
-        let deadline = Instant::now() + config.timeout;
+        let deadline = acquired + config.timeout;
         enc.clear();
         proto::encode_request(
             &mut enc,
@@ -327,7 +328,7 @@ async fn next_frame(
         match kind {
             kind::READ => body_reply(&mut enc, rest, deadline).await?,
             kind::PURGE => {
-                let purged = purge(shared, payload, &rest.host).map_err(Failure::Died)?;
+                let purged = purge(shared, payload, rest.host.as_ref()).map_err(Failure::Died)?;
                 enc.begin(kind::PURGED).u32(purged as u32).finish();
             }
             kind::CACHE => {
@@ -348,7 +349,7 @@ async fn next_frame(
 
 /// Applies a worker's `PURGE`; paths are taken relative to the request's host. Without an
 /// accelerator in this node nothing is stored, so nothing is purged.
-fn purge(shared: &Shared, payload: &[u8], host: &str) -> Result<usize, ProtoError> {
+fn purge(shared: &Shared, payload: &[u8], host: Option<&HeaderValue>) -> Result<usize, ProtoError> {
     let (flags, items) = proto::decode_purge(payload)?;
     let Some(target) = shared.invalidate.get() else {
         return Ok(0);
@@ -357,6 +358,10 @@ fn purge(shared: &Shared, payload: &[u8], host: &str) -> Result<usize, ProtoErro
     if flags & proto::PURGE_TAGS != 0 {
         return Ok(target.purge_tags(&items, soft));
     }
+    let host = host
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     let urls: Vec<String> = items
         .into_iter()
         .map(|url| {
