@@ -1,8 +1,10 @@
 //! One WSGI exchange (PEP 3333): the environ, `start_response` with `exc_info`, `write()`,
 //! iterating the result, `close()`, and the response frames sent back to the master.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 use pyo3::exceptions::{PyAssertionError, PyTypeError, PyValueError};
@@ -33,7 +35,34 @@ pub struct Wsgi {
     errors: Py<Errors>,
     file_wrapper: Py<PyAny>,
     version: Py<PyTuple>,
-    keys: RefCell<HashMap<Vec<u8>, Py<PyString>>>,
+    /// The environ's keys as Python strings, made once per worker (bounded: header names are
+    /// the client's choice).
+    keys: RefCell<HashMap<Vec<u8>, Py<PyString>, BuildHasherDefault<Fnv>>>,
+}
+
+/// Environ keys kept per worker at most; past it, new names get a fresh string each time.
+const MAX_KEYS: usize = 256;
+
+/// FNV-1a over a key's bytes: keys are short, and the table is bounded, so a crafted
+/// collision costs a slower lookup and nothing more.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The response as `start_response` and `write()` shape it.
@@ -64,7 +93,9 @@ impl Wsgi {
             return key.bind(py).clone();
         }
         let key = PyString::new(py, &latin1(raw));
-        keys.insert(raw.to_vec(), key.clone().unbind());
+        if keys.len() < MAX_KEYS {
+            keys.insert(raw.to_vec(), key.clone().unbind());
+        }
         key
     }
 
@@ -288,16 +319,21 @@ fn send_head(conn: &mut super::Conn, response: &mut Response, length: Option<usi
                 .push(("Content-Length".into(), length.to_string()));
         }
     }
-    let encoded: Vec<(Vec<u8>, Vec<u8>)> = response
+    // Names are tokens (ASCII, checked by `start_response`); values are latin-1.
+    let values: Vec<Cow<'_, [u8]>> = response
         .headers
         .iter()
-        .map(|(name, value)| (name.as_bytes().to_vec(), latin1_bytes(value)))
+        .map(|(_, value)| latin1_bytes(value))
         .collect();
     proto::encode_head(
         &mut conn.enc,
         status,
         reason.as_bytes(),
-        encoded.iter().map(|(n, v)| (n.as_slice(), v.as_slice())),
+        response
+            .headers
+            .iter()
+            .zip(&values)
+            .map(|((name, _), value)| (name.as_bytes(), &value[..])),
     );
     response.head_sent = true;
 }
@@ -442,16 +478,20 @@ fn is_token_byte(b: u8) -> bool {
 }
 
 /// Bytes as a native string the way PEP 3333 says: each byte one code point (latin-1).
-fn latin1(bytes: &[u8]) -> String {
+fn latin1(bytes: &[u8]) -> Cow<'_, str> {
     match std::str::from_utf8(bytes) {
-        Ok(ascii) if bytes.is_ascii() => ascii.to_owned(),
-        _ => bytes.iter().map(|b| char::from(*b)).collect(),
+        Ok(ascii) if bytes.is_ascii() => Cow::Borrowed(ascii),
+        _ => Cow::Owned(bytes.iter().map(|b| char::from(*b)).collect()),
     }
 }
 
 /// The reverse of [`latin1`]; values were checked to be below U+0100.
-fn latin1_bytes(text: &str) -> Vec<u8> {
-    text.chars().map(|c| c as u32 as u8).collect()
+fn latin1_bytes(text: &str) -> Cow<'_, [u8]> {
+    if text.is_ascii() {
+        Cow::Borrowed(text.as_bytes())
+    } else {
+        Cow::Owned(text.chars().map(|c| c as u32 as u8).collect())
+    }
 }
 
 #[cfg(test)]
@@ -461,6 +501,7 @@ mod tests {
     #[test]
     fn latin1_maps_each_byte_to_one_code_point() {
         assert_eq!(latin1(b"/caf\xc3\xa9"), "/caf\u{c3}\u{a9}");
-        assert_eq!(latin1_bytes(&latin1(b"\xff\x00a")), b"\xff\x00a");
+        assert_eq!(&*latin1_bytes(&latin1(b"\xff\x00a")), b"\xff\x00a");
+        assert_eq!(&*latin1_bytes("plain"), b"plain");
     }
 }
