@@ -19,7 +19,7 @@ venv=.bench-venv
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 listen=$(port) admin=$(port)
-trap 'kill $(jobs -p) 2>/dev/null' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 strata=$(instructions_per_request "$listen" "$strata_bin" run --tiers lb,app \
   --app hello:application --chdir tests/apps --virtualenv "$venv" --workers 2 \
   --bind "127.0.0.1:$listen" --admin "127.0.0.1:$admin")
