@@ -3,9 +3,9 @@
 //! The worker turns each value into a native string (latin-1, as PEP 3333 says) and adds the
 //! `wsgi.*` entries; everything that depends on HTTP parsing happens here, in Rust.
 
-use http::request::Parts;
 use std::net::IpAddr;
 
+use http::request::Parts;
 use http::{header, HeaderName};
 use strata_core::ConnInfo;
 
