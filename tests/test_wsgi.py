@@ -61,6 +61,20 @@ def test_path_info_is_decoded_latin1_and_script_name_mounts(strata, tmp_path):
     assert view["SERVER_NAME"] == "example.org" and view["SERVER_PORT"] == "81"
 
 
+def test_header_names_past_the_workers_key_cache_still_arrive(strata, tmp_path):
+    # A worker keeps the environ keys it has made, up to 256 names; header names are the
+    # client's choice, so names past that get a fresh key each time and must arrive all the same.
+    server = probe(strata, tmp_path, "--workers", "1")
+    with requests.Session() as session:
+        for i in range(300):
+            view = session.get(server.url("/environ"),
+                               headers={f"X-Name-{i}": f"v{i}", "X-Stable": "s"}).json()
+            custom = {k: v for k, v in view["http"].items()
+                      if k.startswith(("HTTP_X_NAME_", "HTTP_X_STABLE"))}
+            assert custom == {f"HTTP_X_NAME_{i}": f"v{i}", "HTTP_X_STABLE": "s"}, (i, custom)
+    no_violations(server)
+
+
 def test_script_name(strata, tmp_path):
     server = strata(*app("probe"), config='[app]\nscript_name = "/mount"\n')
     view = requests.get(server.url("/mount/environ")).json()
