@@ -91,9 +91,9 @@ def ceiling(workload, env, seconds=5):
 def run_workload(workload, rounds, seconds, env):
     """The servers' figures, and the ceiling measured once per round (in the same minute as
     that round's servers, as this machine's speed moves from minute to minute)."""
+    ceilings = []
     summary = measure(servers_for(workload, env), WORKLOADS[workload]["path"], rounds, seconds,
-                      env, each_round=lambda: ceiling(workload, env))
-    ceilings = summary.pop(None)
+                      env, each_round=lambda: ceilings.append(ceiling(workload, env)))
     return summary, ceilings
 
 

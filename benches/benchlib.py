@@ -57,8 +57,7 @@ def measure(servers, path, rounds, seconds, env, scheme="http", each_round=None)
     """Starts every server (name -> (port, command)), measures them round-robin, stops them;
     returns name -> median req/s, median p99, total errors, each round's figures and, when
     one of them is "strata", Strata's ratio to it round by round. `each_round`, if given, is
-    called after every round (a ceiling measured in the same minute as the servers); its
-    results are returned under the key None."""
+    called after every round (to measure a ceiling in the same minute as the servers)."""
     procs = {}
     try:
         for name, (port, command) in servers.items():
@@ -69,13 +68,12 @@ def measure(servers, path, rounds, seconds, env, scheme="http", each_round=None)
             wrk(port, path, 3, scheme=scheme)  # discarded warm-up
         results = {name: [] for name in servers}
         names = list(servers)
-        extra = []
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 results[name].append(wrk(servers[name][0], path, seconds, scheme=scheme))
             if each_round:
-                extra.append(each_round())
+                each_round()
     finally:
         stop(procs.values())
     reference = "strata" if "strata" in results else None
@@ -94,8 +92,6 @@ def measure(servers, path, rounds, seconds, env, scheme="http", each_round=None)
             row["rps_ratio_by_round"] = [a["rps"] / b["rps"] for a, b in zip(ours, runs)]
             row["p99_ratio_by_round"] = [a["p99_ms"] / b["p99_ms"] for a, b in zip(ours, runs)]
         summary[name] = row
-    if each_round:
-        summary[None] = extra
     return summary
 
 
