@@ -29,6 +29,8 @@ def test_check_names_file_key_and_value(tmp_path):
     assert "workers" in result.stderr and "strata.toml" in result.stderr and "many" in result.stderr
     result = check(tmp_path, "[app]\nworkers = 0\n")
     assert result.returncode != 0 and "app.workers = 0" in result.stderr
+    result = check(tmp_path, "[app]\nqueue_length = 10000\n")
+    assert result.returncode != 0 and "app.queue_length = 10000" in result.stderr
     result = check(tmp_path, "[app]\nworkerz = 2\n")
     assert result.returncode != 0 and "workerz" in result.stderr
     result = check(tmp_path, '[app]\ntimeout = "soon"\n')

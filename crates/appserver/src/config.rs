@@ -17,7 +17,8 @@ pub struct AppConfig {
     pub virtualenv: Option<PathBuf>,
     /// Number of worker processes.
     pub workers: usize,
-    /// Requests that may wait for an idle worker; more get 503.
+    /// Requests that may wait for an idle worker; more get 503. At most 8192; the shared
+    /// ring is sized from it at start, so a reload can lower it but not raise it past that.
     pub queue_length: usize,
     /// Longest wait for an idle worker; longer waits get 503.
     #[serde(with = "strata_core::duration")]
@@ -95,6 +96,13 @@ impl AppConfig {
             return Err(format!(
                 "app.module = {:?}: expected `package.module:callable`",
                 self.module
+            ));
+        }
+        if self.queue_length > crate::queue::MAX_CAPACITY {
+            return Err(format!(
+                "app.queue_length = {}: must be at most {}",
+                self.queue_length,
+                crate::queue::MAX_CAPACITY
             ));
         }
         if self.workers == 0 || self.workers > 1024 {

@@ -16,6 +16,7 @@ pub mod master;
 pub mod proctitle;
 pub mod proto;
 mod python;
+mod queue;
 mod worker;
 pub mod zygote;
 

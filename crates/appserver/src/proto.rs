@@ -1,21 +1,26 @@
-//! The framed protocol between the master and its workers over a Unix socket.
+//! The framed protocol between the master and its workers.
 //!
-//! A frame is a one-byte kind, a little-endian `u32` payload length, then the payload. The
-//! master sends a request (CGI variables and the start of the body) and answers the worker's
-//! body reads; the worker answers with a head, body chunks and an end. Body reads are pulled by
-//! the worker, so no frame is ever unsolicited and a response that ends early cannot leave
-//! stray body frames in the stream.
+//! A frame is a one-byte kind, a little-endian `u32` payload length, then the payload. A
+//! request frame (CGI variables and the start of the body) reaches a worker through the
+//! shared queue ([`crate::queue`]); everything else goes over the worker's Unix socket. The
+//! worker opens each exchange with `BEGIN` (which request it took), pulls body bytes with
+//! `READ`, and answers with a head, body chunks and an end. Nothing the master sends is
+//! unsolicited, so a response that ends early cannot leave stray body frames in the stream.
 
 use std::io::{self, Read};
 
 /// Frame kinds. Master → worker are below 10, worker → master from 10.
 pub mod kind {
-    /// A request: sequence number, body flags, CGI variables, start of body.
+    /// A request: body flags, CGI variables, start of body. It comes in a cell of the shared
+    /// queue, or over the socket when it was too large for one.
     pub const REQUEST: u8 = 1;
     /// Body bytes answering a `READ`; an empty payload marks the end of the body.
     pub const BODY: u8 = 2;
     /// The request body failed (client gone, or over the size limit).
     pub const BODY_ERROR: u8 = 3;
+    /// The master's answer to a worker's hello: its slot in the shared region (`u32`); the
+    /// region's descriptor comes attached (`SCM_RIGHTS`).
+    pub const WELCOME: u8 = 6;
     /// Worker greeting: id, generation, pid.
     pub const HELLO: u8 = 10;
     /// The worker wants up to `u32` more body bytes.
@@ -39,6 +44,10 @@ pub mod kind {
     pub const CACHE: u8 = 17;
     /// The cache tier's answers to a `CACHE` frame.
     pub const CACHE_REPLY: u8 = 5;
+    /// The worker took a request from the shared queue: its id (`u64`) and whether the
+    /// request must be sent over the socket (`u8`, 1 when it was too large for a cell).
+    /// First of every exchange.
+    pub const BEGIN: u8 = 18;
 }
 
 /// Frames larger than this are a protocol error.
@@ -144,6 +153,11 @@ impl Encoder {
         self
     }
 
+    pub fn u64(&mut self, value: u64) -> &mut Self {
+        self.buf.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+
     /// Bytes with a `u16` length prefix (names).
     pub fn short(&mut self, bytes: &[u8]) -> &mut Self {
         let len = bytes.len().min(u16::MAX as usize);
@@ -208,6 +222,12 @@ impl<'a> Decoder<'a> {
         ))
     }
 
+    pub fn u64(&mut self) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+
     pub fn short(&mut self) -> Result<&'a [u8], ProtoError> {
         let len = self.u16()? as usize;
         self.take(len)
@@ -251,7 +271,6 @@ pub fn read_frame(reader: &mut impl Read, payload: &mut Vec<u8>) -> Result<Optio
 /// A request as the worker receives it.
 #[derive(Debug)]
 pub struct RequestFrame<'a> {
-    pub seq: u32,
     pub body_complete: bool,
     pub vars: Vec<(&'a [u8], &'a [u8])>,
     pub body: &'a [u8],
@@ -261,14 +280,12 @@ pub struct RequestFrame<'a> {
 /// `long` value (see [`Encoder::short`], [`Encoder::long`]).
 pub fn encode_request(
     enc: &mut Encoder,
-    seq: u32,
     body_complete: bool,
     count: u32,
     vars: &[u8],
     body: &[u8],
 ) {
     enc.begin(kind::REQUEST)
-        .u32(seq)
         .u8(if body_complete { BODY_COMPLETE } else { 0 })
         .u32(count)
         .raw(vars)
@@ -279,7 +296,6 @@ pub fn encode_request(
 /// Decodes a request frame's payload.
 pub fn decode_request(payload: &[u8]) -> Result<RequestFrame<'_>, ProtoError> {
     let mut dec = Decoder::new(payload);
-    let seq = dec.u32()?;
     let body_complete = dec.u8()? & BODY_COMPLETE != 0;
     let count = dec.u32()? as usize;
     let mut vars = Vec::with_capacity(count.min(256));
@@ -287,7 +303,6 @@ pub fn decode_request(payload: &[u8]) -> Result<RequestFrame<'_>, ProtoError> {
         vars.push((dec.short()?, dec.long()?));
     }
     Ok(RequestFrame {
-        seq,
         body_complete,
         vars,
         body: dec.rest(),
@@ -380,11 +395,10 @@ mod tests {
             encoded.short(key).long(value);
         }
         let mut enc = Encoder::new();
-        encode_request(&mut enc, 7, true, 2, encoded.bytes(), b"body");
+        encode_request(&mut enc, true, 2, encoded.bytes(), b"body");
         let (kind, payload) = one_frame(enc.bytes());
         assert_eq!(kind, kind::REQUEST);
         let request = decode_request(&payload).unwrap();
-        assert_eq!(request.seq, 7);
         assert!(request.body_complete);
         assert_eq!(request.vars, vars);
         assert_eq!(request.body, b"body");

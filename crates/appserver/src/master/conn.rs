@@ -4,6 +4,7 @@
 use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
+use super::dispatch::Slot;
 use crate::proto::{self, ProtoError};
 
 /// A connected worker, with what the master knows about it.
@@ -11,6 +12,8 @@ pub struct WorkerConn {
     pub id: u32,
     pub pid: u32,
     pub generation: u32,
+    /// Its slot in the shared region.
+    pub slot: Slot,
     pub reader: BufReader<OwnedReadHalf>,
     pub writer: OwnedWriteHalf,
     /// Requests served so far.

@@ -1,5 +1,6 @@
-//! One request's trip through the app server: read the body (whole if small), wait for an idle
-//! worker, send the request, relay the worker's frames into a response, give the worker back.
+//! One request's trip through the app server: read the body (whole if small), queue the
+//! request for the workers, relay the frames of the worker that took it into a response, give
+//! the worker back to its watcher.
 //!
 //! Failures map to responses here and nowhere else: queue full or timed out → 503, worker died
 //! → 502, worker stuck past the timeout → 504 (after its Python stack is dumped), body over the
@@ -17,14 +18,15 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::cgi;
+use super::dispatch::{watch, Handoff, Ticket};
 use super::pool::{Rejected, WorkerConn};
-use super::supervisor::{kill_stuck, Cause};
+use super::supervisor::Cause;
 use super::Shared;
 use crate::proto::{self, kind, Encoder, ProtoError};
 use strata_core::channel_body::ChannelBody;
 
 /// What went wrong talking to a worker.
-enum Failure {
+pub enum Failure {
     /// The worker closed its socket or sent garbage: it is gone.
     Died(ProtoError),
     /// The request passed its deadline.
@@ -51,8 +53,6 @@ struct Lease {
     shared: Arc<Shared>,
     worker: Option<WorkerConn>,
     deadline: Instant,
-    /// A request frame may be half written: the stream cannot be resynchronised.
-    writing: bool,
 }
 
 impl Lease {
@@ -75,14 +75,6 @@ impl Drop for Lease {
             return;
         };
         let shared = self.shared.clone();
-        if self.writing {
-            tracing::debug!(
-                worker = worker.id,
-                "request abandoned mid-write; replacing the worker"
-            );
-            kill_stuck(worker.pid);
-            return shared.worker_gone(worker.id, Cause::Crash);
-        }
         let deadline = self.deadline;
         tokio::spawn(async move {
             let mut rest = PendingBody {
@@ -155,42 +147,35 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>) -> Response<Body> {
         host,
     };
     let mut enc = Encoder::with_capacity(vars.encoded().len() + start.len() + 16);
-    for _attempt in 0..3 {
-        let waited = Instant::now();
-        let worker = match shared.pool.acquire().await {
-            Ok(worker) => worker,
-            Err(rejected) => return rejected_response(shared, rejected),
-        };
-        let acquired = Instant::now();
-        shared.metrics.queue_wait.observe(acquired - waited);
-        // The timeout counts the worker's time, not the queue's.
-        let deadline = acquired + config.timeout;
-        enc.clear();
-        proto::encode_request(
-            &mut enc,
-            worker.served as u32,
-            complete,
-            vars.count(),
-            vars.encoded(),
-            &start,
-        );
-        let mut lease = Lease {
-            shared: shared.clone(),
-            worker: Some(worker),
-            deadline,
-            writing: true,
-        };
-        if let Err(error) = lease.worker().send(enc.bytes()).await {
-            // The worker died while idle and never saw this request: try another one.
-            let worker = lease.take();
-            tracing::warn!(worker = worker.id, %error, "worker gone before the request was sent");
-            shared.worker_gone(worker.id, Cause::Crash);
-            continue;
+    proto::encode_request(&mut enc, complete, vars.count(), vars.encoded(), &start);
+    let mut ticket = match Ticket::submit(shared, enc.bytes(), config.queue_length) {
+        Ok(ticket) => ticket,
+        Err(rejected) => return rejected_response(shared, rejected),
+    };
+    drop(enc);
+    match ticket.wait(config.queue_timeout).await {
+        Ok(Handoff::Worker(worker, deadline)) => {
+            let lease = Lease {
+                shared: shared.clone(),
+                worker: Some(worker),
+                deadline,
+            };
+            relay(shared, lease, &mut rest, &parts.method).await
         }
-        lease.writing = false;
-        return relay(shared, lease, &mut rest, &parts.method).await;
+        Ok(Handoff::Gone(failure)) => failure_response(None, &failure, &parts.method),
+        Ok(Handoff::Closed) => rejected_response(shared, Rejected::Closed),
+        Err(rejected) => rejected_response(shared, rejected),
     }
-    status_response(StatusCode::BAD_GATEWAY, "no worker could take the request")
+}
+
+/// Finishes an exchange whose client is gone (its response future was dropped after a
+/// worker had taken the request): the worker is drained and given back.
+pub fn abandon(shared: &Arc<Shared>, worker: WorkerConn, deadline: Instant) {
+    drop(Lease {
+        shared: shared.clone(),
+        worker: Some(worker),
+        deadline,
+    });
 }
 
 /// Reads the body up to `limit` bytes; returns what was read, whether that is all of it, and
@@ -220,7 +205,7 @@ fn rejected_response(shared: &Shared, rejected: Rejected) -> Response<Body> {
     let message = match rejected {
         Rejected::Full => "all workers are busy and the queue is full".to_owned(),
         Rejected::Timeout => format!(
-            "no worker became free within {}",
+            "no worker took the request within {}",
             strata_core::duration::format(shared.config().queue_timeout)
         ),
         Rejected::Closed => "shutting down".to_owned(),
@@ -441,13 +426,15 @@ fn head_response(kind: u8, payload: &[u8]) -> Result<Response<Body>, Failure> {
     Ok(response)
 }
 
-/// A complete exchange: count it, recycle the worker if it has served enough, give it back.
-fn finish(shared: &Shared, mut worker: WorkerConn) {
+/// A complete exchange: count it, recycle the worker if it has served enough, give it back
+/// to a watcher.
+fn finish(shared: &Arc<Shared>, mut worker: WorkerConn) {
     worker.served += 1;
+    shared.pool.served(worker.id, worker.served);
     if worker.served >= worker.limit && shared.pool.mark_retiring(worker.id) {
         shared.recycle(worker.id, Cause::MaxRequests);
     }
-    shared.pool.release(worker);
+    watch(shared.clone(), worker);
 }
 
 /// The worker failed before the head: answer 502 or 504 and replace it.
@@ -457,18 +444,29 @@ fn failed(
     failure: Failure,
     method: &http::Method,
 ) -> Response<Body> {
-    let response = match failure {
-        Failure::TimedOut => {
-            tracing::warn!(worker = worker.id, %method, "answered 504: the request timed out");
-            status_response(StatusCode::GATEWAY_TIMEOUT, "the application took too long")
-        }
-        Failure::Died(ref error) => {
-            tracing::error!(worker = worker.id, pid = worker.pid, %error, "worker died during a request");
-            status_response(StatusCode::BAD_GATEWAY, "the application worker died")
-        }
-    };
+    let response = failure_response(Some(&worker), &failure, method);
     lose(shared, worker, failure);
     response
+}
+
+/// The answer to a request whose worker failed before the head: 504 if the watchdog killed
+/// it, else 502.
+fn failure_response(
+    worker: Option<&WorkerConn>,
+    failure: &Failure,
+    method: &http::Method,
+) -> Response<Body> {
+    let id = worker.map(|w| w.id);
+    match failure {
+        Failure::TimedOut => {
+            tracing::warn!(worker = ?id, %method, "answered 504: the request timed out");
+            status_response(StatusCode::GATEWAY_TIMEOUT, "the application took too long")
+        }
+        Failure::Died(error) => {
+            tracing::error!(worker = ?id, %error, "worker died during a request");
+            status_response(StatusCode::BAD_GATEWAY, "the application worker died")
+        }
+    }
 }
 
 /// Replaces a worker that failed. A timed-out one was killed by the watchdog (or, if it was

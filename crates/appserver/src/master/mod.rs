@@ -3,6 +3,7 @@
 
 mod cgi;
 mod conn;
+mod dispatch;
 mod exchange;
 mod pool;
 mod supervisor;
@@ -41,6 +42,8 @@ pub enum StartError {
     },
     #[error("workers did not start: {0}")]
     Workers(String),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
 }
 
 /// App server metrics, rendered on `/metrics`.
@@ -73,6 +76,8 @@ pub(crate) struct Shared {
     /// The settings in force; a reload may replace them.
     config: RwLock<Arc<AppConfig>>,
     pool: pool::Pool,
+    /// The shared request queue and the requests waiting for a worker.
+    dispatch: dispatch::Dispatch,
     metrics: Metrics,
     events: mpsc::UnboundedSender<Event>,
     /// The generation new workers come from.
@@ -122,8 +127,6 @@ impl Shared {
 
     /// Puts reloaded settings in force.
     fn set_config(&self, config: AppConfig) {
-        self.pool
-            .set_limits(config.queue_length, config.queue_timeout, config.timeout);
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }
 
@@ -189,8 +192,10 @@ impl AppServer {
             log,
         };
         let (events, events_rx) = mpsc::unbounded_channel();
+        let dispatch = dispatch::Dispatch::new(config.queue_length)?;
         let shared = Arc::new(Shared {
-            pool: pool::Pool::new(config.queue_length, config.queue_timeout, config.timeout),
+            pool: pool::Pool::new(dispatch.queue().clone()),
+            dispatch,
             config: RwLock::new(Arc::new(config)),
             metrics: Metrics::default(),
             events,
@@ -257,7 +262,7 @@ impl AppServer {
         Status {
             generation: self.shared.generation.load(Ordering::Relaxed),
             workers: self.shared.pool.workers(),
-            queue_length: self.shared.pool.queued(),
+            queue_length: self.shared.dispatch.queued(),
             last_reload: self
                 .shared
                 .reload
@@ -331,7 +336,7 @@ impl AppServer {
         );
         out.push_str(&format!(
             "strata_app_queue_length {}\n",
-            self.shared.pool.queued()
+            self.shared.dispatch.queued()
         ));
     }
 
@@ -364,6 +369,6 @@ fn private_dir() -> std::io::Result<PathBuf> {
 impl strata_core::Readiness for AppServer {
     /// The supervisor's own answer to a health check: no request goes to a worker for it.
     fn readiness(&self) -> strata_core::Ready {
-        self.shared.pool.readiness()
+        self.shared.pool.readiness(self.shared.dispatch.is_open())
     }
 }

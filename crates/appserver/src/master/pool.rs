@@ -1,19 +1,18 @@
-//! Idle workers and the bounded queue of requests waiting for one.
+//! The workers the master knows, and what each is doing.
 //!
-//! A request only ever goes to an idle worker. When none is idle it waits in a FIFO queue of
-//! bounded length and for a bounded time; a released worker goes straight to the oldest
-//! waiter. Idle workers are reused last-in first-out, which keeps the hottest caches in use,
-//! newest generation first.
+//! Requests do not pass through here: they wait in the shared queue ([`crate::queue`]) and
+//! idle workers take them. The pool keeps each worker's identity and its slot in the shared
+//! region, which says whether it holds a request and since when; from that come `/status`,
+//! readiness, and the watchdog's list of workers past `app.timeout`.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::oneshot;
-use tokio::time::Instant;
 
 pub use super::conn::WorkerConn;
+use crate::queue::{monotonic_nanos, Queue};
 
 /// A worker's state, as `/status` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -21,7 +20,7 @@ pub use super::conn::WorkerConn;
 pub enum WorkerState {
     Idle,
     Busy,
-    /// Serving until its replacement is ready.
+    /// Marked for recycling, or replaced and finishing its last request.
     Retiring,
 }
 
@@ -34,12 +33,13 @@ pub struct WorkerInfo {
     pub state: WorkerState,
     pub requests: u64,
     #[serde(skip)]
-    busy: bool,
+    slot: u32,
+    /// Marked for recycling: its replacement is on its way.
     #[serde(skip)]
     retiring: bool,
-    /// When the request the worker is serving passes `app.timeout`.
+    /// Told to leave: it takes no more requests and is not replaced when it exits.
     #[serde(skip)]
-    deadline: Option<Instant>,
+    retired: bool,
     /// The watchdog found it past its deadline and killed it.
     #[serde(skip)]
     timed_out: bool,
@@ -50,183 +50,97 @@ pub struct WorkerInfo {
 pub enum Rejected {
     /// The queue is at its configured length.
     Full,
-    /// No worker became idle within the queue timeout.
+    /// No worker took it within the queue timeout.
     Timeout,
     /// The app server is shutting down.
     Closed,
 }
 
-#[derive(Default)]
-struct State {
-    idle: Vec<WorkerConn>,
-    waiters: VecDeque<oneshot::Sender<WorkerConn>>,
-    workers: BTreeMap<u32, WorkerInfo>,
-    /// Busy workers whose replacement is ready: closed when released.
-    replaced: HashSet<u32>,
-    closed: bool,
-    queue_length: usize,
-    queue_timeout: Duration,
-    /// `app.timeout`: how long a worker may hold one request.
-    timeout: Duration,
-}
-
-/// The pool of workers of every generation.
+/// The workers of every generation.
 pub struct Pool {
-    state: Mutex<State>,
+    queue: Arc<Queue>,
+    workers: Mutex<BTreeMap<u32, WorkerInfo>>,
 }
 
 impl Pool {
-    pub fn new(queue_length: usize, queue_timeout: Duration, timeout: Duration) -> Self {
-        let pool = Self {
-            state: Mutex::default(),
-        };
-        pool.set_limits(queue_length, queue_timeout, timeout);
-        pool
+    pub fn new(queue: Arc<Queue>) -> Self {
+        Self {
+            queue,
+            workers: Mutex::default(),
+        }
     }
 
-    /// Puts new queue limits and request timeout in force (a reload may change them).
-    pub fn set_limits(&self, queue_length: usize, queue_timeout: Duration, timeout: Duration) {
-        let mut state = self.lock();
-        state.queue_length = queue_length;
-        state.queue_timeout = queue_timeout;
-        state.timeout = timeout;
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, WorkerInfo>> {
         // Nothing panics while holding the lock; recover the data if something ever does.
-        self.state
+        self.workers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Waits for an idle worker.
-    pub async fn acquire(&self) -> Result<WorkerConn, Rejected> {
-        let (rx, queue_timeout) = {
-            let mut state = self.lock();
-            if state.closed {
-                return Err(Rejected::Closed);
-            }
-            if let Some(worker) = take_idle(&mut state.idle) {
-                self.mark(&mut state, worker.id, true);
-                return Ok(worker);
-            }
-            if state.waiters.len() >= state.queue_length {
-                state.waiters.retain(|tx| !tx.is_closed());
-                if state.waiters.len() >= state.queue_length {
-                    return Err(Rejected::Full);
-                }
-            }
-            let (tx, rx) = oneshot::channel();
-            state.waiters.push_back(tx);
-            (rx, state.queue_timeout)
-        };
-        let mut waiter = Waiter {
-            pool: self,
-            rx: Some(rx),
-        };
-        let rx = waiter.rx.as_mut().expect("set above");
-        let result = match tokio::time::timeout(queue_timeout, rx).await {
-            Ok(Ok(worker)) => Ok(worker),
-            Ok(Err(_)) => Err(Rejected::Closed),
-            Err(_) => Err(Rejected::Timeout),
-        };
-        waiter.rx = None;
-        result
-    }
-
     /// Adds a newly connected worker.
-    pub fn add(&self, worker: WorkerConn) {
-        {
-            let mut state = self.lock();
-            state.workers.insert(
-                worker.id,
-                WorkerInfo {
-                    id: worker.id,
-                    pid: worker.pid,
-                    generation: worker.generation,
-                    state: WorkerState::Busy,
-                    requests: 0,
-                    busy: true,
-                    retiring: false,
-                    deadline: None,
-                    timed_out: false,
-                },
-            );
-        }
-        self.release(worker);
+    pub fn add(&self, worker: &WorkerConn) {
+        self.lock().insert(
+            worker.id,
+            WorkerInfo {
+                id: worker.id,
+                pid: worker.pid,
+                generation: worker.generation,
+                state: WorkerState::Idle,
+                requests: 0,
+                slot: worker.slot.index(),
+                retiring: false,
+                retired: false,
+                timed_out: false,
+            },
+        );
     }
 
-    /// Returns a worker after a complete exchange: to the oldest waiter, else to the idle set.
-    pub fn release(&self, mut worker: WorkerConn) {
-        let mut state = self.lock();
-        if let Some(info) = state.workers.get_mut(&worker.id) {
-            info.requests = worker.served;
+    /// Records a worker's count of requests served.
+    pub fn served(&self, id: u32, served: u64) {
+        if let Some(info) = self.lock().get_mut(&id) {
+            info.requests = served;
         }
-        if state.closed
-            || state.replaced.remove(&worker.id)
-            || !state.workers.contains_key(&worker.id)
-        {
-            state.workers.remove(&worker.id);
-            return; // Dropping the connection tells the worker to exit.
-        }
-        while let Some(waiter) = state.waiters.pop_front() {
-            let id = worker.id;
-            match waiter.send(worker) {
-                Ok(()) => return self.mark(&mut state, id, true),
-                Err(back) => worker = back,
-            }
-        }
-        self.mark(&mut state, worker.id, false);
-        state.idle.push(worker);
     }
 
     /// Marks a worker for recycling; true the first time.
     pub fn mark_retiring(&self, id: u32) -> bool {
-        let mut state = self.lock();
-        match state.workers.get_mut(&id) {
-            Some(info) if !info.retiring => {
+        match self.lock().get_mut(&id) {
+            Some(info) if !info.retiring && !info.retired => {
                 info.retiring = true;
-                info.state = WorkerState::Retiring;
                 true
             }
             _ => false,
         }
     }
 
-    /// Closes a worker whose replacement is ready: now if idle, else when released.
+    /// Tells a worker whose replacement is ready to leave once its current request is done.
     pub fn retire(&self, id: u32) {
-        let mut state = self.lock();
-        if let Some(i) = state.idle.iter().position(|w| w.id == id) {
-            state.idle.swap_remove(i);
-            state.workers.remove(&id);
-        } else if state.workers.contains_key(&id) {
-            state.replaced.insert(id);
+        if let Some(info) = self.lock().get_mut(&id) {
+            info.retired = true;
+            self.queue.retire(info.slot);
         }
     }
 
-    /// Forgets a worker that died; true if it was known (so exactly one caller replaces it).
+    /// Forgets a worker that exited; true if it was serving and not retired, so it needs a
+    /// replacement (true once per worker).
     pub fn remove(&self, id: u32) -> bool {
-        let mut state = self.lock();
-        state.idle.retain(|w| w.id != id);
-        state.replaced.remove(&id);
-        state.workers.remove(&id).is_some()
+        self.lock().remove(&id).is_some_and(|info| !info.retired)
     }
 
     /// The id of the live worker with `pid`.
     pub fn id_of_pid(&self, pid: u32) -> Option<u32> {
-        self.lock()
-            .workers
-            .values()
-            .find(|w| w.pid == pid)
-            .map(|w| w.id)
+        self.lock().values().find(|w| w.pid == pid).map(|w| w.id)
     }
 
-    /// Busy workers past their deadline, each reported once: the watchdog kills them.
-    pub fn expired(&self, now: Instant) -> Vec<WorkerInfo> {
-        let mut state = self.lock();
+    /// Workers holding one request longer than `timeout`, each reported once: the watchdog
+    /// kills them.
+    pub fn expired(&self, timeout: Duration) -> Vec<WorkerInfo> {
+        let now = monotonic_nanos();
+        let timeout = timeout.as_nanos() as u64;
         let mut expired = Vec::new();
-        for info in state.workers.values_mut() {
-            if info.busy && !info.timed_out && info.deadline.is_some_and(|d| d <= now) {
+        for info in self.lock().values_mut() {
+            let (request, since) = self.queue.holding(info.slot);
+            if request != 0 && !info.timed_out && now.saturating_sub(since) >= timeout {
                 info.timed_out = true;
                 expired.push(info.clone());
             }
@@ -236,86 +150,49 @@ impl Pool {
 
     /// Whether the watchdog killed this worker for passing its deadline.
     pub fn timed_out(&self, id: u32) -> bool {
-        self.lock().workers.get(&id).is_some_and(|w| w.timed_out)
+        self.lock().get(&id).is_some_and(|w| w.timed_out)
     }
 
-    /// Every known worker.
+    /// Every known worker, with its state now.
     pub fn workers(&self) -> Vec<WorkerInfo> {
-        self.lock().workers.values().cloned().collect()
+        self.lock()
+            .values()
+            .map(|info| {
+                let mut info = info.clone();
+                info.state = self.state(&info);
+                info
+            })
+            .collect()
     }
 
-    /// Whether the pool serves (open, with workers connected) and how many workers are free.
-    pub fn readiness(&self) -> strata_core::Ready {
-        let state = self.lock();
-        let free = state
-            .workers
-            .values()
-            .filter(|w| matches!(w.state, WorkerState::Idle))
-            .count();
-        strata_core::Ready {
-            ready: !state.closed && !state.workers.is_empty(),
-            free,
+    fn state(&self, info: &WorkerInfo) -> WorkerState {
+        if info.retiring || info.retired {
+            WorkerState::Retiring
+        } else if self.queue.holding(info.slot).0 != 0 {
+            WorkerState::Busy
+        } else {
+            WorkerState::Idle
         }
     }
 
-    /// Requests waiting for a worker.
-    pub fn queued(&self) -> usize {
+    /// Workers that hold no request and are not leaving.
+    pub fn idle(&self) -> usize {
         self.lock()
-            .waiters
-            .iter()
-            .filter(|tx| !tx.is_closed())
+            .values()
+            .filter(|w| self.state(w) == WorkerState::Idle)
             .count()
     }
 
-    /// Stops handing out workers; idle ones are closed now, busy ones when released.
-    pub fn close(&self) {
-        let mut state = self.lock();
-        state.closed = true;
-        state.idle.clear();
-        state.waiters.clear();
-    }
-}
-
-/// The most recently idle worker of the newest generation: during a reload, requests go to
-/// the new code as soon as one of its workers is ready.
-fn take_idle(idle: &mut Vec<WorkerConn>) -> Option<WorkerConn> {
-    let newest = idle.iter().map(|w| w.generation).max()?;
-    let at = idle.iter().rposition(|w| w.generation == newest)?;
-    Some(idle.remove(at))
-}
-
-/// A place in the queue. If the request gives up (timeout, or the client left and its future
-/// was dropped) just as a worker was handed to it, the worker goes back to the pool instead of
-/// being dropped with the channel.
-struct Waiter<'a> {
-    pool: &'a Pool,
-    rx: Option<oneshot::Receiver<WorkerConn>>,
-}
-
-impl Drop for Waiter<'_> {
-    fn drop(&mut self) {
-        if let Some(mut rx) = self.rx.take() {
-            rx.close();
-            if let Ok(worker) = rx.try_recv() {
-                self.pool.release(worker);
-            }
-        }
-    }
-}
-
-impl Pool {
-    /// Records a worker handed out (its request's deadline starts now) or given back.
-    fn mark(&self, state: &mut State, id: u32, busy: bool) {
-        if let Some(info) = state.workers.get_mut(&id) {
-            info.busy = busy;
-            info.deadline = busy.then(|| Instant::now() + state.timeout);
-            if !info.retiring {
-                info.state = if busy {
-                    WorkerState::Busy
-                } else {
-                    WorkerState::Idle
-                };
-            }
+    /// Whether the pool serves (workers connected) and how many workers are free.
+    pub fn readiness(&self, open: bool) -> strata_core::Ready {
+        let workers = self.lock();
+        let free = workers
+            .values()
+            .filter(|w| self.state(w) == WorkerState::Idle)
+            .count();
+        strata_core::Ready {
+            ready: open && !workers.is_empty(),
+            free,
         }
     }
 }

@@ -14,6 +14,7 @@ use rustix::process::{kill_process, Pid, Signal};
 use tokio::net::UnixListener;
 use tokio::sync::oneshot;
 
+use super::dispatch::watch;
 use super::pool::WorkerConn;
 use super::zygote::{hello, Zygote};
 use super::{ReloadState, Shared, StartError};
@@ -166,7 +167,7 @@ pub async fn supervise(
                 Ok((stream, _)) => {
                     let shared = supervisor.shared.clone();
                     tokio::spawn(async move {
-                        match hello(stream, &shared.config()).await {
+                        match hello(stream, &shared).await {
                             Ok(worker) => {
                                 let _ = shared.events.send(Event::Connected(worker));
                             }
@@ -179,7 +180,10 @@ pub async fn supervise(
             _ = rss_tick.tick(), if supervisor.shared.config().max_rss_mb > 0 => {
                 check_memory(&supervisor.shared)
             }
-            now = watchdog.tick() => kill_expired(&supervisor.shared, now),
+            _ = watchdog.tick() => {
+                kill_expired(&supervisor.shared);
+                supervisor.shared.dispatch.unjam();
+            }
         }
     }
 }
@@ -259,7 +263,8 @@ impl Supervisor {
             generation = worker.generation,
             "worker ready"
         );
-        self.shared.pool.add(worker);
+        self.shared.pool.add(&worker);
+        watch(self.shared.clone(), worker);
         if let Some(old) = replaces {
             self.retire(old);
         }
@@ -483,7 +488,7 @@ impl Supervisor {
     }
 
     async fn stop(&mut self, force: bool) {
-        self.shared.pool.close();
+        self.shared.dispatch.close();
         if force {
             for worker in self.shared.pool.workers() {
                 if let Some(pid) = Pid::from_raw(worker.pid as i32) {
@@ -525,8 +530,8 @@ impl CrashThrottle {
 
 /// Kills workers whose request passed `app.timeout`, after asking for their Python stack.
 /// One timer for all workers, instead of one per request on the hot path.
-fn kill_expired(shared: &Shared, now: tokio::time::Instant) {
-    for worker in shared.pool.expired(now) {
+fn kill_expired(shared: &Shared) {
+    for worker in shared.pool.expired(shared.config().timeout) {
         tracing::error!(
             worker = worker.id,
             pid = worker.pid,

@@ -4,6 +4,7 @@
 use std::hash::BuildHasher;
 use std::os::fd::OwnedFd;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
@@ -12,6 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::process::Child;
 use tokio::sync::mpsc;
 
+use super::dispatch::watch;
 use super::pool::WorkerConn;
 use super::supervisor::Event;
 use super::{Shared, StartError};
@@ -131,7 +133,7 @@ impl Zygote {
     /// Asks for `count` workers and waits until each has connected.
     pub async fn first_workers(
         &mut self,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         listener: &UnixListener,
         count: usize,
         next_id: &mut u32,
@@ -146,20 +148,23 @@ impl Zygote {
             let (stream, _) = accepted
                 .map_err(|_| StartError::Workers("workers did not connect within 60s".into()))?
                 .map_err(StartError::Spawn)?;
-            let worker = hello(stream, &shared.config())
+            let worker = hello(stream, shared)
                 .await
                 .map_err(|e| StartError::Workers(e.to_string()))?;
-            shared.pool.add(worker);
+            shared.pool.add(&worker);
+            watch(shared.clone(), worker);
         }
         Ok(())
     }
 }
 
-/// Reads a worker's greeting and wraps its socket.
+/// Reads a worker's greeting, gives it a slot and the shared region (`WELCOME`, with the
+/// region's descriptor attached), and wraps its socket.
 pub(super) async fn hello(
     stream: UnixStream,
-    config: &crate::AppConfig,
+    shared: &Shared,
 ) -> Result<WorkerConn, proto::ProtoError> {
+    let config = shared.config();
     let (reader, writer) = stream.into_split();
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let mut header = [0u8; 5];
@@ -177,15 +182,51 @@ pub(super) async fn hello(
     tokio::io::AsyncReadExt::read_exact(&mut reader, &mut payload).await?;
     let mut dec = proto::Decoder::new(&payload);
     let (id, generation, pid) = (dec.u32()?, dec.u32()?, dec.u32()?);
+    let slot = shared
+        .dispatch
+        .slot()
+        .ok_or_else(|| std::io::Error::other("no free worker slot"))?;
+    let mut welcome = proto::Encoder::new();
+    welcome.begin(kind::WELCOME).u32(slot.index()).finish();
+    send_with_fd(
+        reader.get_ref().as_ref(),
+        welcome.bytes(),
+        shared.dispatch.region(),
+    )?;
     Ok(WorkerConn {
         id,
         pid,
         generation,
+        slot,
         reader,
         writer,
         served: 0,
-        limit: request_limit(config, id),
+        limit: request_limit(&config, id),
     })
+}
+
+/// Sends a small message with a descriptor attached (`SCM_RIGHTS`). The socket is new and
+/// empty, so the message fits its buffer and the call does not block.
+fn send_with_fd(
+    socket: &UnixStream,
+    bytes: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let fds = [fd];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    let sent = sendmsg(
+        socket,
+        &[std::io::IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::empty(),
+    )?;
+    if sent != bytes.len() {
+        return Err(std::io::Error::other("short write of the worker's welcome"));
+    }
+    Ok(())
 }
 
 /// `max_requests` plus this worker's share of the jitter; never for 0.

@@ -1,5 +1,8 @@
-//! A worker: forked from the zygote, it connects to the master and serves one request at a
-//! time through the WSGI application, until the master closes its socket.
+//! A worker: forked from the zygote, it connects to the master, maps the shared request
+//! queue, and serves one request at a time through the WSGI application: it takes the oldest
+//! queued request itself, opens the exchange on its socket with `BEGIN`, and sleeps on the
+//! queue when it is empty. It leaves when told to (retired, shutdown) or when the master
+//! closes its socket.
 
 mod io;
 mod side;
@@ -9,12 +12,14 @@ use std::cell::RefCell;
 use std::io::{BufReader, BufWriter, Write};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
+use std::time::Duration;
 
 use pyo3::prelude::*;
 
 use crate::control::ZygoteSpec;
 use crate::proctitle;
-use crate::proto::{self, kind, Encoder};
+use crate::proto::{self, kind, Encoder, ProtoError};
+use crate::queue::Queue;
 
 /// The worker's connection to the master, shared by the objects the application is given
 /// (`wsgi.input` pulls body bytes, `write()` pushes response bytes).
@@ -92,6 +97,7 @@ fn serve(
     };
     proto::encode_hello(&mut conn.enc, id, spec.generation, std::process::id());
     conn.flush()?;
+    let (queue, slot) = welcome(conn.reader.get_ref())?;
     let conn = Rc::new(RefCell::new(conn));
     Py::new(py, side::Channel::new(conn.clone()))
         .and_then(|channel| py.import("strata")?.setattr("_channel", channel))
@@ -100,17 +106,81 @@ fn serve(
         .map_err(|err| std::io::Error::other(err.to_string()))?;
     let mut payload = Vec::new();
     loop {
-        let frame = proto::read_frame(&mut conn.borrow_mut().reader, &mut payload)?;
-        match frame {
-            None => {
-                // Retired (or the master is gone): tearing down the address space is
-                // background work; let serving workers go first.
-                let _ = rustix::process::setpriority_process(None, 19);
-                return Ok(());
-            }
-            Some(kind::REQUEST) => wsgi.handle(py, app, &payload)?,
-            Some(other) => return Err(proto::ProtoError::UnexpectedKind(other)),
+        if queue.leaving(slot) {
+            break;
         }
+        let Some(taken) = queue.take(slot, &mut payload) else {
+            // Wake at least once a second to notice a master that went away.
+            queue.wait(slot, Duration::from_secs(1));
+            if master_gone(conn.borrow().reader.get_ref()) {
+                break;
+            }
+            continue;
+        };
+        {
+            let mut conn = conn.borrow_mut();
+            // Buffered: it goes out with the exchange's first flush (a body read or the
+            // response), so taking a request costs no system call.
+            conn.enc
+                .begin(kind::BEGIN)
+                .u64(taken.id)
+                .u8(taken.fetch.into())
+                .finish();
+            if taken.fetch {
+                conn.flush()?;
+                match proto::read_frame(&mut conn.reader, &mut payload)? {
+                    Some(kind::REQUEST) => {}
+                    None => return Ok(()),
+                    Some(other) => return Err(ProtoError::UnexpectedKind(other)),
+                }
+            }
+        }
+        wsgi.handle(py, app, &payload)?;
+        queue.done(slot);
+    }
+    // Retired (or the master is gone): tearing down the address space is background work;
+    // let serving workers go first.
+    let _ = rustix::process::setpriority_process(None, 19);
+    Ok(())
+}
+
+/// Reads the master's `WELCOME`: this worker's slot, and the shared region to map.
+fn welcome(socket: &UnixStream) -> Result<(Queue, u32), ProtoError> {
+    use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut bytes = [0u8; 9];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = recvmsg(
+        socket,
+        &mut [std::io::IoSliceMut::new(&mut bytes)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    let fd = control.drain().find_map(|message| match message {
+        RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+        _ => None,
+    });
+    let (frame, len) = proto::parse_header(bytes[..5].try_into().expect("5 bytes"))?;
+    if received.bytes != 9 || frame != kind::WELCOME || len != 4 {
+        return Err(ProtoError::UnexpectedKind(frame));
+    }
+    let slot = proto::Decoder::new(&bytes[5..]).u32()?;
+    let fd = fd.ok_or_else(|| std::io::Error::other("the welcome came without the region"))?;
+    let queue = Queue::open(std::os::fd::AsFd::as_fd(&fd))
+        .map_err(|error| std::io::Error::other(error.to_string()))?;
+    Ok((queue, slot))
+}
+
+/// Whether the master closed this worker's socket (it sends nothing unasked, so an idle
+/// worker's socket is readable only at its end).
+fn master_gone(socket: &UnixStream) -> bool {
+    use rustix::net::{recv, RecvFlags};
+    let mut byte = [0u8; 1];
+    match recv(socket, &mut byte, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((0, _)) => true,
+        Ok(_) => false,
+        Err(error) => error != rustix::io::Errno::AGAIN,
     }
 }
 

@@ -107,14 +107,15 @@ impl Wsgi {
         payload: &[u8],
     ) -> Result<(), ProtoError> {
         let request = proto::decode_request(payload)?;
-        {
+        let seq = {
             let mut conn = self.conn.borrow_mut();
-            conn.seq = request.seq;
+            conn.seq = conn.seq.wrapping_add(1);
             conn.serving = true;
-        }
+            conn.seq
+        };
         let response: SharedResponse = Rc::default();
         let environ = self
-            .environ(py, &request, &response)
+            .environ(py, &request, seq, &response)
             .map_err(|err| std::io::Error::other(python::format_error(py, &err)))?;
         let start_response = Py::new(
             py,
@@ -173,6 +174,7 @@ impl Wsgi {
         &self,
         py: Python<'py>,
         request: &proto::RequestFrame<'_>,
+        seq: u32,
         response: &SharedResponse,
     ) -> PyResult<Bound<'py, PyDict>> {
         let environ = PyDict::new(py);
@@ -182,12 +184,7 @@ impl Wsgi {
             }
             environ.set_item(self.key(py, key), PyString::new(py, &latin1(value)))?;
         }
-        let input = Input::new(
-            self.conn.clone(),
-            request.seq,
-            request.body,
-            request.body_complete,
-        );
+        let input = Input::new(self.conn.clone(), seq, request.body, request.body_complete);
         environ.set_item(pyo3::intern!(py, "wsgi.version"), self.version.bind(py))?;
         environ.set_item(pyo3::intern!(py, "wsgi.input"), Py::new(py, input)?)?;
         environ.set_item(pyo3::intern!(py, "wsgi.errors"), self.errors.bind(py))?;
