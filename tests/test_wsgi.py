@@ -99,6 +99,17 @@ def test_post_bodies_content_length_and_chunked(strata, tmp_path):
     no_violations(server)
 
 
+def test_requests_either_side_of_a_queue_cell_arrive_whole(strata, tmp_path):
+    # A request frame up to a cell of the shared queue (4 KiB with its header) travels in the
+    # cell; a larger one is fetched over the worker's socket. Sizes straddle the boundary.
+    server = probe(strata, tmp_path, "--workers", "1")
+    with requests.Session() as session:
+        for size in range(2800, 4300, 11):
+            payload = os.urandom(size)
+            assert session.post(server.url("/echo"), data=payload).content == payload, size
+    no_violations(server)
+
+
 def test_streamed_body_larger_than_the_buffer(strata, tmp_path):
     server = strata(*app("probe"), config="[app]\nbuffer_body_bytes = 4096\n")
     payload = os.urandom(2_000_000)

@@ -285,13 +285,28 @@ pub fn encode_request(
     vars: &[u8],
     body: &[u8],
 ) {
-    enc.begin(kind::REQUEST)
-        .u8(if body_complete { BODY_COMPLETE } else { 0 })
-        .u32(count)
-        .raw(vars)
-        .raw(body)
-        .finish();
+    begin_request(enc);
+    enc.raw(vars);
+    finish_request(enc, body_complete, count, body);
 }
+
+/// Starts a request frame; its variables are appended next, then [`finish_request`]. So the
+/// master builds the variables straight into the frame.
+pub fn begin_request(enc: &mut Encoder) {
+    enc.begin(kind::REQUEST).u8(0).u32(0);
+}
+
+/// Finishes a request frame begun with [`begin_request`]: body flags, the count of variables
+/// appended, the start of the body.
+pub fn finish_request(enc: &mut Encoder, body_complete: bool, count: u32, body: &[u8]) {
+    let at = enc.frame_start + 5;
+    enc.buf[at] = if body_complete { BODY_COMPLETE } else { 0 };
+    enc.buf[at + 1..at + 5].copy_from_slice(&count.to_le_bytes());
+    enc.raw(body).finish();
+}
+
+/// Bytes a request frame has before its variables.
+pub const REQUEST_PREFIX: usize = 10;
 
 /// Decodes a request frame's payload.
 pub fn decode_request(payload: &[u8]) -> Result<RequestFrame<'_>, ProtoError> {

@@ -12,9 +12,11 @@
 //! the request's queue time runs out, compares it with the id and swaps it to 0 too. Exactly
 //! one of them wins, so a request either runs or is answered 503, never both.
 //!
-//! Idle workers sleep on a futex word (`bell`) that the master rings only when a worker
-//! sleeps. A request too large for a cell is queued as a marker; the worker then asks for it
-//! over its socket.
+//! An idle worker with nothing to take sleeps on a futex word in its slot. A new request
+//! wakes one sleeping worker, and only one: the waker moves that worker's word from asleep to
+//! woken, so later requests see it counted out and make no system call while it gets going.
+//! A request too large for a cell is queued as a marker; the worker then asks for it over
+//! its socket.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
@@ -42,14 +44,17 @@ pub const MAX_CAPACITY: usize = 8192;
 const MAGIC: u32 = 0x5354_5251; // "STRQ"
 /// The `len` of a cell whose request is fetched over the socket.
 const FETCH: u32 = u32::MAX;
-/// Wake every sleeper (the kernel reads the count as a signed int).
-const EVERYONE: u32 = i32::MAX as u32;
+/// A worker's sleep word: running, asleep on it, or woken and not yet running.
+const RUNNING: u32 = 0;
+const ASLEEP: u32 = 1;
+const WOKEN: u32 = 2;
 
 // Header offsets: the producers' and consumers' positions on lines of their own.
 const ENQUEUE: usize = 0;
 const DEQUEUE: usize = 64;
 const SLEEPERS: usize = 128;
-const BELL: usize = 132;
+/// One past the highest slot ever handed out: wakers look at slots below it.
+const HIGH: usize = 132;
 const CLOSED: usize = 136;
 const CAPACITY: usize = 140;
 const MAGIC_AT: usize = 144;
@@ -63,6 +68,7 @@ const LEN: usize = 16;
 const REQUEST: usize = 0;
 const STARTED: usize = 8;
 const RETIRE: usize = 16;
+const SLEEP: usize = 24;
 
 /// Why a region could not be made or mapped.
 #[derive(Debug, thiserror::Error)]
@@ -234,7 +240,7 @@ impl Queue {
         // counted among the sleepers.
         fence(Ordering::SeqCst);
         if self.u32_at(SLEEPERS).load(Ordering::Relaxed) > 0 {
-            self.ring(1);
+            self.wake(None);
         }
         Ok(pos)
     }
@@ -323,19 +329,31 @@ impl Queue {
     /// Prepares a slot for a new worker.
     pub fn reset_slot(&self, slot: u32) {
         self.slot_u64(slot, REQUEST).store(0, Ordering::Relaxed);
+        self.slot_u32(slot, SLEEP).store(RUNNING, Ordering::Relaxed);
         self.slot_u64(slot, RETIRE).store(0, Ordering::Release);
+        self.u32_at(HIGH).fetch_max(slot + 1, Ordering::AcqRel);
+    }
+
+    fn slot_u32(&self, slot: u32, field: usize) -> &AtomicU32 {
+        assert!((slot as usize) < SLOTS);
+        self.u32_at(HEADER + slot as usize * SLOT + field)
     }
 
     /// Tells the worker in `slot` to exit once its current request is done.
     pub fn retire(&self, slot: u32) {
         self.slot_u64(slot, RETIRE).store(1, Ordering::Release);
-        self.ring(EVERYONE);
+        // Pairs with the fence in `wait`: the worker sees the flag, or this sees it asleep.
+        fence(Ordering::SeqCst);
+        self.wake_slot(slot);
     }
 
     /// Tells every worker to exit once its current request is done.
     pub fn close(&self) {
         self.u32_at(CLOSED).store(1, Ordering::Release);
-        self.ring(EVERYONE);
+        fence(Ordering::SeqCst);
+        for slot in 0..self.u32_at(HIGH).load(Ordering::Acquire) {
+            self.wake_slot(slot);
+        }
     }
 
     /// Whether the worker in `slot` should exit now that it is idle.
@@ -344,12 +362,13 @@ impl Queue {
             || self.slot_u64(slot, RETIRE).load(Ordering::Acquire) != 0
     }
 
-    /// Sleeps until a request may be queued, the worker is told to leave, or `timeout`
-    /// passes. Spurious returns are allowed; the caller tries `take` again.
-    pub fn wait(&self, slot: u32, timeout: Duration) {
-        let bell = self.u32_at(BELL);
+    /// Sleeps until this worker is woken (a request was queued, or it is told to leave) or
+    /// `timeout` passes; false if it was not woken (the caller may check on the master).
+    /// Either way the caller tries `take` again.
+    pub fn wait(&self, slot: u32, timeout: Duration) -> bool {
+        let word = self.slot_u32(slot, SLEEP);
         let sleepers = self.u32_at(SLEEPERS);
-        let seen = bell.load(Ordering::Acquire);
+        word.store(ASLEEP, Ordering::SeqCst);
         sleepers.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         if self.is_empty() && !self.leaving(slot) {
@@ -357,10 +376,19 @@ impl Queue {
                 tv_sec: timeout.as_secs() as i64,
                 tv_nsec: timeout.subsec_nanos() as i64,
             };
-            // Shared (not process-private): the master rings from another process.
-            let _ = futex::wait(bell, futex::Flags::empty(), seen, Some(&timeout));
+            // Shared (not process-private): the waker is another process.
+            let _ = futex::wait(word, futex::Flags::empty(), ASLEEP, Some(&timeout));
         }
-        sleepers.fetch_sub(1, Ordering::SeqCst);
+        // Not woken (timed out, or there was work after all): count itself out, unless a
+        // waker did that a moment ago.
+        let woken = word
+            .compare_exchange(ASLEEP, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err();
+        if !woken {
+            sleepers.fetch_sub(1, Ordering::AcqRel);
+        }
+        word.store(RUNNING, Ordering::Release);
+        woken
     }
 
     fn is_empty(&self) -> bool {
@@ -368,10 +396,27 @@ impl Queue {
         self.cell_u64(pos, SEQ).load(Ordering::Acquire) != pos + 1
     }
 
-    fn ring(&self, waiters: u32) {
-        let bell = self.u32_at(BELL);
-        bell.fetch_add(1, Ordering::Release);
-        let _ = futex::wake(bell, futex::Flags::empty(), waiters);
+    /// Wakes one sleeping worker (the first found), or the one in `only`.
+    fn wake(&self, only: Option<u32>) {
+        let slots = match only {
+            Some(slot) => slot..slot + 1,
+            None => 0..self.u32_at(HIGH).load(Ordering::Acquire),
+        };
+        for slot in slots {
+            let word = self.slot_u32(slot, SLEEP);
+            if word
+                .compare_exchange(ASLEEP, WOKEN, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.u32_at(SLEEPERS).fetch_sub(1, Ordering::AcqRel);
+                let _ = futex::wake(word, futex::Flags::empty(), 1);
+                return;
+            }
+        }
+    }
+
+    fn wake_slot(&self, slot: u32) {
+        self.wake(Some(slot));
     }
 
     /// The cell the next request goes into, if it is held by a taker that never released
@@ -498,10 +543,15 @@ mod tests {
 
     #[test]
     fn sleeping_takers_wake_for_requests_and_exactly_one_gets_each() {
+        // A lost wake-up would leave a taker asleep for its whole 30 s timeout.
+        let started = std::time::Instant::now();
         let (queue, fd) = Queue::create(64).unwrap();
         let queue = Arc::new(queue);
         let _other = Queue::open(fd.as_fd()).unwrap();
         let total = 2000u64;
+        for slot in 0..3 {
+            queue.reset_slot(slot);
+        }
         let takers: Vec<_> = (0..3u32)
             .map(|slot| {
                 let q = queue.clone();
@@ -515,7 +565,9 @@ mod tests {
                                 got.push(taken.id);
                                 q.done(slot);
                             }
-                            None => q.wait(slot, Duration::from_secs(5)),
+                            None => {
+                                q.wait(slot, Duration::from_secs(30));
+                            }
                         }
                     }
                     got
@@ -536,5 +588,9 @@ mod tests {
         let mut all: Vec<u64> = takers.into_iter().flat_map(|t| t.join().unwrap()).collect();
         all.sort_unstable();
         assert_eq!(all, (1..=total).collect::<Vec<_>>());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "a wake-up was lost"
+        );
     }
 }

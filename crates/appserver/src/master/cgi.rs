@@ -9,7 +9,7 @@ use http::request::Parts;
 use http::{header, HeaderName};
 use strata_core::ConnInfo;
 
-use crate::proto::Encoder;
+use crate::proto::{self, Encoder};
 
 /// CGI variables, already in the request frame's wire format (one buffer for all of them).
 #[derive(Debug, Default)]
@@ -19,12 +19,18 @@ pub struct CgiVars {
 }
 
 impl CgiVars {
-    /// No variables yet, with room for about `bytes` of them.
+    /// No variables yet, with room for about `bytes` of them. They are written straight
+    /// into a request frame ([`CgiVars::into_frame`]).
     pub fn with_capacity(bytes: usize) -> Self {
-        Self {
-            enc: Encoder::with_capacity(bytes),
-            count: 0,
-        }
+        let mut enc = Encoder::with_capacity(proto::REQUEST_PREFIX + bytes);
+        proto::begin_request(&mut enc);
+        Self { enc, count: 0 }
+    }
+
+    /// The request frame: these variables and the start of the body.
+    pub fn into_frame(mut self, body_complete: bool, body: &[u8]) -> Encoder {
+        proto::finish_request(&mut self.enc, body_complete, self.count, body);
+        self.enc
     }
 
     /// Appends one variable; callers never add a name twice.
@@ -44,18 +50,14 @@ impl CgiVars {
     /// The variables, decoded.
     #[cfg(test)]
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let mut dec = crate::proto::Decoder::new(self.enc.bytes());
+        let mut dec = crate::proto::Decoder::new(self.encoded());
         (0..self.count).map_while(move |_| Some((dec.short().ok()?, dec.long().ok()?)))
     }
 
-    /// How many variables there are.
-    pub fn count(&self) -> u32 {
-        self.count
-    }
-
     /// The encoded variables.
-    pub fn encoded(&self) -> &[u8] {
-        self.enc.bytes()
+    #[cfg(test)]
+    fn encoded(&self) -> &[u8] {
+        &self.enc.bytes()[proto::REQUEST_PREFIX..]
     }
 }
 
@@ -274,6 +276,33 @@ mod tests {
         };
         let (parts, ()) = request.into_parts();
         build(&parts, Some(&info), script_name)
+    }
+
+    #[test]
+    fn the_frame_built_in_place_decodes_to_the_variables_and_body() {
+        let request = http::Request::post("/form?a=1")
+            .header("Host", "example.com")
+            .body(())
+            .unwrap();
+        let vars = vars_for(request, "");
+        let expected: Vec<(Vec<u8>, Vec<u8>)> =
+            vars.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        let enc = vars.into_frame(true, b"x=1");
+        let bytes = enc.bytes();
+        let (kind, len) = proto::parse_header(bytes[..5].try_into().unwrap()).unwrap();
+        assert_eq!((kind, len), (proto::kind::REQUEST, bytes.len() - 5));
+        let frame = proto::decode_request(&bytes[5..]).unwrap();
+        assert!(frame.body_complete);
+        assert_eq!(frame.body, b"x=1");
+        let decoded: Vec<(Vec<u8>, Vec<u8>)> = frame
+            .vars
+            .iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(decoded, expected);
+        assert!(decoded
+            .iter()
+            .any(|(k, v)| k == b"HTTP_HOST" && v == b"example.com"));
     }
 
     #[test]

@@ -34,6 +34,19 @@ impl WorkerConn {
         Ok(kind)
     }
 
+    /// Reads the `BEGIN` that opens the worker's next exchange: the request's id, and
+    /// whether the worker needs the request sent over the socket.
+    pub async fn read_begin(&mut self) -> Result<(u64, bool), ProtoError> {
+        let mut frame = [0u8; 5 + 9];
+        self.reader.read_exact(&mut frame).await?;
+        let (kind, len) = proto::parse_header(frame[..5].try_into().expect("5 bytes"))?;
+        if kind != proto::kind::BEGIN || len != 9 {
+            return Err(ProtoError::UnexpectedKind(kind));
+        }
+        let mut dec = proto::Decoder::new(&frame[5..]);
+        Ok((dec.u64()?, dec.u8()? != 0))
+    }
+
     /// Takes a frame of one of `kinds` that is already whole in the read buffer, without
     /// waiting; any other frame stays where it is.
     pub fn buffered_frame(&mut self, payload: &mut Vec<u8>, kinds: &[u8]) -> Option<u8> {

@@ -21,11 +21,13 @@ use super::exchange::{self, Failure};
 use super::pool::{Rejected, WorkerConn};
 use super::supervisor::{kill_stuck, Cause};
 use super::Shared;
-use crate::proto::{self, kind, ProtoError};
+use crate::proto::{kind, ProtoError};
 use crate::queue::{self, monotonic_nanos, Queue, QueueError};
 
 /// What a waiting exchange is given.
 pub enum Handoff {
+    /// No worker took the request within `queue_timeout`.
+    Expired,
     /// The worker that took the request, and when the request's `app.timeout` runs out.
     Worker(WorkerConn, Instant),
     /// The worker that took the request died (or was killed) before answering.
@@ -126,6 +128,25 @@ impl Dispatch {
             return true;
         }
         false
+    }
+
+    /// Answers 503 to requests no worker took within `queue_timeout` (called by the
+    /// supervisor's 100 ms tick, so the wait is bounded to within a tick).
+    pub fn expire_overdue(&self, queue_timeout: Duration) {
+        let Some(cutoff) = Instant::now().checked_sub(queue_timeout) else {
+            return;
+        };
+        let mut pending = self.lock();
+        let overdue: Vec<u64> = pending
+            .iter()
+            .filter(|(id, p)| p.queued <= cutoff && self.queue.expire(p.pos, **id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            if let Some(p) = pending.remove(&id) {
+                let _ = p.tx.send(Handoff::Expired);
+            }
+        }
     }
 
     /// Stops taking requests: waiting ones are answered 503, workers leave once idle.
@@ -242,16 +263,12 @@ impl Ticket {
         })
     }
 
-    /// Waits for the worker that takes the request. Past `queue_timeout` the request is
-    /// expired unless a worker has it already; then the wait goes on (`app.timeout` and the
-    /// watchdog bound it).
-    pub async fn wait(&mut self, queue_timeout: Duration) -> Result<Handoff, Rejected> {
+    /// Waits for the worker that takes the request. No timer per request: the supervisor's
+    /// tick expires requests queued past `queue_timeout` ([`Dispatch::expire_overdue`]);
+    /// once a worker has one, `app.timeout` and the watchdog bound the wait.
+    pub async fn wait(mut self) -> Result<Handoff, Rejected> {
         let rx = self.rx.as_mut().expect("waited once");
-        let result = match tokio::time::timeout(queue_timeout, &mut *rx).await {
-            Ok(handoff) => handoff.map_err(|_| Rejected::Closed),
-            Err(_) if self.shared.dispatch.expire(self.id, self.pos) => Err(Rejected::Timeout),
-            Err(_) => rx.await.map_err(|_| Rejected::Closed),
-        };
+        let result = (&mut *rx).await.map_err(|_| Rejected::Closed);
         self.rx = None;
         result
     }
@@ -278,18 +295,7 @@ pub fn watch(shared: Arc<Shared>, worker: WorkerConn) {
 }
 
 async fn watch_idle(shared: Arc<Shared>, mut worker: WorkerConn) {
-    let mut payload = Vec::new();
-    let begin = worker
-        .read_frame(&mut payload)
-        .await
-        .and_then(|frame| match frame {
-            kind::BEGIN => {
-                let mut dec = proto::Decoder::new(&payload);
-                Ok((dec.u64()?, dec.u8()? != 0))
-            }
-            other => Err(ProtoError::UnexpectedKind(other)),
-        });
-    let (id, fetch) = match begin {
+    let (id, fetch) = match worker.read_begin().await {
         Ok(begin) => begin,
         Err(error) => return gone(&shared, worker, error),
     };

@@ -146,14 +146,13 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>) -> Response<Body> {
         abandoned: false,
         host,
     };
-    let mut enc = Encoder::with_capacity(vars.encoded().len() + start.len() + 16);
-    proto::encode_request(&mut enc, complete, vars.count(), vars.encoded(), &start);
-    let mut ticket = match Ticket::submit(shared, enc.bytes(), config.queue_length) {
+    let frame = vars.into_frame(complete, &start);
+    let ticket = match Ticket::submit(shared, frame.bytes(), config.queue_length) {
         Ok(ticket) => ticket,
         Err(rejected) => return rejected_response(shared, rejected),
     };
-    drop(enc);
-    match ticket.wait(config.queue_timeout).await {
+    drop(frame);
+    match ticket.wait().await {
         Ok(Handoff::Worker(worker, deadline)) => {
             let lease = Lease {
                 shared: shared.clone(),
@@ -164,6 +163,7 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>) -> Response<Body> {
         }
         Ok(Handoff::Gone(failure)) => failure_response(None, &failure, &parts.method),
         Ok(Handoff::Closed) => rejected_response(shared, Rejected::Closed),
+        Ok(Handoff::Expired) => rejected_response(shared, Rejected::Timeout),
         Err(rejected) => rejected_response(shared, rejected),
     }
 }

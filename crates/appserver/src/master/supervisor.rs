@@ -182,7 +182,9 @@ pub async fn supervise(
             }
             _ = watchdog.tick() => {
                 kill_expired(&supervisor.shared);
-                supervisor.shared.dispatch.unjam();
+                let dispatch = &supervisor.shared.dispatch;
+                dispatch.expire_overdue(supervisor.shared.config().queue_timeout);
+                dispatch.unjam();
             }
         }
     }

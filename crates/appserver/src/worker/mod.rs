@@ -111,8 +111,8 @@ fn serve(
         }
         let Some(taken) = queue.take(slot, &mut payload) else {
             // Wake at least once a second to notice a master that went away.
-            queue.wait(slot, Duration::from_secs(1));
-            if master_gone(conn.borrow().reader.get_ref()) {
+            let woken = queue.wait(slot, Duration::from_secs(1));
+            if !woken && master_gone(conn.borrow().reader.get_ref()) {
                 break;
             }
             continue;
