@@ -16,8 +16,6 @@ pub struct WorkerConn {
     pub slot: Slot,
     pub reader: BufReader<OwnedReadHalf>,
     pub writer: OwnedWriteHalf,
-    /// Requests served so far.
-    pub served: u64,
     /// Recycle after this many requests.
     pub limit: u64,
 }

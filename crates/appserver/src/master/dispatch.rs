@@ -7,6 +7,10 @@
 //! if it was too large for a cell). When the exchange is done, the connection goes back to a
 //! watcher. A watcher that sees the socket close instead answers the request the worker's
 //! slot says it held (502, or 504 if the watchdog killed it) and has the worker replaced.
+//!
+//! A worker whose response was whole and never touched its socket writes it to its answer
+//! ring instead (no `BEGIN`); the collector task drains the rings when the doorbell rings and
+//! hands each answer to its ticket.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
@@ -22,7 +26,7 @@ use super::pool::{Rejected, WorkerConn};
 use super::supervisor::{kill_stuck, Cause};
 use super::Shared;
 use crate::proto::{kind, ProtoError};
-use crate::queue::{self, monotonic_nanos, Queue, QueueError};
+use crate::queue::{self, monotonic_nanos, Answer, Queue, QueueError};
 
 /// What a waiting exchange is given.
 pub enum Handoff {
@@ -30,6 +34,8 @@ pub enum Handoff {
     Expired,
     /// The worker that took the request, and when the request's `app.timeout` runs out.
     Worker(WorkerConn, Instant),
+    /// The whole response, as frames, from a worker's answer ring.
+    Answer(Vec<u8>),
     /// The worker that took the request died (or was killed) before answering.
     Gone(Failure),
     /// The app server shut down before a worker took it.
@@ -50,6 +56,10 @@ pub struct Dispatch {
     queue: Arc<Queue>,
     /// The region, as workers map it (sent to each at its hello).
     fd: OwnedFd,
+    /// The pipe workers write a byte to when an answer is waiting and the collector sleeps;
+    /// its read end, until the collector takes it.
+    doorbell: OwnedFd,
+    doorbell_reader: Mutex<Option<OwnedFd>>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_id: AtomicU64,
     closed: AtomicBool,
@@ -64,9 +74,13 @@ impl Dispatch {
     /// so a short queue still leaves room for requests on their way to idle workers).
     pub fn new(queue_length: usize) -> Result<Self, QueueError> {
         let (queue, fd) = Queue::create(queue_length.max(64))?;
+        let flags = rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK;
+        let (doorbell_reader, doorbell) = rustix::pipe::pipe_with(flags)?;
         Ok(Self {
             queue: Arc::new(queue),
             fd,
+            doorbell,
+            doorbell_reader: Mutex::new(Some(doorbell_reader)),
             pending: Mutex::default(),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -84,6 +98,19 @@ impl Dispatch {
     /// The descriptor a new worker maps the region from.
     pub fn region(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// The doorbell a new worker rings for its answers.
+    pub fn doorbell(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.doorbell.as_fd()
+    }
+
+    /// The doorbell's read end, for the collector (once).
+    pub fn take_doorbell_reader(&self) -> Option<OwnedFd> {
+        self.doorbell_reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Pending>> {
@@ -118,6 +145,16 @@ impl Dispatch {
     /// Takes the pending request a worker says it took.
     fn claim(&self, id: u64) -> Option<Pending> {
         self.lock().remove(&id)
+    }
+
+    /// Hands a worker's answer to its exchange (none if the client left).
+    pub fn deliver(&self, answer: Answer, frames: Vec<u8>, metrics: &super::Metrics) {
+        if let Some(pending) = self.claim(answer.id) {
+            metrics
+                .queue_wait
+                .observe(instant_of(answer.started).saturating_duration_since(pending.queued));
+            let _ = pending.tx.send(Handoff::Answer(frames));
+        }
     }
 
     /// Gives up a request no worker has taken; true if it will never run.
@@ -304,10 +341,7 @@ async fn watch_idle(shared: Arc<Shared>, mut worker: WorkerConn) {
         kill_stuck(worker.pid);
         return shared.worker_gone(worker.id, Cause::Crash);
     };
-    let (_, started) = shared.dispatch.queue.holding(worker.slot.index());
-    let age = Duration::from_nanos(monotonic_nanos().saturating_sub(started));
-    let now = Instant::now();
-    let started = now.checked_sub(age).unwrap_or(now);
+    let started = instant_of(shared.dispatch.queue.holding(worker.slot.index()).1);
     shared
         .metrics
         .queue_wait
@@ -329,6 +363,13 @@ async fn watch_idle(shared: Arc<Shared>, mut worker: WorkerConn) {
     {
         exchange::abandon(&shared, worker, deadline);
     }
+}
+
+/// The `Instant` of a [`monotonic_nanos`] reading (the same clock).
+fn instant_of(nanos: u64) -> Instant {
+    let age = Duration::from_nanos(monotonic_nanos().saturating_sub(nanos));
+    let now = Instant::now();
+    now.checked_sub(age).unwrap_or(now)
 }
 
 /// An idle worker's socket closed (or carried garbage): answer the request its slot says it

@@ -161,6 +161,10 @@ async fn serve(shared: &Arc<Shared>, request: Request<Body>) -> Response<Body> {
             };
             relay(shared, lease, &mut rest, &parts.method).await
         }
+        Ok(Handoff::Answer(frames)) => match answer_response(frames) {
+            Ok(response) => response,
+            Err(failure) => failure_response(None, &failure, &parts.method),
+        },
         Ok(Handoff::Gone(failure)) => failure_response(None, &failure, &parts.method),
         Ok(Handoff::Closed) => rejected_response(shared, Rejected::Closed),
         Ok(Handoff::Expired) => rejected_response(shared, Rejected::Timeout),
@@ -400,6 +404,41 @@ async fn body_reply(
     }
 }
 
+/// The response a worker wrote to its answer ring: a head, body chunks and the end.
+fn answer_response(frames: Vec<u8>) -> Result<Response<Body>, Failure> {
+    let frames = Bytes::from(frames);
+    let mut response = None;
+    let mut chunks = Vec::new();
+    let mut at = 0;
+    loop {
+        let header: [u8; 5] = frames
+            .get(at..at + 5)
+            .and_then(|h| h.try_into().ok())
+            .ok_or(Failure::Died(ProtoError::Truncated))?;
+        let (kind, len) = proto::parse_header(header).map_err(Failure::Died)?;
+        let payload = at + 5..at + 5 + len;
+        if payload.end > frames.len() {
+            return Err(Failure::Died(ProtoError::Truncated));
+        }
+        at = payload.end;
+        match kind {
+            kind::HEAD if response.is_none() => {
+                response = Some(head_response(kind, &frames[payload])?);
+            }
+            kind::CHUNK if response.is_some() => chunks.push(frames.slice(payload)),
+            kind::END if response.is_some() => break,
+            other => return Err(Failure::Died(ProtoError::UnexpectedKind(other))),
+        }
+    }
+    let mut response = response.expect("set before the end");
+    *response.body_mut() = match chunks.len() {
+        0 => empty(),
+        1 => full(chunks.pop().expect("one chunk")),
+        _ => full(chunks.concat()),
+    };
+    Ok(response)
+}
+
 /// The response for a `HEAD` frame; any other first frame means the worker is broken.
 fn head_response(kind: u8, payload: &[u8]) -> Result<Response<Body>, Failure> {
     if kind != kind::HEAD {
@@ -426,14 +465,10 @@ fn head_response(kind: u8, payload: &[u8]) -> Result<Response<Body>, Failure> {
     Ok(response)
 }
 
-/// A complete exchange: count it, recycle the worker if it has served enough, give it back
-/// to a watcher.
-fn finish(shared: &Arc<Shared>, mut worker: WorkerConn) {
-    worker.served += 1;
-    shared.pool.served(worker.id, worker.served);
-    if worker.served >= worker.limit && shared.pool.mark_retiring(worker.id) {
-        shared.recycle(worker.id, Cause::MaxRequests);
-    }
+/// A complete exchange: count it (recycling the worker if it has served enough), give the
+/// worker back to a watcher.
+fn finish(shared: &Arc<Shared>, worker: WorkerConn) {
+    shared.completed(worker.id);
     watch(shared.clone(), worker);
 }
 

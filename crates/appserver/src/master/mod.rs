@@ -2,6 +2,7 @@
 //! forks (children are spawned with exec), and offers the app server as a tier service.
 
 mod cgi;
+mod collect;
 mod conn;
 mod dispatch;
 mod exchange;
@@ -117,6 +118,13 @@ impl Shared {
         }
     }
 
+    /// A worker completed a request: recycle it once it has served its share.
+    fn completed(&self, id: u32) {
+        if self.pool.completed(id) {
+            self.recycle(id, Cause::MaxRequests);
+        }
+    }
+
     /// The settings in force.
     fn config(&self) -> Arc<AppConfig> {
         self.config
@@ -205,6 +213,7 @@ impl AppServer {
             invalidate: OnceLock::new(),
             memcache: OnceLock::new(),
         });
+        tokio::spawn(collect::collect(shared.clone()));
         let result = async {
             let mut zygote = Zygote::start(&spec).await?;
             let mut next_id = 0;

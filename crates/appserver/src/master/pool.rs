@@ -34,6 +34,9 @@ pub struct WorkerInfo {
     pub requests: u64,
     #[serde(skip)]
     slot: u32,
+    /// Recycle after this many requests.
+    #[serde(skip)]
+    limit: u64,
     /// Marked for recycling: its replacement is on its way.
     #[serde(skip)]
     retiring: bool,
@@ -88,6 +91,7 @@ impl Pool {
                 state: WorkerState::Idle,
                 requests: 0,
                 slot: worker.slot.index(),
+                limit: worker.limit,
                 retiring: false,
                 retired: false,
                 timed_out: false,
@@ -95,11 +99,24 @@ impl Pool {
         );
     }
 
-    /// Records a worker's count of requests served.
-    pub fn served(&self, id: u32, served: u64) {
-        if let Some(info) = self.lock().get_mut(&id) {
-            info.requests = served;
+    /// Counts a request a worker completed; true when that brings it to its limit (once),
+    /// so it is to be recycled.
+    pub fn completed(&self, id: u32) -> bool {
+        let mut workers = self.lock();
+        let Some(info) = workers.get_mut(&id) else {
+            return false;
+        };
+        info.requests += 1;
+        if info.requests >= info.limit && !info.retiring && !info.retired {
+            info.retiring = true;
+            return true;
         }
+        false
+    }
+
+    /// The worker in `slot`.
+    pub fn id_of_slot(&self, slot: u32) -> Option<u32> {
+        self.lock().values().find(|w| w.slot == slot).map(|w| w.id)
     }
 
     /// Marks a worker for recycling; true the first time.

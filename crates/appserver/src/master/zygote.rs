@@ -188,10 +188,10 @@ pub(super) async fn hello(
         .ok_or_else(|| std::io::Error::other("no free worker slot"))?;
     let mut welcome = proto::Encoder::new();
     welcome.begin(kind::WELCOME).u32(slot.index()).finish();
-    send_with_fd(
+    send_with_fds(
         reader.get_ref().as_ref(),
         welcome.bytes(),
-        shared.dispatch.region(),
+        &[shared.dispatch.region(), shared.dispatch.doorbell()],
     )?;
     Ok(WorkerConn {
         id,
@@ -200,23 +200,21 @@ pub(super) async fn hello(
         slot,
         reader,
         writer,
-        served: 0,
         limit: request_limit(&config, id),
     })
 }
 
-/// Sends a small message with a descriptor attached (`SCM_RIGHTS`). The socket is new and
-/// empty, so the message fits its buffer and the call does not block.
-fn send_with_fd(
+/// Sends a small message with two descriptors attached (`SCM_RIGHTS`). The socket is new
+/// and empty, so the message fits its buffer and the call does not block.
+fn send_with_fds(
     socket: &UnixStream,
     bytes: &[u8],
-    fd: std::os::fd::BorrowedFd<'_>,
+    fds: &[std::os::fd::BorrowedFd<'_>; 2],
 ) -> std::io::Result<()> {
     use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    let fds = [fd];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    control.push(SendAncillaryMessage::ScmRights(&fds));
+    control.push(SendAncillaryMessage::ScmRights(fds));
     let sent = sendmsg(
         socket,
         &[std::io::IoSlice::new(bytes)],

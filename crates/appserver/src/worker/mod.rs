@@ -9,7 +9,8 @@ mod side;
 mod wsgi;
 
 use std::cell::RefCell;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
 use std::time::Duration;
@@ -19,13 +20,17 @@ use pyo3::prelude::*;
 use crate::control::ZygoteSpec;
 use crate::proctitle;
 use crate::proto::{self, kind, Encoder, ProtoError};
-use crate::queue::Queue;
+use crate::queue::{Queue, Taken};
 
 /// The worker's connection to the master, shared by the objects the application is given
 /// (`wsgi.input` pulls body bytes, `write()` pushes response bytes).
 pub(crate) struct Conn {
     reader: BufReader<UnixStream>,
-    writer: BufWriter<UnixStream>,
+    writer: UnixStream,
+    /// Frames put but not yet written to the socket.
+    out: Vec<u8>,
+    /// Part of the current exchange went over the socket, so the rest goes there too.
+    sent: bool,
     /// Sequence number of the request being served; stale `wsgi.input` objects read nothing.
     seq: u32,
     /// A request is being served: the master is listening for side requests.
@@ -33,18 +38,75 @@ pub(crate) struct Conn {
     enc: Encoder,
 }
 
+/// Output past this is written to the socket even before the exchange ends.
+const OUT_LIMIT: usize = 64 * 1024;
+/// Bytes of the `BEGIN` frame that opens an exchange.
+const BEGIN_LEN: usize = 5 + 9;
+
 impl Conn {
-    /// Writes the frames encoded so far into the buffered writer.
+    /// Moves the frames encoded so far to the output; a large output is written out.
     fn put(&mut self) -> std::io::Result<()> {
-        let Self { writer, enc, .. } = self;
-        writer.write_all(enc.bytes())?;
-        enc.clear();
+        self.out.extend_from_slice(self.enc.bytes());
+        self.enc.clear();
+        if self.out.len() >= OUT_LIMIT {
+            self.write_out()?;
+        }
         Ok(())
     }
 
+    /// Writes everything encoded so far to the socket.
     fn flush(&mut self) -> std::io::Result<()> {
         self.put()?;
-        self.writer.flush()
+        self.write_out()
+    }
+
+    fn write_out(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.writer.write_all(&self.out)?;
+            self.out.clear();
+            self.sent = true;
+        }
+        Ok(())
+    }
+
+    /// Opens an exchange: `BEGIN` is buffered, so it leaves with the exchange's first write.
+    fn begin(&mut self, taken: Taken) {
+        self.sent = false;
+        self.enc
+            .begin(kind::BEGIN)
+            .u64(taken.id)
+            .u8(taken.fetch.into())
+            .finish();
+    }
+
+    /// Ends an exchange: a response that is whole and has not touched the socket goes into
+    /// the worker's answer ring (ringing the master's doorbell if it waits for one); anything
+    /// else is written to the socket.
+    fn end(
+        &mut self,
+        queue: &Queue,
+        slot: u32,
+        id: u64,
+        doorbell: &OwnedFd,
+    ) -> std::io::Result<()> {
+        self.out.extend_from_slice(self.enc.bytes());
+        self.enc.clear();
+        let whole = self.out.ends_with(&[kind::END, 0, 0, 0, 0]);
+        if !self.sent && whole && self.out.len() > BEGIN_LEN {
+            let started = queue.holding(slot).1;
+            if let Some(ring) = queue.answer(slot, id, started, &self.out[BEGIN_LEN..]) {
+                self.out.clear();
+                if ring {
+                    // Non-blocking: a full pipe already tells the master to look.
+                    match rustix::io::write(doorbell, &[1]) {
+                        Ok(_) | Err(rustix::io::Errno::AGAIN) => {}
+                        Err(error) => return Err(error.into()),
+                    }
+                }
+                return Ok(());
+            }
+        }
+        self.write_out()
     }
 }
 
@@ -90,14 +152,16 @@ fn serve(
     let stream = UnixStream::connect(&spec.socket)?;
     let mut conn = Conn {
         reader: BufReader::with_capacity(64 * 1024, stream.try_clone()?),
-        writer: BufWriter::with_capacity(64 * 1024, stream),
+        writer: stream,
+        out: Vec::with_capacity(OUT_LIMIT),
+        sent: false,
         seq: 0,
         serving: false,
         enc: Encoder::new(),
     };
     proto::encode_hello(&mut conn.enc, id, spec.generation, std::process::id());
     conn.flush()?;
-    let (queue, slot) = welcome(conn.reader.get_ref())?;
+    let (queue, doorbell, slot) = welcome(conn.reader.get_ref())?;
     let conn = Rc::new(RefCell::new(conn));
     Py::new(py, side::Channel::new(conn.clone()))
         .and_then(|channel| py.import("strata")?.setattr("_channel", channel))
@@ -119,13 +183,7 @@ fn serve(
         };
         {
             let mut conn = conn.borrow_mut();
-            // Buffered: it goes out with the exchange's first flush (a body read or the
-            // response), so taking a request costs no system call.
-            conn.enc
-                .begin(kind::BEGIN)
-                .u64(taken.id)
-                .u8(taken.fetch.into())
-                .finish();
+            conn.begin(taken);
             if taken.fetch {
                 conn.flush()?;
                 match proto::read_frame(&mut conn.reader, &mut payload)? {
@@ -136,6 +194,7 @@ fn serve(
             }
         }
         wsgi.handle(py, app, &payload)?;
+        conn.borrow_mut().end(&queue, slot, taken.id, &doorbell)?;
         queue.done(slot);
     }
     // Retired (or the master is gone): tearing down the address space is background work;
@@ -144,11 +203,12 @@ fn serve(
     Ok(())
 }
 
-/// Reads the master's `WELCOME`: this worker's slot, and the shared region to map.
-fn welcome(socket: &UnixStream) -> Result<(Queue, u32), ProtoError> {
+/// Reads the master's `WELCOME`: this worker's slot, the shared region to map, and the
+/// master's doorbell for answers.
+fn welcome(socket: &UnixStream) -> Result<(Queue, OwnedFd, u32), ProtoError> {
     use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut bytes = [0u8; 9];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let received = recvmsg(
         socket,
@@ -157,19 +217,24 @@ fn welcome(socket: &UnixStream) -> Result<(Queue, u32), ProtoError> {
         RecvFlags::CMSG_CLOEXEC,
     )
     .map_err(std::io::Error::from)?;
-    let fd = control.drain().find_map(|message| match message {
-        RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-        _ => None,
-    });
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
     let (frame, len) = proto::parse_header(bytes[..5].try_into().expect("5 bytes"))?;
     if received.bytes != 9 || frame != kind::WELCOME || len != 4 {
         return Err(ProtoError::UnexpectedKind(frame));
     }
     let slot = proto::Decoder::new(&bytes[5..]).u32()?;
-    let fd = fd.ok_or_else(|| std::io::Error::other("the welcome came without the region"))?;
-    let queue = Queue::open(std::os::fd::AsFd::as_fd(&fd))
+    let mut fds = fds.into_iter();
+    let (Some(region), Some(doorbell)) = (fds.next(), fds.next()) else {
+        return Err(std::io::Error::other("the welcome came without its descriptors").into());
+    };
+    let queue = Queue::open(std::os::fd::AsFd::as_fd(&region))
         .map_err(|error| std::io::Error::other(error.to_string()))?;
-    Ok((queue, slot))
+    Ok((queue, doorbell, slot))
 }
 
 /// Whether the master closed this worker's socket (it sends nothing unasked, so an idle

@@ -166,7 +166,7 @@ impl Wsgi {
                 }
             }
         }
-        conn.flush()?;
+        // The caller ends the exchange (`Conn::end`): the frames stay encoded until then.
         Ok(())
     }
 
