@@ -2,7 +2,9 @@
 //!
 //! It drains every ring, arms the doorbell, and looks once more before it waits, so an
 //! answer written while it was draining is never left waiting for the next ring. Under load
-//! it is woken once per batch of answers, not once per answer.
+//! it is woken once per batch of answers, not once per answer. The supervisor's tick drains
+//! too, so no answer waits longer than a tick even if a ring of the doorbell were lost, and a
+//! worker's ring is drained once more when it exits, before its slot can be handed on.
 
 use std::sync::Arc;
 
@@ -43,17 +45,29 @@ pub async fn collect(shared: Arc<Shared>) {
     }
 }
 
-/// Hands every waiting answer to its exchange and counts it for the worker that wrote it.
-fn drain(shared: &Shared, frames: &mut Vec<u8>) {
+/// Hands every waiting answer to its exchange.
+pub fn drain(shared: &Shared, frames: &mut Vec<u8>) {
+    let _reader = shared.dispatch.answer_reader();
+    for slot in 0..shared.dispatch.queue().high() {
+        drain_one(shared, slot, frames);
+    }
+}
+
+/// Hands the answers in one worker's ring to their exchanges.
+pub fn drain_slot(shared: &Shared, slot: u32, frames: &mut Vec<u8>) {
+    let _reader = shared.dispatch.answer_reader();
+    drain_one(shared, slot, frames);
+}
+
+/// Drains one ring; the caller is its one reader ([`super::dispatch::Dispatch::answer_reader`]).
+fn drain_one(shared: &Shared, slot: u32, frames: &mut Vec<u8>) {
     let queue = shared.dispatch.queue();
-    for slot in 0..queue.high() {
-        while let Some(answer) = queue.next_answer(slot, frames) {
-            shared
-                .dispatch
-                .deliver(answer, std::mem::take(frames), &shared.metrics);
-            if let Some(id) = shared.pool.id_of_slot(slot) {
-                shared.completed(id);
-            }
+    while let Some(answer) = queue.next_answer(slot, frames) {
+        shared
+            .dispatch
+            .deliver(answer, std::mem::take(frames), &shared.metrics);
+        if let Some(id) = shared.pool.id_of_slot(slot) {
+            shared.completed(id);
         }
     }
 }

@@ -67,6 +67,8 @@ pub struct Dispatch {
     /// A cell the watchdog found held by a taker that never released it: its position and
     /// when it was first seen.
     stuck: Mutex<Option<(u64, Instant)>>,
+    /// Held while answer rings are read: each ring has one reader at a time.
+    answers: Mutex<()>,
 }
 
 impl Dispatch {
@@ -88,6 +90,7 @@ impl Dispatch {
                 free: Mutex::new((0..queue::SLOTS as u32).rev().collect()),
             }),
             stuck: Mutex::default(),
+            answers: Mutex::default(),
         })
     }
 
@@ -140,6 +143,12 @@ impl Dispatch {
     /// Requests waiting for a worker.
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// The right to read answer rings (the collector, the supervisor's tick, a watcher whose
+    /// worker exited), one at a time.
+    pub fn answer_reader(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.answers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes the pending request a worker says it took.
@@ -375,6 +384,8 @@ fn instant_of(nanos: u64) -> Instant {
 /// An idle worker's socket closed (or carried garbage): answer the request its slot says it
 /// held, if it had taken one, and have it replaced.
 fn gone(shared: &Shared, worker: WorkerConn, error: ProtoError) {
+    // Answers it wrote before it went are delivered before its slot is freed.
+    super::collect::drain_slot(shared, worker.slot.index(), &mut Vec::new());
     let timed_out = shared.pool.timed_out(worker.id);
     let (held, _) = shared.dispatch.queue.holding(worker.slot.index());
     if held != 0 {

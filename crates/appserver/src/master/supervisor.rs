@@ -185,6 +185,9 @@ pub async fn supervise(
                 let dispatch = &supervisor.shared.dispatch;
                 dispatch.expire_overdue(supervisor.shared.config().queue_timeout);
                 dispatch.unjam();
+                if dispatch.queue().has_answers() {
+                    super::collect::drain(&supervisor.shared, &mut Vec::new());
+                }
             }
         }
     }
