@@ -96,6 +96,23 @@ def test_queue_full_and_queue_timeout_are_503(strata):
     assert requests.get(server.url("/")).status_code == 200
 
 
+def test_requests_given_up_while_queued_never_run(strata):
+    server = strata(*app("lifecycle", "--workers", "1"), config='[app]\nqueue_timeout = "1s"\n')
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(requests.get, server.url("/sleep?s=2.5"))
+        assert wait_until(lambda: server.status()["app"]["workers"][0]["state"] == "busy")
+        # A client that leaves while its request waits for the worker.
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(b"GET /mark?tag=left HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.2)
+        # A request whose queue time runs out.
+        expired = requests.get(server.url("/mark?tag=expired"))
+        assert expired.status_code == 503 and "within 1s" in expired.text
+        assert busy.result().status_code == 200
+    assert requests.get(server.url("/mark?tag=served")).status_code == 200
+    assert requests.get(server.url("/marks")).text == "served"
+
+
 def test_queue_length_zero_serves_only_when_a_worker_is_idle(strata):
     server = strata(*app("lifecycle", "--workers", "1"), config="[app]\nqueue_length = 0\n")
     assert requests.get(server.url("/")).status_code == 200

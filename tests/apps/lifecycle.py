@@ -6,6 +6,7 @@ import time
 from urllib.parse import parse_qs
 
 HELD = []
+MARKS = []
 
 
 def application(environ, start_response):
@@ -20,6 +21,11 @@ def application(environ, start_response):
     if path == "/stream":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return slow_lines(int(query.get("count", "10")), float(query.get("delay", "0.1")))
+    if path == "/mark":
+        MARKS.append(query.get("tag", ""))
+    if path == "/marks":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [",".join(MARKS).encode()]
     if path == "/grow":
         HELD.append(bytearray(int(query.get("mb", "10")) * 1024 * 1024))
     start_response("200 OK", [("Content-Type", "text/plain"), ("X-Pid", str(os.getpid()))])
