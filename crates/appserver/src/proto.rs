@@ -50,6 +50,9 @@ pub mod kind {
     pub const BEGIN: u8 = 18;
 }
 
+/// Bytes of a whole `BEGIN` frame, header included.
+pub const BEGIN_FRAME: usize = 5 + 9;
+
 /// Frames larger than this are a protocol error.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 

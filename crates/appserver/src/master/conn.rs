@@ -35,7 +35,7 @@ impl WorkerConn {
     /// Reads the `BEGIN` that opens the worker's next exchange: the request's id, and
     /// whether the worker needs the request sent over the socket.
     pub async fn read_begin(&mut self) -> Result<(u64, bool), ProtoError> {
-        let mut frame = [0u8; 5 + 9];
+        let mut frame = [0u8; proto::BEGIN_FRAME];
         self.reader.read_exact(&mut frame).await?;
         let (kind, len) = proto::parse_header(frame[..5].try_into().expect("5 bytes"))?;
         if kind != proto::kind::BEGIN || len != 9 {

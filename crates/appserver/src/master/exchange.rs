@@ -245,11 +245,7 @@ async fn relay(
     {
         if frame == kind::END {
             finish(shared, lease.take());
-            *response.body_mut() = match chunks.len() {
-                0 => empty(),
-                1 => full(chunks.pop().expect("one chunk")),
-                _ => full(chunks.concat()),
-            };
+            *response.body_mut() = whole_body(chunks);
             return response;
         }
         chunks.push(Bytes::copy_from_slice(&payload));
@@ -431,12 +427,17 @@ fn answer_response(frames: Vec<u8>) -> Result<Response<Body>, Failure> {
         }
     }
     let mut response = response.expect("set before the end");
-    *response.body_mut() = match chunks.len() {
+    *response.body_mut() = whole_body(chunks);
+    Ok(response)
+}
+
+/// A body whose chunks are all here: one buffer, copied only if there are several.
+fn whole_body(mut chunks: Vec<Bytes>) -> Body {
+    match chunks.len() {
         0 => empty(),
         1 => full(chunks.pop().expect("one chunk")),
         _ => full(chunks.concat()),
-    };
-    Ok(response)
+    }
 }
 
 /// The response for a `HEAD` frame; any other first frame means the worker is broken.

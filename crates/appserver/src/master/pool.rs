@@ -194,7 +194,11 @@ impl Pool {
 
     /// Workers that hold no request and are not leaving.
     pub fn idle(&self) -> usize {
-        self.lock()
+        self.count_idle(&self.lock())
+    }
+
+    fn count_idle(&self, workers: &BTreeMap<u32, WorkerInfo>) -> usize {
+        workers
             .values()
             .filter(|w| self.state(w) == WorkerState::Idle)
             .count()
@@ -203,13 +207,9 @@ impl Pool {
     /// Whether the pool serves (workers connected) and how many workers are free.
     pub fn readiness(&self, open: bool) -> strata_core::Ready {
         let workers = self.lock();
-        let free = workers
-            .values()
-            .filter(|w| self.state(w) == WorkerState::Idle)
-            .count();
         strata_core::Ready {
             ready: open && !workers.is_empty(),
-            free,
+            free: self.count_idle(&workers),
         }
     }
 }

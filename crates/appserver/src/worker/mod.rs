@@ -40,8 +40,6 @@ pub(crate) struct Conn {
 
 /// Output past this is written to the socket even before the exchange ends.
 const OUT_LIMIT: usize = 64 * 1024;
-/// Bytes of the `BEGIN` frame that opens an exchange.
-const BEGIN_LEN: usize = 5 + 9;
 
 impl Conn {
     /// Moves the frames encoded so far to the output; a large output is written out.
@@ -92,9 +90,9 @@ impl Conn {
         self.out.extend_from_slice(self.enc.bytes());
         self.enc.clear();
         let whole = self.out.ends_with(&[kind::END, 0, 0, 0, 0]);
-        if !self.sent && whole && self.out.len() > BEGIN_LEN {
+        if !self.sent && whole && self.out.len() > proto::BEGIN_FRAME {
             let started = queue.holding(slot).1;
-            if let Some(ring) = queue.answer(slot, id, started, &self.out[BEGIN_LEN..]) {
+            if let Some(ring) = queue.answer(slot, id, started, &self.out[proto::BEGIN_FRAME..]) {
                 self.out.clear();
                 if ring {
                     // Non-blocking: a full pipe already tells the master to look.
