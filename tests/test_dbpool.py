@@ -130,6 +130,29 @@ def test_a_client_holds_its_server_connection_for_a_transaction_only(pooler):
         second.commit()
 
 
+def test_a_begin_takes_no_server_connection_until_the_transactions_first_statement(pooler):
+    server = pooler('pool_size = 1\nquery_wait_timeout = "5s"\n')
+    with connect(server, autocommit=True) as first, connect(server, autocommit=True) as second:
+        second.execute("drop table if exists early; create table early (x int)")
+        for begin in ["begin", "START TRANSACTION;"]:
+            first.execute(begin)
+            assert first.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            # The pool's only connection is still free for others.
+            assert second.execute("select count(*) from early").fetchone()[0] == 0
+            first.execute("insert into early values (1)")
+            assert first.execute("select now() = statement_timestamp()").fetchone()[0] is False
+            first.execute("rollback")
+            assert first.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            # The insert was inside the transaction: rolled back, not committed on its own.
+            assert second.execute("select count(*) from early").fetchone()[0] == 0
+        first.execute("begin")
+        first.execute("insert into early values (2)")
+        first.execute("commit")
+        assert second.execute("select array_agg(x) from early").fetchone()[0] == [2]
+        with pytest.raises(psycopg.errors.SyntaxError):
+            first.execute("begin isolation level bogus")
+
+
 def test_a_client_that_vanishes_mid_transaction_leaves_nothing_behind(pooler):
     server = pooler('pool_size = 1\n')
     with connect(server, autocommit=True) as setup:

@@ -46,6 +46,8 @@ pub struct Relay<'a> {
     statements: HashMap<Bytes, u64>,
     /// Why the client keeps its server connection to the end, if it does.
     pinned: Option<&'static str>,
+    /// A `BEGIN` already answered, to be sent ahead of the transaction's first statement.
+    begun: Option<Bytes>,
     to_server: BytesMut,
     to_client: BytesMut,
 }
@@ -73,6 +75,7 @@ impl<'a> Relay<'a> {
             flow: Flow::default(),
             statements: HashMap::new(),
             pinned: None,
+            begun: None,
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
         };
@@ -182,6 +185,16 @@ impl<'a> Relay<'a> {
         self.transaction_mode && self.pinned.is_none() && self.flow.at_rest()
     }
 
+    /// Whether a `BEGIN` can be answered before the transaction has a server connection:
+    /// transaction mode, no connection held, no transaction open.
+    fn may_begin_early(&self) -> bool {
+        self.transaction_mode
+            && self.link.is_none()
+            && self.pinned.is_none()
+            && self.flow.is_empty()
+            && self.flow.status == b'I'
+    }
+
     /// In transaction mode, a connection whose transaction is over goes back to the pool.
     fn give_back_if_done(&mut self) {
         if self.may_give_back() {
@@ -192,11 +205,16 @@ impl<'a> Relay<'a> {
         }
     }
 
-    /// Makes sure the client holds a server connection.
+    /// Makes sure the client holds a server connection, sending it the `BEGIN` answered
+    /// early, if any (its answer is dropped: the client has had it).
     async fn link(&mut self) -> Result<&mut Lent, RelayError> {
         if self.link.is_none() {
             let lent = self.pool.acquire(&self.entry).await?;
             self.adopt(lent);
+            if let Some(begin) = self.begun.take() {
+                self.forward(&begin);
+                self.flow.sent_ready(true, false);
+            }
         }
         Ok(self.link.as_mut().expect("linked above"))
     }
@@ -302,6 +320,20 @@ impl<'a> Relay<'a> {
 
     async fn query(&mut self, message: Bytes) -> Result<(), RelayError> {
         let sql = &message[5..message.len().saturating_sub(1)];
+        if self.may_begin_early() {
+            if let Some(tag) = state::plain_begin(sql) {
+                // Answered now; the transaction takes a server connection with its first
+                // statement, which saves it a round trip on a borrowed connection.
+                self.flow.owe(wire::framed(b'C', |b| {
+                    b.extend_from_slice(tag.as_bytes());
+                    b.extend_from_slice(b"\0");
+                }));
+                self.flow.status = b'T';
+                self.flow.owe(ready(b'T'));
+                self.begun = Some(message);
+                return Ok(());
+            }
+        }
         self.watch(sql);
         let mut drops_all = false;
         if self.renames() {

@@ -165,6 +165,31 @@ fn statements(sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// The command tag PostgreSQL answers `sql` with, if `sql` is a `BEGIN` without options
+/// (`BEGIN`, `BEGIN WORK`, `BEGIN TRANSACTION`, `START TRANSACTION`, any case, a trailing
+/// `;` allowed). Outside a transaction such a statement cannot fail while the connection
+/// lives, which is what lets the pooler answer it before the transaction has a connection.
+pub fn plain_begin(sql: &[u8]) -> Option<&'static str> {
+    if sql.len() > 32 {
+        return None;
+    }
+    let sql = std::str::from_utf8(sql).ok()?;
+    let sql = sql.trim_end_matches(|c: char| c == ';' || c.is_ascii_whitespace());
+    let mut words = sql.split_ascii_whitespace();
+    let first = words.next()?;
+    let second = words.next();
+    if words.next().is_some() {
+        return None;
+    }
+    let is = |word: &str, what: &str| word.eq_ignore_ascii_case(what);
+    match second {
+        None if is(first, "begin") => Some("BEGIN"),
+        Some(w) if is(first, "begin") && (is(w, "work") || is(w, "transaction")) => Some("BEGIN"),
+        Some(w) if is(first, "start") && is(w, "transaction") => Some("START TRANSACTION"),
+        _ => None,
+    }
+}
+
 /// `SET` statements that give a server connection `params`, as one simple query.
 pub fn set_query(params: &[(&str, &str)]) -> String {
     params
@@ -320,6 +345,32 @@ mod tests {
         );
         assert_eq!(drops_database(b"drop table x"), None);
         assert_eq!(deallocates(b"select 1"), None);
+    }
+
+    #[test]
+    fn only_a_begin_without_options_is_plain() {
+        for (sql, tag) in [
+            ("BEGIN", "BEGIN"),
+            ("begin;", "BEGIN"),
+            ("  Begin Work ; ", "BEGIN"),
+            ("BEGIN TRANSACTION", "BEGIN"),
+            ("start transaction;", "START TRANSACTION"),
+        ] {
+            assert_eq!(plain_begin(sql.as_bytes()), Some(tag), "{sql}");
+        }
+        for sql in [
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            "begin read write",
+            "START TRANSACTION READ ONLY",
+            "begin; select 1",
+            "BEGINNING",
+            "begin work now",
+            "/* x */ begin",
+            "COMMIT",
+            "",
+        ] {
+            assert_eq!(plain_begin(sql.as_bytes()), None, "{sql}");
+        }
     }
 
     #[test]
