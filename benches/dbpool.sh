@@ -8,5 +8,6 @@ cd "$(dirname "$0")/.."
 need pgbouncer
 ls /usr/lib/postgresql/*/bin/pgbench >/dev/null || {
   echo "PostgreSQL server binaries are needed (/usr/lib/postgresql/*/bin)" >&2; exit 1; }
-[ -x target/release/strata ] || cargo build --release --locked
+cargo build --release --locked
+cargo build --release --locked --example relay -p strata-dbpool
 exec python3 benches/dbpool.py "$@"
