@@ -194,7 +194,7 @@ async fn session<S: Stream>(
         Err(error) => return refuse(client, error.code(), &error.to_string()).await,
     };
     // The client's view: what the server reports, with the tracked values it asked for.
-    let mut tracked = Vec::new();
+    let mut tracked = state::Tracked::default();
     let mut out = BytesMut::new();
     wire::authentication_ok(&mut out);
     for (name, value) in &reported {
@@ -204,7 +204,7 @@ async fn session<S: Stream>(
                     .iter()
                     .find(|(a, _)| *a == t)
                     .map_or(value, |(_, v)| v);
-                tracked.push((t, value.clone()));
+                tracked.set(t, value);
                 value
             }
             None => value,

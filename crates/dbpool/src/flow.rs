@@ -132,6 +132,11 @@ impl Flow {
         }
     }
 
+    /// Whether an answer from the pooler itself is due before the next server message.
+    pub fn owes_now(&self) -> bool {
+        matches!(self.queue.front(), Some(Expect::Owed(_)))
+    }
+
     /// Moves the answers now due from the pooler itself into `out`.
     pub fn pay(&mut self, out: &mut bytes::BytesMut) {
         while let Some(Expect::Owed(answer)) = self.queue.front() {

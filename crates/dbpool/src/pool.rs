@@ -222,15 +222,25 @@ impl Pool {
     /// A server connection of pool `entry`: an idle one, or a new one while under
     /// `pool_size`; waits up to `query_wait_timeout` for one to be given back.
     pub async fn acquire(&self, entry: &Arc<Entry>) -> Result<Lent, AcquireError> {
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + self.config.query_wait_timeout;
-        let slot = self.slot(entry, deadline).await;
-        self.counts.wait.observe(started.elapsed());
-        let slot = slot?;
+        let mut now = Instant::now();
+        let slot = match self.free_slot(entry) {
+            Some(slot) => {
+                self.counts.wait.observe(Duration::ZERO);
+                slot
+            }
+            None => {
+                let deadline = tokio::time::Instant::from_std(now) + self.config.query_wait_timeout;
+                let slot = self.slot(entry, deadline).await;
+                let started = now;
+                now = Instant::now();
+                self.counts.wait.observe(now - started);
+                slot?
+            }
+        };
         loop {
             let idle = entry.with(|db| db.idle.pop());
             let Some((conn, _)) = idle else { break };
-            if conn.born.elapsed() >= self.config.server_lifetime {
+            if now.saturating_duration_since(conn.born) >= self.config.server_lifetime {
                 self.counts.expired.inc();
                 continue;
             }
@@ -265,6 +275,12 @@ impl Pool {
             db.params.get_or_insert_with(|| conn.params.clone());
         });
         Ok(conn)
+    }
+
+    /// A slot under `pool_size` at once, if one is free and the database is not paused.
+    fn free_slot(&self, entry: &Entry) -> Option<OwnedSemaphorePermit> {
+        let slots = entry.with(|db| (!db.paused).then(|| db.slots.clone()))?;
+        slots.try_acquire_owned().ok()
     }
 
     /// A slot under `pool_size` (or, after `reserve_pool_timeout`, in the reserve), waiting
@@ -360,13 +376,14 @@ impl Pool {
     /// Takes back a clean connection (at rest, outside a transaction).
     pub fn put_back(&self, lent: Lent) {
         let Lent { conn, entry, .. } = lent;
-        if conn.born.elapsed() >= self.config.server_lifetime {
+        let now = Instant::now();
+        if now.saturating_duration_since(conn.born) >= self.config.server_lifetime {
             self.counts.expired.inc();
             return;
         }
         entry.with(|db| {
             if !db.paused {
-                db.idle.push((conn, Instant::now()));
+                db.idle.push((conn, now));
             }
         });
     }

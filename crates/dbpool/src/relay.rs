@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cancel::Ticket;
@@ -37,7 +37,7 @@ pub struct Relay<'a> {
     pool: &'a Pool,
     entry: std::sync::Arc<Entry>,
     /// Tracked parameters as the client believes them.
-    params: Vec<(&'static str, String)>,
+    params: state::Tracked,
     ticket: Ticket,
     transaction_mode: bool,
     link: Option<Lent>,
@@ -61,7 +61,7 @@ impl<'a> Relay<'a> {
     pub fn new(
         pool: &'a Pool,
         entry: std::sync::Arc<Entry>,
-        params: Vec<(&'static str, String)>,
+        params: state::Tracked,
         ticket: Ticket,
         link: Option<Lent>,
     ) -> Self {
@@ -142,12 +142,7 @@ impl<'a> Relay<'a> {
                     return Err(RelayError::ServerLost);
                 }
                 Event::Server(Ok(_)) => {
-                    while let Some(len) =
-                        frame(&mut from_server).map_err(|_| RelayError::ServerLost)?
-                    {
-                        let message = from_server.split_to(len);
-                        self.on_server(&message);
-                    }
+                    self.server_messages(&mut from_server)?;
                     self.flow.pay(&mut self.to_client);
                     if from_server.is_empty() {
                         self.give_back_if_done();
@@ -221,14 +216,8 @@ impl<'a> Relay<'a> {
 
     /// Takes a server connection, first giving it the client's tracked parameters.
     fn adopt(&mut self, lent: Lent) {
-        let differs = |(name, value): &&(&str, String)| lent.conn.param(name) != Some(value);
-        if self.params.iter().any(|p| differs(&p)) {
-            let differ: Vec<(&str, &str)> = self
-                .params
-                .iter()
-                .filter(differs)
-                .map(|(name, value)| (*name, value.as_str()))
-                .collect();
+        let differ = self.params.differing(&lent.conn.tracked);
+        if !differ.is_empty() {
             wire::query(&mut self.to_server, &state::set_query(&differ));
             self.flow.sent_ready(true, false);
         }
@@ -294,7 +283,8 @@ impl<'a> Relay<'a> {
 
     /// Notes SQL that leaves session state (the client is pinned, or the use reported) or
     /// drops a database (the pool's idle connections to it are closed first, as PostgreSQL
-    /// refuses to drop a database anyone is connected to).
+    /// refuses to drop a database anyone is connected to). Only SQL that is not
+    /// [`state::ordinary`] needs this look.
     fn watch(&mut self, sql: &[u8]) {
         if let Some(database) = state::drops_database(sql) {
             self.pool.forget(&database);
@@ -334,9 +324,12 @@ impl<'a> Relay<'a> {
                 return Ok(());
             }
         }
-        self.watch(sql);
+        let ordinary = state::ordinary(sql);
+        if !ordinary {
+            self.watch(sql);
+        }
         let mut drops_all = false;
-        if self.renames() {
+        if self.renames() && !ordinary {
             drops_all = state::drops_all_statements(sql);
             if drops_all {
                 self.statements.clear();
@@ -360,7 +353,7 @@ impl<'a> Relay<'a> {
     }
 
     async fn parse(&mut self, message: Bytes) -> Result<(), RelayError> {
-        if let Some(text) = prepared::parse_text(&message) {
+        if let Some(text) = prepared::parse_text(&message).filter(|t| !state::ordinary(t)) {
             self.watch(text);
         }
         let named = prepared::parse_parts(&message).filter(|(name, _)| !name.is_empty());
@@ -493,11 +486,33 @@ impl<'a> Relay<'a> {
         }
     }
 
-    /// Handles one whole server message.
-    fn on_server(&mut self, message: &[u8]) {
-        self.flow.pay(&mut self.to_client);
+    /// Handles the whole server messages at the front of `buf`. Messages forwarded one
+    /// after another are copied to the client's buffer in one piece; an answer the pooler
+    /// owes the client, or a message it drops, ends such a piece.
+    fn server_messages(&mut self, buf: &mut BytesMut) -> Result<(), RelayError> {
+        let (mut at, mut piece) = (0, 0);
+        while let Some(len) = wire::frame_len(&buf[at..]).map_err(|_| RelayError::ServerLost)? {
+            if self.flow.owes_now() {
+                self.to_client.extend_from_slice(&buf[piece..at]);
+                piece = at;
+                self.flow.pay(&mut self.to_client);
+            }
+            if !self.on_server(&buf[at..at + len]) {
+                self.to_client.extend_from_slice(&buf[piece..at]);
+                piece = at + len;
+            }
+            at += len;
+        }
+        self.to_client.extend_from_slice(&buf[piece..at]);
+        buf.advance(at);
+        frame(buf).map_err(|_| RelayError::ServerLost)?;
+        Ok(())
+    }
+
+    /// Accounts for one whole server message; true when it goes on to the client.
+    fn on_server(&mut self, message: &[u8]) -> bool {
         let Some(lent) = self.link.as_mut() else {
-            return;
+            return false;
         };
         let tag = message[0];
         let status = if tag == b'Z' { message[5] } else { 0 };
@@ -528,17 +543,13 @@ impl<'a> Relay<'a> {
                 }
             }
         });
-        if verdict == Verdict::Forward {
-            self.to_client.extend_from_slice(message);
-            if let Some((name, value)) = reported {
-                if let Some(tracked) = state::tracked(&name) {
-                    match self.params.iter_mut().find(|(n, _)| *n == tracked) {
-                        Some((_, v)) => *v = value,
-                        None => self.params.push((tracked, value)),
-                    }
-                }
-            }
+        if verdict == Verdict::Drop {
+            return false;
         }
+        if let Some((name, value)) = reported {
+            self.params.set(&name, &value);
+        }
+        true
     }
 }
 

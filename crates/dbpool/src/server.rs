@@ -18,6 +18,8 @@ pub struct ServerConn {
     pub stream: TcpStream,
     /// `ParameterStatus` values the server reported, for the clients that get this connection.
     pub params: Vec<(String, String)>,
+    /// The tracked ones among them, for comparing with a client's.
+    pub tracked: crate::state::Tracked,
     pub pid: i32,
     pub key: i32,
     /// When it logged in, for `server_lifetime`.
@@ -91,6 +93,7 @@ impl ServerConn {
         let mut conn = Self {
             stream,
             params: Vec::new(),
+            tracked: Default::default(),
             pid: 0,
             key: 0,
             born: std::time::Instant::now(),
@@ -154,8 +157,9 @@ impl ServerConn {
                     state.finish(body.data())?;
                 }
                 backend::Message::ParameterStatus(body) => {
-                    conn.params
-                        .push((body.name()?.to_owned(), body.value()?.to_owned()));
+                    let (name, value) = (body.name()?, body.value()?);
+                    conn.tracked.set(name, value);
+                    conn.params.push((name.to_owned(), value.to_owned()));
                 }
                 backend::Message::BackendKeyData(body) => {
                     conn.pid = body.process_id();
@@ -192,16 +196,9 @@ impl ServerConn {
         matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
-    /// The value the server last reported for parameter `name`.
-    pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
     /// Records a `ParameterStatus` the server sent.
     pub fn set_param(&mut self, name: &str, value: &str) {
+        self.tracked.set(name, value);
         match self.params.iter_mut().find(|(n, _)| n == name) {
             Some((_, v)) => value.clone_into(v),
             None => self.params.push((name.to_owned(), value.to_owned())),

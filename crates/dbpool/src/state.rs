@@ -26,24 +26,92 @@ pub fn tracked(name: &str) -> Option<&'static str> {
         .find(|t| t.eq_ignore_ascii_case(name))
 }
 
-/// Whether `sql` mentions any of `words` (ASCII, any case): most statements mention none of
-/// the words that matter here, and are passed over without parsing.
+/// The values of the tracked parameters, by their place in [`TRACKED`] (`None`: never
+/// reported). Comparing a client's with a server connection's is a handful of short
+/// string comparisons, done each time the client borrows a connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tracked([Option<String>; TRACKED.len()]);
+
+impl Tracked {
+    /// Records `value` for `name` if it is tracked (any spelling); false if it is not.
+    pub fn set(&mut self, name: &str, value: &str) -> bool {
+        let Some(at) = TRACKED.iter().position(|t| t.eq_ignore_ascii_case(name)) else {
+            return false;
+        };
+        match &mut self.0[at] {
+            Some(v) => value.clone_into(v),
+            slot => *slot = Some(value.to_owned()),
+        }
+        true
+    }
+
+    /// The parameters whose value here differs from `other`'s, with the value here.
+    pub fn differing<'a>(&'a self, other: &Tracked) -> Vec<(&'static str, &'a str)> {
+        let mut out = Vec::new();
+        for (at, (mine, theirs)) in self.0.iter().zip(&other.0).enumerate() {
+            if let Some(mine) = mine {
+                if theirs.as_ref() != Some(mine) {
+                    out.push((TRACKED[at], mine.as_str()));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Whether `sql` mentions any of `words` (ASCII lowercase, matched in any case): most
+/// statements mention none of the words that matter here, and are passed over without
+/// parsing. The search runs on a word's least common letter, so SQL full of `a`s and `d`s
+/// costs no more than any other.
 fn mentions(sql: &[u8], words: &[&[u8]]) -> bool {
+    const RARE: &[u8] = b"qjzxvkwyfbghpmu";
     words.iter().any(|word| {
-        memchr::memchr2_iter(word[0], word[0].to_ascii_uppercase(), sql).any(|at| {
-            sql.get(at..at + word.len())
-                .is_some_and(|w| w.eq_ignore_ascii_case(word))
+        let pivot = RARE
+            .iter()
+            .find_map(|r| word.iter().position(|b| b == r))
+            .unwrap_or(0);
+        let b = word[pivot];
+        memchr::memchr2_iter(b, b.to_ascii_uppercase(), sql).any(|at| {
+            at >= pivot
+                && sql
+                    .get(at - pivot..at - pivot + word.len())
+                    .is_some_and(|w| w.eq_ignore_ascii_case(word))
         })
     })
 }
 
-/// Whether a statement of `sql` may begin with a word that can leave session state (`SET`,
-/// `RESET`, `LISTEN`, `PREPARE`, `LOAD`, `DECLARE`, `CREATE`), or with a comment (which hides
-/// its first word from this quick look). `UPDATE t SET ...` does not: its `SET` is inside.
-fn starts_statement(sql: &[u8]) -> bool {
-    const FIRST: &[&[u8]] = &[
-        b"set", b"reset", b"listen", b"prepare", b"load", b"declare", b"create", b"-", b"/",
+/// Statements starting with these words leave session state (`SET`, `RESET`, `LISTEN`,
+/// `PREPARE`, `LOAD`, `DECLARE`, `CREATE`); a comment hides a statement's first word from a
+/// quick look.
+const LEAVES_STATE: &[&[u8]] = &[
+    b"set", b"reset", b"listen", b"prepare", b"load", b"declare", b"create", b"-", b"/",
+];
+
+/// Whether `sql` is none of the statements the pooler looks into: no statement of it starts
+/// with a word that leaves session state, drops a database or prepared statements, or with
+/// a comment, and it mentions no advisory lock. Nearly every statement an application sends
+/// is ordinary, and is relayed after this one quick look.
+pub fn ordinary(sql: &[u8]) -> bool {
+    const LOOKED_AT: &[&[u8]] = &[
+        b"set",
+        b"reset",
+        b"listen",
+        b"prepare",
+        b"load",
+        b"declare",
+        b"create",
+        b"-",
+        b"/",
+        b"drop",
+        b"discard",
+        b"deallocate",
     ];
+    !starts_statement(sql, LOOKED_AT) && !mentions(sql, &[b"advisory"])
+}
+
+/// Whether a statement of `sql` may begin with one of `first` (ASCII lowercase, matched in
+/// any case). `UPDATE t SET ...` does not begin with `SET`: its `SET` is inside.
+fn starts_statement(sql: &[u8], first: &[&[u8]]) -> bool {
     std::iter::once(0)
         .chain(memchr::memchr_iter(b';', sql).map(|at| at + 1))
         .any(|start| {
@@ -51,9 +119,12 @@ fn starts_statement(sql: &[u8]) -> bool {
             let begin = rest.iter().position(|b| !b.is_ascii_whitespace());
             begin.is_some_and(|begin| {
                 let rest = &rest[begin..];
-                FIRST.iter().any(|word| {
-                    rest.get(..word.len())
-                        .is_some_and(|w| w.eq_ignore_ascii_case(word))
+                let lead = rest[0].to_ascii_lowercase();
+                first.iter().any(|word| {
+                    word[0] == lead
+                        && rest
+                            .get(..word.len())
+                            .is_some_and(|w| w.eq_ignore_ascii_case(word))
                 })
             })
         })
@@ -61,7 +132,7 @@ fn starts_statement(sql: &[u8]) -> bool {
 
 /// What in `sql` would leave state on the server connection past the transaction, if any.
 pub fn session_state(sql: &[u8]) -> Option<&'static str> {
-    if !mentions(sql, &[b"advisory"]) && !starts_statement(sql) {
+    if !mentions(sql, &[b"advisory"]) && !starts_statement(sql, LEAVES_STATE) {
         return None;
     }
     let sql = String::from_utf8_lossy(sql).to_ascii_lowercase();
@@ -325,6 +396,31 @@ mod tests {
     }
 
     #[test]
+    fn only_statements_worth_a_look_are_not_ordinary() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "UPDATE pgbench_branches SET bbalance = bbalance + 1 WHERE bid = 2",
+            "insert into settings values ('prepare')",
+            "select 'advice'",
+            "END;",
+        ] {
+            assert!(ordinary(sql.as_bytes()), "{sql}");
+        }
+        for sql in [
+            "SET search_path = app",
+            "select 1; drop database x",
+            "DISCARD ALL",
+            "deallocate q1",
+            "/* hint */ select 1",
+            "SELECT PG_ADVISORY_LOCK(1)",
+            "select pg_try_advisory_xact_lock(1)",
+            "  listen jobs",
+        ] {
+            assert!(!ordinary(sql.as_bytes()), "{sql}");
+        }
+    }
+
+    #[test]
     fn statement_dropping_sql_is_recognised() {
         assert!(drops_all_statements(b"DISCARD ALL"));
         assert!(drops_all_statements(b"deallocate all;"));
@@ -371,6 +467,20 @@ mod tests {
         ] {
             assert_eq!(plain_begin(sql.as_bytes()), None, "{sql}");
         }
+    }
+
+    #[test]
+    fn tracked_values_differ_only_where_the_first_has_a_value() {
+        let mut client = Tracked::default();
+        let mut server = Tracked::default();
+        assert!(client.set("timezone", "UTC"));
+        assert!(client.set("application_name", "web"));
+        assert!(!client.set("search_path", "x"));
+        assert!(server.set("TimeZone", "UTC"));
+        assert!(server.set("DateStyle", "ISO, MDY"));
+        assert_eq!(client.differing(&server), vec![("application_name", "web")]);
+        server.set("application_name", "web");
+        assert!(client.differing(&server).is_empty());
     }
 
     #[test]
