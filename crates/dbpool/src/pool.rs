@@ -48,7 +48,8 @@ pub struct PoolKey {
 /// transaction's end) or [`Pool::release`] (reset first).
 #[derive(Debug)]
 pub struct Lent {
-    pub conn: ServerConn,
+    /// Boxed, so lending and returning it moves a pointer.
+    pub conn: Box<ServerConn>,
     entry: Arc<Entry>,
     _slot: OwnedSemaphorePermit,
 }
@@ -77,7 +78,7 @@ impl Entry {
 struct Database {
     slots: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
-    idle: Vec<(ServerConn, Instant)>,
+    idle: Vec<(Box<ServerConn>, Instant)>,
     waiting: usize,
     /// What the first server connection reported, for clients logging in.
     params: Option<Vec<(String, String)>>,
@@ -255,7 +256,7 @@ impl Pool {
         Ok(self.lend(conn, entry, slot))
     }
 
-    fn lend(&self, conn: ServerConn, entry: &Arc<Entry>, slot: OwnedSemaphorePermit) -> Lent {
+    fn lend(&self, conn: Box<ServerConn>, entry: &Arc<Entry>, slot: OwnedSemaphorePermit) -> Lent {
         Lent {
             conn,
             entry: entry.clone(),
@@ -263,7 +264,7 @@ impl Pool {
         }
     }
 
-    async fn open(&self, entry: &Entry) -> Result<ServerConn, ServerError> {
+    async fn open(&self, entry: &Entry) -> Result<Box<ServerConn>, ServerError> {
         let c = &self.config;
         let key = &entry.key;
         let credential = self.credential_of(&key.user);
@@ -274,7 +275,7 @@ impl Pool {
         entry.with(|db| {
             db.params.get_or_insert_with(|| conn.params.clone());
         });
-        Ok(conn)
+        Ok(Box::new(conn))
     }
 
     /// A slot under `pool_size` at once, if one is free and the database is not paused.
