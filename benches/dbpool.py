@@ -68,8 +68,9 @@ class Postgres:
                        stderr=subprocess.DEVNULL)
 
 
-def pgbouncer(root, pg_port, port, as_user):
-    """Starts PgBouncer 1.x in transaction mode with a pool of 20, like Strata's."""
+def pgbouncer(root, pg_port, port, as_user, prefix=()):
+    """Starts PgBouncer 1.x in transaction mode with a pool of 20, like Strata's (under
+    `prefix`, a command such as valgrind, if given)."""
     (root / "users.txt").write_text(f'"postgres" "{PASSWORD}"\n')
     ini = root / "pgbouncer.ini"
     ini.write_text(
@@ -83,7 +84,7 @@ def pgbouncer(root, pg_port, port, as_user):
     for path in (ini, root / "users.txt"):
         if as_user:
             shutil.chown(path, "postgres", "postgres")
-    return subprocess.Popen([*as_user, "pgbouncer", str(ini)], stdout=subprocess.DEVNULL,
+    return subprocess.Popen([*as_user, *prefix, "pgbouncer", str(ini)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
