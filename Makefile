@@ -33,6 +33,7 @@ bench: build
 	bash benches/lb.sh
 	bash benches/lb-instructions.sh
 	bash benches/app-instructions.sh
+	bash benches/dbpool-instructions.sh
 
 build:
 	$(CARGO) build --release --locked

@@ -2,7 +2,8 @@
 
 pgbench, 50 clients, 2 threads, against one private PostgreSQL (initdb into a temporary
 directory, scale 10): select-only (`-S`) and the default TPC-B-like script, through Strata
-(`--tiers dbpool`, transaction pooling, pool of 20), through PgBouncer (apt, transaction
+(`--tiers dbpool`, transaction pooling, pool of 20; sessions on one thread of the pooler's own,
+the default, and on the node's shared runtime), through PgBouncer (apt, transaction
 pooling, pool of 20), straight to PostgreSQL, and through the floor: a bare relay
 (crates/dbpool/examples/relay.rs) that gives each client its own server connection and only
 copies bytes. Nothing is pinned: PostgreSQL, the pooler and pgbench share both cores, as
@@ -177,8 +178,8 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="strata-bench-pg-"))
     root.chmod(0o755)
     pg = Postgres(root)
-    ports = {"strata": free_port(), "strata-1-thread": free_port(), "pgbouncer": free_port(),
-             "direct": pg.port, "floor-relay": free_port()}
+    ports = {"strata": free_port(), "strata-shared-runtime": free_port(),
+             "pgbouncer": free_port(), "direct": pg.port, "floor-relay": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
 
     def strata(name, extra=""):
@@ -193,9 +194,9 @@ def main():
                                 start_new_session=True)
 
     procs = {
-        # The node's shared runtime, and one thread of the pooler's own (dbpool.threads).
+        # One thread of the pooler's own (the default), and the node's shared runtime.
         "strata": strata("strata"),
-        "strata-1-thread": strata("strata-1-thread", "threads = 1\n"),
+        "strata-shared-runtime": strata("strata-shared-runtime", "threads = 0\n"),
         "pgbouncer": pgbouncer(root, pg.port, ports["pgbouncer"], pg.as_user),
         "floor-relay": subprocess.Popen(
             [str(RELAY), f"127.0.0.1:{ports['floor-relay']}", f"127.0.0.1:{pg.port}"],
@@ -212,7 +213,8 @@ def main():
             wait_port(port)
         pg.run("pgbench", "-i", "-q", "-s", str(args.scale), "-h", str(root), "-p",
                str(pg.port), "-U", "postgres", "postgres")
-        pids = {"strata": procs["strata"].pid, "strata-1-thread": procs["strata-1-thread"].pid,
+        pids = {"strata": procs["strata"].pid,
+                "strata-shared-runtime": procs["strata-shared-runtime"].pid,
                 "pgbouncer": server_pid(procs["pgbouncer"]),
                 "floor-relay": procs["floor-relay"].pid}
         for workload, extra in WORKLOADS.items():
@@ -229,7 +231,7 @@ def main():
                              for i in range(len(COLUMNS))]
                       for name, results in runs.items()}
             paired = {name: [s[0] / b[0] for s, b in zip(runs[name], runs["pgbouncer"])]
-                      for name in ("strata", "strata-1-thread")}
+                      for name in ("strata", "strata-shared-runtime")}
             # What a pooler whose own CPU were the floor's would save over PgBouncer, as a
             # share of the machine's CPU per transaction: the most any pooler can gain here.
             bound = [(b[2] - f[2]) / b[5] for b, f in zip(runs["pgbouncer"], runs["floor-relay"])]

@@ -6,7 +6,7 @@ in transaction mode with a pool of 20, twice: pgbench (10 clients, one thread) r
 then 600 transactions per client through it. The difference of the two totals over the
 5 000 transactions between them is the pooler's own code per transaction, logins, start-up
 and shutdown cancelling out. Strata runs its sessions on one thread of its own
-(`threads = 1`, health checks off); PgBouncer is the apt package. Unlike a timed run this
+(the default `threads = 1`, health checks off); PgBouncer is the apt package. Unlike a timed run this
 figure does not move with the machine's load, so a change to the relay can be judged before
 a timed run (`benches/dbpool.sh`). It counts instructions in user space only: the kernel's
 work for the same sends and receives, most of a pooler's CPU, is not in it.

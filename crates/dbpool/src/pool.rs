@@ -238,18 +238,33 @@ impl Pool {
                 slot?
             }
         };
+        let home = crate::runners::home();
         loop {
-            let idle = entry.with(|db| db.idle.pop());
+            // Newest first, among those of this thread's runtime when there are any.
+            let idle = entry.with(|db| {
+                let newest = db.idle.len().checked_sub(1)?;
+                let at = db.idle.iter().rposition(|(c, _)| c.home == home);
+                Some(db.idle.remove(at.unwrap_or(newest)))
+            });
             let Some((conn, _)) = idle else { break };
             if now.saturating_duration_since(conn.born) >= self.config.server_lifetime {
                 self.counts.expired.inc();
                 continue;
             }
-            if conn.is_quiet() {
-                self.counts.lent.inc();
-                return Ok(self.lend(conn, entry, slot));
+            if !conn.is_quiet() {
+                self.counts.stale.inc();
+                continue;
             }
-            self.counts.stale.inc();
+            match conn.come_home() {
+                Ok(conn) => {
+                    self.counts.lent.inc();
+                    return Ok(self.lend(conn, entry, slot));
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "dbpool: cannot move a server connection");
+                    self.counts.stale.inc();
+                }
+            }
         }
         let conn = self.open(entry).await?;
         self.counts.lent.inc();

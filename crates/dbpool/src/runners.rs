@@ -1,8 +1,10 @@
 //! Where client sessions run: on the node's shared runtime, or (with `dbpool.threads`) on
 //! threads of the pooler's own, each a single-threaded runtime like PgBouncer's event loop,
 //! with accepted connections dealt to them in turn. A session never moves between threads,
-//! so its wake-ups stay on one core.
+//! so its wake-ups stay on one core; a server connection it borrows from another thread is
+//! moved to its thread first ([`home`]).
 
+use std::cell::Cell;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -39,6 +41,18 @@ impl Portable for UnixStream {
     }
 }
 
+thread_local! {
+    static HOME: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The runtime the calling thread runs: 0 for the node's shared runtime, `n` for the
+/// pooler's thread `n - 1`. A socket belongs to the runtime whose reactor it is registered
+/// with, and one used from another runtime's task costs a wake-up across threads for
+/// every message.
+pub fn home() -> usize {
+    HOME.with(Cell::get)
+}
+
 /// The pooler's own threads (none: sessions run on the shared runtime).
 #[derive(Debug, Default)]
 pub struct Runners {
@@ -56,6 +70,7 @@ impl Runners {
             std::thread::Builder::new()
                 .name(format!("strata-dbpool-{index}"))
                 .spawn(move || {
+                    HOME.with(|home| home.set(index + 1));
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build();

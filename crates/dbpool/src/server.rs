@@ -26,6 +26,8 @@ pub struct ServerConn {
     pub born: std::time::Instant,
     /// Statements prepared on it under the pooler's names.
     pub prepared: OnServer,
+    /// The runtime its socket is registered with ([`crate::runners::home`]).
+    pub home: usize,
 }
 
 /// Why a server connection could not be made or kept.
@@ -98,6 +100,7 @@ impl ServerConn {
             key: 0,
             born: std::time::Instant::now(),
             prepared: OnServer::default(),
+            home: crate::runners::home(),
         };
         let mut scram: Option<scram::ClientLogin> = None;
         let mut buf = BytesMut::new();
@@ -194,6 +197,19 @@ impl ServerConn {
         }
         let mut byte = [0u8; 1];
         matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Registers the socket with the calling thread's runtime, if it is another's.
+    pub fn come_home(self: Box<Self>) -> std::io::Result<Box<Self>> {
+        let here = crate::runners::home();
+        if self.home == here {
+            return Ok(self);
+        }
+        let mut conn = *self;
+        let socket = conn.stream.into_std()?;
+        conn.stream = TcpStream::from_std(socket)?;
+        conn.home = here;
+        Ok(Box::new(conn))
     }
 
     /// Records a `ParameterStatus` the server sent.
