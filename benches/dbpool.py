@@ -69,6 +69,21 @@ class Postgres:
                        stderr=subprocess.DEVNULL)
 
 
+def strata(root, name, port, pg_port, extra="", prefix=(), binary=STRATA):
+    """Starts Strata's pooler alone (transaction mode, a pool of 20, `extra` settings) on
+    `port`, under `prefix` (a command such as valgrind), if given."""
+    config = root / f"{name}.toml"
+    config.write_text(
+        'tiers = ["dbpool"]\n[dbpool]\n'
+        f'bind = "127.0.0.1:{port}"\nserver = "127.0.0.1:{pg_port}"\n'
+        f'server_password = "{PASSWORD}"\npool_size = 20\n{extra}'
+        f'[admin]\nbind = "127.0.0.1:{free_port()}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    return subprocess.Popen([*prefix, str(binary), "run", "--config", str(config)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
 def pgbouncer(root, pg_port, port, as_user, prefix=()):
     """Starts PgBouncer 1.x in transaction mode with a pool of 20, like Strata's (under
     `prefix`, a command such as valgrind, if given)."""
@@ -161,8 +176,9 @@ def pgbench(pg, port, args, seconds, pid=None):
     tps = float(re.search(r"tps = ([\d.]+) \(without", out).group(1))
     latency = float(re.search(r"latency average = ([\d.]+) ms", out).group(1))
     # Progress lines report each second's rate: their sum is the transactions in between.
-    per_tx = [(b - a) * 1e6 / max(counted, 1) for a, b in zip(first[0], last[0])]
-    return tps, latency, *[x if pid or i else None for i, x in enumerate(per_tx)]
+    pooler, postgres, bench, machine = [(b - a) * 1e6 / max(counted, 1)
+                                        for a, b in zip(first[0], last[0])]
+    return tps, latency, pooler if pid else None, postgres, bench, machine
 
 
 RELAY = STRATA.parent / "examples" / "relay"
@@ -180,23 +196,12 @@ def main():
     pg = Postgres(root)
     ports = {"strata": free_port(), "strata-shared-runtime": free_port(),
              "pgbouncer": free_port(), "direct": pg.port, "floor-relay": free_port()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
-
-    def strata(name, extra=""):
-        config = root / f"{name}.toml"
-        config.write_text(
-            'tiers = ["dbpool"]\n[dbpool]\n'
-            f'bind = "127.0.0.1:{ports[name]}"\nserver = "127.0.0.1:{pg.port}"\n'
-            f'server_password = "{PASSWORD}"\npool_size = 20\n{extra}'
-            f'[admin]\nbind = "127.0.0.1:{free_port()}"\n')
-        return subprocess.Popen([str(STRATA), "run", "--config", str(config)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
 
     procs = {
         # One thread of the pooler's own (the default), and the node's shared runtime.
-        "strata": strata("strata"),
-        "strata-shared-runtime": strata("strata-shared-runtime", "threads = 0\n"),
+        "strata": strata(root, "strata", ports["strata"], pg.port),
+        "strata-shared-runtime": strata(root, "strata-shared-runtime",
+                                        ports["strata-shared-runtime"], pg.port, "threads = 0\n"),
         "pgbouncer": pgbouncer(root, pg.port, ports["pgbouncer"], pg.as_user),
         "floor-relay": subprocess.Popen(
             [str(RELAY), f"127.0.0.1:{ports['floor-relay']}", f"127.0.0.1:{pg.port}"],

@@ -10,6 +10,8 @@ and shutdown cancelling out. Strata runs its sessions on one thread of its own
 figure does not move with the machine's load, so a change to the relay can be judged before
 a timed run (`benches/dbpool.sh`). It counts instructions in user space only: the kernel's
 work for the same sends and receives, most of a pooler's CPU, is not in it.
+
+`bash benches/dbpool-instructions.sh --strata PATH` counts another Strata build instead.
 """
 
 import argparse
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchlib import STRATA, free_port, save, wait_port
-from dbpool import PASSWORD, Postgres, pgbouncer
+from dbpool import PASSWORD, Postgres, pgbouncer, strata
 
 SMALL, LARGE, CLIENTS = 100, 600, 10
 WORKLOADS = {"select-only (-S)": ["-S"], "TPC-B-like": []}
@@ -60,25 +62,21 @@ def counted(start, port, pg, args, transactions, out_file):
 
 
 def main():
-    argparse.ArgumentParser().parse_args()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strata", type=Path, default=STRATA,
+                        help="the Strata binary to count (another build, to compare)")
+    args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="strata-bench-pgi-"))
     root.chmod(0o777)
     pg = Postgres(root)
     port = free_port()
     valgrind = ["valgrind", "--tool=callgrind"]
 
-    def strata(out_file):
-        config = root / "strata.toml"
-        config.write_text(
-            'tiers = ["dbpool"]\n[dbpool]\n'
-            f'bind = "127.0.0.1:{port}"\nserver = "127.0.0.1:{pg.port}"\n'
-            f'server_password = "{PASSWORD}"\npool_size = 20\nthreads = 1\n'
-            f'health_check_interval = "0s"\n[admin]\nbind = "127.0.0.1:{free_port()}"\n')
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
-        return subprocess.Popen(
-            [*valgrind, f"--callgrind-out-file={out_file}", str(STRATA), "run", "--config",
-             str(config)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+    def pooler(out_file):
+        return strata(root, "strata", port, pg.port,
+                      'threads = 1\nhealth_check_interval = "0s"\n',
+                      prefix=[*valgrind, f"--callgrind-out-file={out_file}"],
+                      binary=args.strata)
 
     def bouncer(out_file):
         return pgbouncer(root, pg.port, port, pg.as_user,
@@ -93,11 +91,11 @@ def main():
     try:
         pg.run("pgbench", "-i", "-q", "-s", "10", "-h", str(root), "-p", str(pg.port), "-U",
                "postgres", "postgres")
-        for workload, args in WORKLOADS.items():
+        for workload, extra in WORKLOADS.items():
             per_tx = {}
-            for name, start in (("strata", strata), ("pgbouncer", bouncer)):
-                small = counted(start, port, pg, args, SMALL, root / f"{name}-small.out")
-                large = counted(start, port, pg, args, LARGE, root / f"{name}-large.out")
+            for name, start in (("strata", pooler), ("pgbouncer", bouncer)):
+                small = counted(start, port, pg, extra, SMALL, root / f"{name}-small.out")
+                large = counted(start, port, pg, extra, LARGE, root / f"{name}-large.out")
                 per_tx[name] = (large - small) / ((LARGE - SMALL) * CLIENTS)
             report[workload] = per_tx
             lines.append(f"| {workload} | {per_tx['strata']:,.0f} | {per_tx['pgbouncer']:,.0f} "

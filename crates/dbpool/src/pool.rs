@@ -299,8 +299,9 @@ impl Pool {
         slots.try_acquire_owned().ok()
     }
 
-    /// A slot under `pool_size` (or, after `reserve_pool_timeout`, in the reserve), waiting
-    /// while the database is paused, until `deadline`.
+    /// A slot under `pool_size` (or, after `reserve_pool_timeout`, in the reserve), waited
+    /// for (also while the database is paused) until `deadline`; for a caller that found
+    /// none free ([`Pool::free_slot`]).
     async fn slot(
         &self,
         entry: &Entry,
@@ -313,11 +314,6 @@ impl Pool {
                 db.paused.then(|| db.resumed.clone()),
             )
         });
-        if paused.is_none() {
-            if let Ok(slot) = slots.clone().try_acquire_owned() {
-                return Ok(slot);
-            }
-        }
         entry.with(|db| db.waiting += 1);
         let slot = self.wait_for_slot(entry, slots, reserve, paused, deadline);
         let slot = slot.await;

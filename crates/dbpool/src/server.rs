@@ -160,9 +160,7 @@ impl ServerConn {
                     state.finish(body.data())?;
                 }
                 backend::Message::ParameterStatus(body) => {
-                    let (name, value) = (body.name()?, body.value()?);
-                    conn.tracked.set(name, value);
-                    conn.params.push((name.to_owned(), value.to_owned()));
+                    conn.set_param(body.name()?, body.value()?);
                 }
                 backend::Message::BackendKeyData(body) => {
                     conn.pid = body.process_id();

@@ -18,12 +18,14 @@ pub const TRACKED: &[&str] = &[
     "standard_conforming_strings",
 ];
 
+/// The place in [`TRACKED`] of parameter `name`, however it is spelled.
+fn place(name: &str) -> Option<usize> {
+    TRACKED.iter().position(|t| t.eq_ignore_ascii_case(name))
+}
+
 /// The canonical name of a tracked parameter, however the client spelled it.
 pub fn tracked(name: &str) -> Option<&'static str> {
-    TRACKED
-        .iter()
-        .copied()
-        .find(|t| t.eq_ignore_ascii_case(name))
+    place(name).map(|at| TRACKED[at])
 }
 
 /// The values of the tracked parameters, by their place in [`TRACKED`] (`None`: never
@@ -35,7 +37,7 @@ pub struct Tracked([Option<String>; TRACKED.len()]);
 impl Tracked {
     /// Records `value` for `name` if it is tracked (any spelling); false if it is not.
     pub fn set(&mut self, name: &str, value: &str) -> bool {
-        let Some(at) = TRACKED.iter().position(|t| t.eq_ignore_ascii_case(name)) else {
+        let Some(at) = place(name) else {
             return false;
         };
         match &mut self.0[at] {
