@@ -36,24 +36,92 @@ impl Accept for UnixListener {
 }
 
 /// Hands every connection accepted on `listener` to `handle` until `shutdown` is requested.
-/// A failed accept (out of file descriptors, say) pauses the loop briefly instead of spinning.
+///
+/// A failed accept (out of file descriptors, say) pauses the loop instead of spinning: the
+/// pause doubles from 10 ms up to a second while accepts keep failing, and the failures are
+/// logged at most once a second, with how many there were since the last line.
 pub async fn accept_until<L: Accept>(
     listener: L,
     shutdown: Shutdown,
     what: &'static str,
     mut handle: impl FnMut(L::Stream),
 ) {
+    let mut failures = Failures::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept_one() => accepted,
             () = shutdown.requested() => return,
         };
         match accepted {
-            Ok(stream) => handle(stream),
+            Ok(stream) => {
+                failures.pause = Duration::ZERO;
+                handle(stream);
+            }
             Err(error) => {
-                tracing::warn!(%error, "{what}: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let pause = failures.failed(std::time::Instant::now(), |count| {
+                    tracing::warn!(%error, failures = count, "{what}: accept failed");
+                });
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shutdown.requested() => return,
+                }
             }
         }
+    }
+}
+
+/// The accept loop's record of failed accepts: how long to pause, and when it last logged.
+#[derive(Debug, Default)]
+struct Failures {
+    pause: Duration,
+    logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl Failures {
+    const FIRST_PAUSE: Duration = Duration::from_millis(10);
+    const LONGEST_PAUSE: Duration = Duration::from_secs(1);
+
+    /// Counts a failure at `now`, calls `log` with the failures since the last line when a
+    /// second has passed since it, and gives the pause before the next accept.
+    fn failed(&mut self, now: std::time::Instant, log: impl FnOnce(u64)) -> Duration {
+        self.unlogged += 1;
+        if self
+            .logged
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            log(self.unlogged);
+            self.unlogged = 0;
+            self.logged = Some(now);
+        }
+        self.pause = (self.pause * 2).clamp(Self::FIRST_PAUSE, Self::LONGEST_PAUSE);
+        self.pause
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_accepts_back_off_and_log_once_a_second() {
+        let mut failures = Failures::default();
+        let start = std::time::Instant::now();
+        let mut lines = Vec::new();
+        let mut pauses = Vec::new();
+        // 200 failures over 4 s, 20 ms apart.
+        for i in 0..200u64 {
+            let now = start + Duration::from_millis(20 * i);
+            pauses.push(failures.failed(now, |count| lines.push(count)));
+        }
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[0], 1);
+        assert_eq!(lines.iter().sum::<u64>() + failures.unlogged, 200);
+        assert_eq!(pauses[0], Duration::from_millis(10));
+        assert_eq!(pauses[1], Duration::from_millis(20));
+        assert_eq!(
+            *pauses.last().unwrap_or(&Duration::ZERO),
+            Duration::from_secs(1)
+        );
     }
 }

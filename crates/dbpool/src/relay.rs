@@ -518,15 +518,9 @@ impl<'a> Relay<'a> {
         let status = if tag == b'Z' { message[5] } else { 0 };
         let mut reported = None;
         if tag == b'S' {
-            if let Some((name, rest)) = prepared::cstr(&message[5..]) {
-                if let Some((value, _)) = prepared::cstr(rest) {
-                    let (name, value) = (
-                        String::from_utf8_lossy(name).into_owned(),
-                        String::from_utf8_lossy(value).into_owned(),
-                    );
-                    lent.conn.set_param(&name, &value);
-                    reported = Some((name, value));
-                }
+            if let Some((name, value)) = wire::parameter_status_fields(message) {
+                lent.conn.set_param(&name, &value);
+                reported = Some((name, value));
             }
         }
         let statements = &mut self.statements;

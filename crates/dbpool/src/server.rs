@@ -221,7 +221,8 @@ impl ServerConn {
 
     /// Returns the connection to a clean state between clients (`DISCARD ALL` rolls back
     /// nothing: a client that left mid-transaction first gets its transaction aborted by
-    /// `ROLLBACK`). Errors mean the connection must not be reused.
+    /// `ROLLBACK`), learning the parameters the server reports as they go back to their
+    /// values at login. Errors mean the connection must not be reused.
     pub async fn reset(&mut self) -> Result<(), ServerError> {
         // Answers to what the last client sent but never read may come first: a marker only
         // this reset knows tells where they end. DISCARD ALL goes on its own, as it may not run
@@ -257,6 +258,13 @@ impl ServerConn {
                 }
                 b'E' => {
                     tracing::debug!(error = %error_text(&buf), "server reset reported an error")
+                }
+                // `DISCARD ALL` puts every parameter back to its value at login, and the
+                // server reports each one that changes: the next client is told these.
+                b'S' => {
+                    if let Some((name, value)) = wire::parameter_status_fields(&buf) {
+                        self.set_param(&name, &value);
+                    }
                 }
                 _ => {}
             }

@@ -166,6 +166,18 @@ pub fn authentication_sasl_step(out: &mut BytesMut, code: i32, data: &[u8]) {
     });
 }
 
+/// The name and value of a whole `ParameterStatus` message (framing included).
+pub fn parameter_status_fields(message: &[u8]) -> Option<(String, String)> {
+    let body = message.get(5..)?;
+    let end = memchr::memchr(0, body)?;
+    let rest = &body[end + 1..];
+    let value_end = memchr::memchr(0, rest)?;
+    Some((
+        String::from_utf8_lossy(&body[..end]).into_owned(),
+        String::from_utf8_lossy(&rest[..value_end]).into_owned(),
+    ))
+}
+
 pub fn parameter_status(out: &mut BytesMut, name: &str, value: &str) {
     message(out, b'S', |b| {
         b.put_slice(name.as_bytes());
