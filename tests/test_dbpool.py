@@ -1,6 +1,7 @@
 """The PostgreSQL pooler against a real PostgreSQL started by the test harness, driven by
 psycopg."""
 
+import datetime
 import os
 import re
 import shutil
@@ -235,6 +236,58 @@ def test_bad_clients_get_errors_and_harm_no_one(pooler):
         connect(server, dbname="no_such_database")
     with connect(server) as conn:
         assert conn.execute("select 1").fetchone()[0] == 1
+
+
+def closed_by_peer(sock):
+    """Whether the other end has closed `sock` (reads what it said before closing)."""
+    said = b""
+    try:
+        while chunk := sock.recv(4096):
+            said += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return said
+
+
+def test_clients_that_do_not_log_in_in_time_are_closed(pooler):
+    server = pooler('client_login_timeout = "1s"\n')
+    silent = socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10)
+    # A client that sends its startup packet but never answers the password request.
+    halfway = socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10)
+    params = b"user\0postgres\0database\0postgres\0\0"
+    halfway.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+    with silent, halfway:
+        # A client that logs in meanwhile is served, and keeps its session past the timeout.
+        with connect(server) as conn:
+            assert closed_by_peer(silent) == b""
+            said = closed_by_peer(halfway)
+            assert said is not None and b"client_login_timeout" in said, said
+            assert conn.execute("select 1").fetchone()[0] == 1
+    assert metric(server, 'strata_dbpool_events_total{event="login_timeout"}') == 2
+
+
+def test_out_of_file_descriptors_the_pooler_backs_off_and_recovers(pooler):
+    """Idle sockets use up the process's file descriptors: accepts fail, logged at most once
+    a second, and once the idle ones are closed at client_login_timeout, a real client gets
+    in."""
+    server = pooler('client_login_timeout = "2s"\n')
+    subprocess.run(["prlimit", "--nofile=128:128", "--pid", str(server.process.pid)], check=True)
+    idle = [socket.create_connection(("127.0.0.1", server.dbpool_port)) for _ in range(300)]
+    try:
+        assert wait_until(lambda: "accept failed" in server.log(), timeout=10)
+        with connect(server, connect_timeout=30) as conn:
+            assert conn.execute("select 1").fetchone()[0] == 1
+    finally:
+        for sock in idle:
+            sock.close()
+    # One line a second at most, each with how many failures it stands for.
+    times = [datetime.datetime.fromisoformat(line.split()[0].rstrip("Z")).timestamp()
+             for line in server.log().splitlines() if "accept failed" in line]
+    assert 1 <= len(times) <= times[-1] - times[0] + 1.5, times
+    assert all(b - a >= 0.99 for a, b in zip(times, times[1:])), times
+    assert server.process.poll() is None
 
 
 @pytest.mark.parametrize("mode", ["session", "transaction"])

@@ -35,34 +35,124 @@ impl std::fmt::Debug for Login {
 }
 
 /// Serves one client until it leaves.
+///
+/// A client that has not proven who it is within `client_login_timeout` (its TLS handshake,
+/// startup packet and password exchange) is closed: idle sockets cannot hold the pooler.
 pub async fn serve<S: Stream>(mut client: S, pool: Arc<Pool>, login: Arc<Login>) {
-    let outcome = match wire::read_startup(&mut client).await {
-        Ok(Startup::Encryption { tls: true }) if login.tls.is_some() => {
-            let acceptor = login.tls.as_ref().expect("checked above");
-            match client.write_all(b"S").await {
-                Ok(()) => match acceptor.accept(client).await {
-                    Ok(mut secure) => session(&mut secure, None, true, &pool, &login).await,
-                    Err(error) => Err(error),
-                },
-                Err(error) => Err(error),
+    let deadline = LoginDeadline::new(pool.config.client_login_timeout);
+    let tls = login.tls.as_ref();
+    let opened = deadline.bound(async move {
+        match wire::read_startup(&mut client).await {
+            Ok(Startup::Encryption { tls: true }) if tls.is_some() => {
+                let acceptor = tls.expect("checked above");
+                client.write_all(b"S").await?;
+                Ok(Opened::Secure(Box::new(acceptor.accept(client).await?)))
             }
+            first => Ok(Opened::Plain(client, first)),
         }
-        first => session(&mut client, Some(first), false, &pool, &login).await,
+    });
+    let outcome = match opened.await {
+        // A client that said nothing a PostgreSQL client would understand is just closed.
+        Err(LoginTimedOut) => {
+            pool.counts.login_timeouts.inc();
+            tracing::debug!("dbpool client closed: no startup packet within client_login_timeout");
+            return;
+        }
+        Ok(Err(error)) => Err(error),
+        Ok(Ok(Opened::Secure(mut secure))) => {
+            session(&mut secure, None, true, &pool, &login, deadline).await
+        }
+        Ok(Ok(Opened::Plain(mut client, first))) => {
+            session(&mut client, Some(first), false, &pool, &login, deadline).await
+        }
     };
     if let Err(error) = outcome {
         tracing::debug!(%error, "dbpool client ended");
     }
 }
 
+/// A client connection after its first packet: TLS set up, or as it came with that packet.
+enum Opened<S: Stream> {
+    Secure(Box<strata_core::tls::TlsStream<S>>),
+    Plain(S, Result<Startup, WireError>),
+}
+
+/// When a client's login must be over (`None`: never).
+#[derive(Debug, Clone, Copy)]
+struct LoginDeadline {
+    at: Option<tokio::time::Instant>,
+    timeout: std::time::Duration,
+}
+
+/// The login took longer than `client_login_timeout`.
+#[derive(Debug)]
+struct LoginTimedOut;
+
+impl LoginDeadline {
+    fn new(timeout: std::time::Duration) -> Self {
+        let at = (!timeout.is_zero()).then(|| tokio::time::Instant::now() + timeout);
+        Self { at, timeout }
+    }
+
+    /// Runs `step` of the login, unless the deadline passes first.
+    async fn bound<T>(
+        &self,
+        step: impl std::future::Future<Output = T>,
+    ) -> Result<T, LoginTimedOut> {
+        match self.at {
+            Some(at) => tokio::time::timeout_at(at, step)
+                .await
+                .map_err(|_| LoginTimedOut),
+            None => Ok(step.await),
+        }
+    }
+}
+
+/// Who a client proved to be, and the tracked parameters it asked for at startup.
+struct Hello {
+    user: String,
+    database: String,
+    asked: Vec<(&'static str, String)>,
+}
+
 /// A client's startup and login (`first`: its first packet, when already read), then the
 /// relay.
 async fn session<S: Stream>(
+    client: &mut S,
+    first: Option<Result<Startup, WireError>>,
+    secure: bool,
+    pool: &Pool,
+    login: &Login,
+    deadline: LoginDeadline,
+) -> std::io::Result<()> {
+    let hello = match deadline
+        .bound(log_in(client, first, secure, pool, login))
+        .await
+    {
+        Ok(Ok(Some(hello))) => hello,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(error)) => return Err(error),
+        Err(LoginTimedOut) => {
+            pool.counts.login_timeouts.inc();
+            let text = format!(
+                "client_login_timeout: the login did not finish within {:?} (dbpool.client_login_timeout)",
+                deadline.timeout
+            );
+            return refuse(client, "08P01", &text).await;
+        }
+    };
+    greet(client, pool, hello).await
+}
+
+/// Reads the startup packet and checks the client's role and password; `None` when the
+/// client was refused (and told why) or only sent a cancel request.
+async fn log_in<S: Stream>(
     client: &mut S,
     mut first: Option<Result<Startup, WireError>>,
     secure: bool,
     pool: &Pool,
     login: &Login,
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<Hello>> {
     let params = loop {
         let packet = match first.take() {
             Some(packet) => packet,
@@ -70,7 +160,7 @@ async fn session<S: Stream>(
         };
         match packet {
             Ok(Startup::Encryption { .. }) => client.write_all(b"N").await?,
-            Ok(Startup::Cancel { pid, key }) => return pool.cancel(pid, key).await,
+            Ok(Startup::Cancel { pid, key }) => return pool.cancel(pid, key).await.map(|()| None),
             Ok(Startup::Params { params, minor }) => {
                 // A client asking for a newer 3.x, or for protocol options, hears what the
                 // pooler speaks: 3.0 without options (PostgreSQL 18's libpq then uses 3.0).
@@ -90,7 +180,7 @@ async fn session<S: Stream>(
                     .collect::<Vec<_>>();
                 break params;
             }
-            Err(error) => return refuse(client, "08P01", &error.to_string()).await,
+            Err(error) => return refused(client, "08P01", &error.to_string()).await,
         }
     };
     let get = |name: &str| {
@@ -100,7 +190,7 @@ async fn session<S: Stream>(
             .map(|(_, v)| v.clone())
     };
     if login.tls_required && !secure {
-        return refuse(
+        return refused(
             client,
             "28000",
             "this pooler requires TLS (dbpool.tls_required)",
@@ -120,16 +210,16 @@ async fn session<S: Stream>(
             // As PostgreSQL does, a role that does not exist fails like a wrong password.
             Ok(None) => {
                 let text = format!("password authentication failed for user \"{user}\"");
-                return refuse(client, "28P01", &text).await;
+                return refused(client, "28P01", &text).await;
             }
             Err(error) => {
                 let text = format!("could not look role \"{user}\" up in PostgreSQL: {error}");
-                return refuse(client, "08006", &text).await;
+                return refused(client, "08006", &text).await;
             }
         },
         None => {
             let text = format!("role \"{user}\" is not served by this pooler");
-            return refuse(client, "28000", &text).await;
+            return refused(client, "28000", &text).await;
         }
     };
     let mut asked = Vec::new();
@@ -142,7 +232,7 @@ async fn session<S: Stream>(
             let text = format!(
                 "unsupported startup parameter: {name} (dbpool.ignore_startup_parameters lists those ignored)"
             );
-            return refuse(client, "08P01", &text).await;
+            return refused(client, "08P01", &text).await;
         }
     }
     let proven = match (secret, pool.config.auth.as_str()) {
@@ -169,12 +259,27 @@ async fn session<S: Stream>(
     match proven {
         Err(error) => {
             let text = format!("password authentication failed for user \"{user}\" ({error})");
-            return refuse(client, "28P01", &text).await;
+            return refused(client, "28P01", &text).await;
         }
         // A looked-up role's server logins use what its latest client proved.
         Ok(credential) if !known => pool.learn(&user, credential),
         Ok(_) => {}
     }
+    Ok(Some(Hello {
+        user,
+        database,
+        asked,
+    }))
+}
+
+/// Greets a logged-in client with its server's parameters (in session mode, once it holds
+/// its server connection), then relays its messages.
+async fn greet<S: Stream>(client: &mut S, pool: &Pool, hello: Hello) -> std::io::Result<()> {
+    let Hello {
+        user,
+        database,
+        asked,
+    } = hello;
     let entry = pool.entry(&PoolKey { database, user });
     // Session mode lends a connection for the whole session; transaction mode only needs to
     // know what the server reports.
@@ -220,6 +325,15 @@ async fn session<S: Stream>(
         tracing::debug!(%error, "dbpool session ended");
     }
     Ok(())
+}
+
+/// Refuses a client with a FATAL error, during its login.
+async fn refused<S: Stream>(
+    client: &mut S,
+    code: &str,
+    text: &str,
+) -> std::io::Result<Option<Hello>> {
+    refuse(client, code, text).await.map(|()| None)
 }
 
 /// Refuses a client with a FATAL error.

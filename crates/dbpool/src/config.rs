@@ -81,6 +81,10 @@ pub struct DbPoolConfig {
     /// Longest a client waits for a server connection; then it gets an error.
     #[serde(with = "strata_core::duration")]
     pub query_wait_timeout: Duration,
+    /// A client that has not logged in this long after connecting (TLS, startup packet and
+    /// password) is closed, so idle sockets cannot hold the pooler ("0s": never).
+    #[serde(with = "strata_core::duration")]
+    pub client_login_timeout: Duration,
 }
 
 /// A role of `[[dbpool.users]]`.
@@ -120,6 +124,7 @@ impl Default for DbPoolConfig {
             health_check_interval: Duration::from_secs(10),
             health_check_database: "postgres".into(),
             query_wait_timeout: Duration::from_secs(30),
+            client_login_timeout: Duration::from_secs(60),
         }
     }
 }

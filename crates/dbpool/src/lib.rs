@@ -187,7 +187,7 @@ impl DbPool {
         strata_core::metrics::render_labeled(
             out,
             "strata_dbpool_events_total",
-            "Server connections opened, lent to clients, discarded after a failed reset, found dead when taken (stale), closed for age or idleness (expired), lent from the reserve; clients that waited too long, that left session state behind, and that were pinned for it; failed logins to PostgreSQL.",
+            "Server connections opened, lent to clients, discarded after a failed reset, found dead when taken (stale), closed for age or idleness (expired), lent from the reserve; clients that waited too long, that left session state behind, that were pinned for it, and that did not log in within client_login_timeout; failed logins to PostgreSQL.",
             "counter",
             "event",
             [
@@ -200,6 +200,7 @@ impl DbPool {
                 ("wait_timeout", c.timeouts.get()),
                 ("session_state", c.session_state.get()),
                 ("pinned", c.pinned.get()),
+                ("login_timeout", c.login_timeouts.get()),
                 ("server_error", c.server_errors.get()),
             ],
         );

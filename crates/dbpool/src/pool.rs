@@ -112,6 +112,8 @@ pub struct Counts {
     pub reserve: Counter,
     pub pinned: Counter,
     pub session_state: Counter,
+    /// Clients closed for not logging in within `client_login_timeout`.
+    pub login_timeouts: Counter,
     /// How long clients waited for a server connection.
     pub wait: Histogram,
 }
@@ -154,6 +156,7 @@ impl Pool {
                 reserve: Counter::default(),
                 pinned: Counter::default(),
                 session_state: Counter::default(),
+                login_timeouts: Counter::default(),
                 wait: Histogram::new(WAIT_BOUNDS),
             },
             cancels: Arc::default(),

@@ -24,11 +24,30 @@ use crate::{admin, handoff};
 pub fn run(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
     strata_core::logging::init(&config.log.level, config.log.format == "json");
     strata_appserver::proctitle::set("strata master");
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(serve(config, load, upgrade))
+}
+
+/// Raises the soft limit on open files to the hard one, as a server holding thousands of
+/// client connections needs (the soft limit is often 1,024); what remains is logged.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(%error, "cannot raise the open files limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    tracing::debug!(open_files = ?now, "open files limit");
 }
 
 async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Result<ExitCode> {
