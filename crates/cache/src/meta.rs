@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use bytes::{Bytes, BytesMut};
 
 use crate::server::Context;
-use crate::store::{now_ms, Counted, Item, Mode, Outcome};
+use crate::store::{now_ms, Changed, Counted, Item, Mode, Outcome};
 use crate::text::{data_block, number, valid_key, Step, Writer};
 
 /// The flags of one meta command: single letters, some with a token.
@@ -41,6 +41,16 @@ impl<'a> Flags<'a> {
 
     fn number<T: std::str::FromStr>(&self, flag: u8) -> Option<Option<T>> {
         self.token(flag).map(number::<T>)
+    }
+
+    /// `C<cas>`: the CAS an item must have for the command to act on it; an error when the
+    /// token is not a number.
+    fn cas(&self) -> Result<Option<u64>, ()> {
+        match self.number::<u64>(b'C') {
+            Some(None) => Err(()),
+            Some(cas) => Ok(cas),
+            None => Ok(None),
+        }
     }
 
     /// `O<opaque>` and `k`: echoed on every answer that asks for them.
@@ -243,16 +253,26 @@ fn set(key: &[u8], value: Bytes, flags: &Flags<'_>, ctx: &Context, out: &mut Byt
 }
 
 fn delete(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) {
-    let done = if flags.has(b'I') {
-        let exptime = flags.number::<i64>(b'T').flatten();
-        ctx.store.mark_stale(key, exptime)
-    } else {
-        ctx.store.delete(key)
+    // `C<cas>`: only an item of that CAS is deleted (or marked); another answers `EX`.
+    let Ok(cas) = flags.cas() else {
+        client_error(out);
+        return;
     };
-    if flags.has(b'q') && done {
+    let changed = if flags.has(b'I') {
+        let exptime = flags.number::<i64>(b'T').flatten();
+        ctx.store.mark_stale(key, exptime, cas)
+    } else {
+        ctx.store.delete(key, cas)
+    };
+    // Quiet mode hides only the nominal answer.
+    if flags.has(b'q') && changed == Changed::Done {
         return;
     }
-    out.extend_from_slice(if done { b"HD" } else { b"NF" });
+    out.extend_from_slice(match changed {
+        Changed::Done => b"HD",
+        Changed::NotFound => b"NF",
+        Changed::Exists => b"EX",
+    });
     flags.echo(key, out);
     out.extend_from_slice(b"\r\n");
 }
@@ -267,7 +287,11 @@ fn arithmetic(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) 
         flags.token(b'M').and_then(|m| m.first()),
         Some(b'D' | b'd' | b'-')
     );
-    let mut outcome = ctx.store.count(key, delta, up);
+    let Ok(cas) = flags.cas() else {
+        client_error(out);
+        return;
+    };
+    let mut outcome = ctx.store.count(key, delta, up, cas);
     if outcome == Counted::NotFound {
         if let Some(Some(exptime)) = flags.number::<i64>(b'N') {
             let initial = flags.number::<u64>(b'J').flatten().unwrap_or(0);
@@ -276,13 +300,17 @@ fn arithmetic(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) 
                 .store(key, initial.to_string().into(), 0, exptime, Mode::Add);
             outcome = match stored {
                 Outcome::Stored => Counted::Value(initial),
-                _ => ctx.store.count(key, delta, up),
+                _ => ctx.store.count(key, delta, up, cas),
             };
         }
     }
     match outcome {
-        Counted::NotFound => {
-            out.extend_from_slice(b"NF");
+        Counted::NotFound | Counted::Exists => {
+            out.extend_from_slice(if outcome == Counted::Exists {
+                b"EX"
+            } else {
+                b"NF"
+            });
             flags.echo(key, out);
             out.extend_from_slice(b"\r\n");
         }

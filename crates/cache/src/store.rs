@@ -1,8 +1,11 @@
 //! The item store: moka weighed in bytes, memcached's expiry rules, flags, CAS values, and the
 //! read-modify-write commands done atomically per key.
 //!
-//! A newly set key is readable at once: moka applies its admission policy only when the
-//! store is over its budget, and inserts are visible before that policy runs.
+//! A full store evicts the least recently used items, as memcached does: moka's LRU policy,
+//! not its default TinyLFU, whose admission filter turns new keys away when the store is full
+//! (every `set` would answer `STORED` and the newest writes vanish at once: a session just
+//! saved, a value just cached). A newly set key is readable at once, and stays until newer
+//! traffic pushes it out.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -107,6 +110,17 @@ pub enum Counted {
     Value(u64),
     NotFound,
     NonNumeric,
+    /// The item's CAS is not the one the command named; nothing changed.
+    Exists,
+}
+
+/// What a command on an existing item (`delete`, a stale mark) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Changed {
+    Done,
+    NotFound,
+    /// The item's CAS is not the one the command named; nothing changed.
+    Exists,
 }
 
 /// How a storage command combines with what is stored.
@@ -218,6 +232,7 @@ impl Store {
                         .unwrap_or(u32::MAX)
                         .saturating_add(OVERHEAD)
                 })
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .expire_after(PerItem)
                 .eviction_listener(listener)
                 .build(),
@@ -338,27 +353,51 @@ impl Store {
         self.items.invalidate(key);
     }
 
-    /// `delete`: whether a live item was removed.
-    pub fn delete(&self, key: &[u8]) -> bool {
+    /// `delete`: removes the live item under `key`, if its CAS is `cas` when one is given.
+    pub fn delete(&self, key: &[u8], cas: Option<u64>) -> Changed {
         let now = now_ms();
-        let removed = self
-            .items
-            .remove(key)
-            .is_some_and(|item| self.live(&item, now));
-        if removed {
+        let changed = match cas {
+            None => {
+                let removed = self.items.remove(key);
+                if removed.is_some_and(|item| self.live(&item, now)) {
+                    Changed::Done
+                } else {
+                    Changed::NotFound
+                }
+            }
+            Some(expected) => {
+                let mut changed = Changed::NotFound;
+                self.update(key, now, |item| {
+                    if item.cas == expected {
+                        changed = Changed::Done;
+                        Op::Remove
+                    } else {
+                        changed = Changed::Exists;
+                        Op::Nop
+                    }
+                });
+                changed
+            }
+        };
+        if changed == Changed::Done {
             self.stats.delete_hits.inc();
         } else {
             self.stats.delete_misses.inc();
         }
-        removed
+        changed
     }
 
     /// `incr` (`decr` when `up` is false): the new value. Increments wrap at 2^64,
-    /// decrements stop at 0; the item keeps its flags and expiry.
-    pub fn count(&self, key: &[u8], delta: u64, up: bool) -> Counted {
+    /// decrements stop at 0; the item keeps its flags and expiry. With `cas`, only an item of
+    /// that CAS is changed.
+    pub fn count(&self, key: &[u8], delta: u64, up: bool, cas: Option<u64>) -> Counted {
         let now = now_ms();
         let mut outcome = Counted::NotFound;
         self.update(key, now, |item| {
+            if cas.is_some_and(|expected| expected != item.cas) {
+                outcome = Counted::Exists;
+                return Op::Nop;
+            }
             let number = std::str::from_utf8(&item.value)
                 .ok()
                 .map(str::trim_end)
@@ -390,7 +429,7 @@ impl Store {
         match outcome {
             Counted::Value(_) => hits.inc(),
             Counted::NotFound => misses.inc(),
-            Counted::NonNumeric => {}
+            Counted::NonNumeric | Counted::Exists => {}
         }
         outcome
     }
@@ -461,12 +500,17 @@ impl Store {
     }
 
     /// Meta `md ... I`: keeps the item but marks it stale with a new CAS (and expiry, when
-    /// given), so the next reader recomputes it while others may still use it.
-    pub fn mark_stale(&self, key: &[u8], exptime: Option<i64>) -> bool {
+    /// given), so the next reader recomputes it while others may still use it. With `cas`,
+    /// only an item of that CAS is marked.
+    pub fn mark_stale(&self, key: &[u8], exptime: Option<i64>, cas: Option<u64>) -> Changed {
         let now = now_ms();
-        let mut marked = false;
+        let mut changed = Changed::NotFound;
         self.update(key, now, |item| {
-            marked = true;
+            if cas.is_some_and(|expected| expected != item.cas) {
+                changed = Changed::Exists;
+                return Op::Nop;
+            }
+            changed = Changed::Done;
             let expires_ms =
                 exptime.map_or(item.expires_ms, |e| Expires::from_exptime(e, now).ms());
             Op::Put(Arc::new(Item {
@@ -480,7 +524,7 @@ impl Store {
                 )
             }))
         });
-        marked
+        changed
     }
 
     /// Replaces the live item under `key` with what `change` makes of it, atomically;
@@ -594,15 +638,23 @@ mod tests {
     #[test]
     fn counters() {
         let s = store();
-        assert_eq!(s.count(b"n", 1, true), Counted::NotFound);
+        assert_eq!(s.count(b"n", 1, true, None), Counted::NotFound);
         s.store(b"n", "10".into(), 2, 0, Mode::Set);
-        assert_eq!(s.count(b"n", 5, true), Counted::Value(15));
-        assert_eq!(s.count(b"n", 100, false), Counted::Value(0));
+        assert_eq!(s.count(b"n", 5, true, None), Counted::Value(15));
+        assert_eq!(s.count(b"n", 100, false, None), Counted::Value(0));
         s.store(b"n", u64::MAX.to_string().into(), 2, 0, Mode::Set);
-        assert_eq!(s.count(b"n", 2, true), Counted::Value(1));
+        assert_eq!(s.count(b"n", 2, true, None), Counted::Value(1));
         assert_eq!(s.get(b"n").unwrap().flags, 2);
         s.store(b"t", "abc".into(), 0, 0, Mode::Set);
-        assert_eq!(s.count(b"t", 1, true), Counted::NonNumeric);
+        assert_eq!(s.count(b"t", 1, true, None), Counted::NonNumeric);
+        let cas = s.get(b"n").unwrap().cas;
+        assert_eq!(s.count(b"n", 1, true, Some(cas + 1)), Counted::Exists);
+        assert_eq!(
+            value(&s, "n").as_deref(),
+            Some("1"),
+            "a wrong CAS changes nothing"
+        );
+        assert_eq!(s.count(b"n", 1, true, Some(cas)), Counted::Value(2));
     }
 
     #[test]
@@ -617,17 +669,51 @@ mod tests {
     }
 
     #[test]
+    fn a_full_store_keeps_the_newest_writes() {
+        // 16 MiB written into a 1 MiB store, 10 KB at a time: the last keys written remain,
+        // the first ones are gone.
+        let s = store();
+        let value = Bytes::from(vec![b'x'; 10_000]);
+        for i in 0..1600 {
+            let key = format!("key:{i}");
+            assert_eq!(
+                s.store(key.as_bytes(), value.clone(), 0, 0, Mode::Set),
+                Outcome::Stored
+            );
+            assert!(s.get(key.as_bytes()).is_some(), "{key} readable at once");
+        }
+        s.items.run_pending_tasks();
+        let newest = (1500..1600)
+            .filter(|i| s.get(format!("key:{i}").as_bytes()).is_some())
+            .count();
+        let oldest = (0..100)
+            .filter(|i| s.get(format!("key:{i}").as_bytes()).is_some())
+            .count();
+        assert_eq!((newest, oldest), (100, 0));
+        assert!(s.size().1 <= 1024 * 1024);
+        assert!(s.stats.evictions.get() > 1400);
+    }
+
+    #[test]
     fn touch_delete_and_flush() {
         let s = store();
         s.store(b"a", "1".into(), 0, 0, Mode::Set);
         assert!(s.touch(b"a", 100).unwrap().expires_ms > now_ms());
         assert!(s.touch(b"missing", 100).is_none());
-        assert!(s.delete(b"a"));
-        assert!(!s.delete(b"a"));
+        let cas = s.get(b"a").unwrap().cas;
+        assert_eq!(s.delete(b"a", Some(cas + 1)), Changed::Exists);
+        assert_eq!(s.mark_stale(b"a", None, Some(cas + 1)), Changed::Exists);
+        assert!(!s.get(b"a").unwrap().stale, "a wrong CAS marks nothing");
+        assert_eq!(s.delete(b"a", Some(cas)), Changed::Done);
+        assert_eq!(s.delete(b"a", None), Changed::NotFound);
         s.store(b"b", "1".into(), 0, 0, Mode::Set);
         s.flush(0);
         assert_eq!(value(&s, "b"), None);
-        assert!(!s.delete(b"b"), "a flushed item is not there to delete");
+        assert_eq!(
+            s.delete(b"b", None),
+            Changed::NotFound,
+            "a flushed item is not there to delete"
+        );
         assert_eq!(s.store(b"b", "2".into(), 0, 0, Mode::Add), Outcome::Stored);
         s.store(b"c", "1".into(), 0, 0, Mode::Set);
         assert_eq!(

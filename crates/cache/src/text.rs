@@ -8,10 +8,13 @@ use bytes::{Bytes, BytesMut};
 
 use crate::meta;
 use crate::server::Context;
-use crate::store::{now_ms, Counted, Mode, Outcome};
+use crate::store::{now_ms, Changed, Counted, Mode, Outcome};
 
-/// Longest command line accepted (keys are at most 250 bytes; `get` may name many).
+/// Longest command line accepted, but for retrievals (keys are at most 250 bytes).
 pub const MAX_LINE: usize = 8192;
+/// Longest `get`/`gets`/`gat`/`gats` line: a multi-get may name thousands of keys (memcached's
+/// own suite sends 128 KB lines), however TCP splits it.
+pub const MAX_RETRIEVAL_LINE: usize = 4 << 20;
 /// Longest key.
 pub const MAX_KEY: usize = 250;
 
@@ -29,13 +32,31 @@ pub enum Step {
     Close,
 }
 
+/// Whether the line starting `buf` is a retrieval, whose length has its own limit.
+fn retrieval(buf: &[u8]) -> bool {
+    let start = buf.iter().position(|b| *b != b' ').unwrap_or(buf.len());
+    let word = &buf[start..];
+    [&b"get "[..], b"gets ", b"gat ", b"gats "]
+        .iter()
+        .any(|w| word.starts_with(w))
+}
+
 /// Handles the first command in `buf`.
+///
+/// A line's limit holds whether or not its end has arrived, so the same line is accepted or
+/// refused however TCP splits it.
 pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
-    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
-        if buf.len() > MAX_LINE {
-            out.extend_from_slice(b"CLIENT_ERROR line too long\r\n");
-            return Step::Close;
-        }
+    let end = memchr::memchr(b'\n', buf);
+    let limit = if retrieval(buf) {
+        MAX_RETRIEVAL_LINE
+    } else {
+        MAX_LINE
+    };
+    if end.unwrap_or(buf.len()) > limit {
+        out.extend_from_slice(b"CLIENT_ERROR line too long\r\n");
+        return Step::Close;
+    }
+    let Some(end) = end else {
         return Step::Need;
     };
     let line_len = end + 1;
@@ -67,17 +88,7 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
             storage(command, &tokens, line_len, buf, ctx, out)
         }
         b"delete" => {
-            let reply = match tokens.get(1) {
-                Some(key) if valid_key(key) && tokens.len() <= 3 => {
-                    if ctx.store.delete(key) {
-                        &b"DELETED\r\n"[..]
-                    } else {
-                        b"NOT_FOUND\r\n"
-                    }
-                }
-                _ => b"CLIENT_ERROR bad command line format\r\n",
-            };
-            reply_unless_noreply(&tokens, 2, reply, out);
+            delete(&tokens, ctx, out);
             Step::Done(line_len)
         }
         b"incr" | b"decr" => {
@@ -160,10 +171,42 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
             Step::Done(line_len)
         }
         b"mg" | b"ms" | b"md" | b"ma" => meta::step(command, &tokens, line_len, buf, ctx, out),
+        // Someone speaking HTTP to the cache port is not a memcached client: close, as
+        // memcached does.
+        _ if tokens.last().is_some_and(|t| t.starts_with(b"HTTP/")) => Step::Close,
         _ => {
             out.extend_from_slice(b"ERROR\r\n");
             Step::Done(line_len)
         }
+    }
+}
+
+/// `delete <key> [0] [noreply]`: the `0` is an old hold time, the only one accepted.
+fn delete(tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
+    let well_formed = match tokens.get(2..).unwrap_or_default() {
+        [] => true,
+        [only] => *only == b"0" || *only == b"noreply",
+        [hold, noreply] => *hold == b"0" && *noreply == b"noreply",
+        _ => false,
+    };
+    if !well_formed {
+        out.extend_from_slice(
+            b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n",
+        );
+        return;
+    }
+    let key = tokens.get(1).copied().unwrap_or_default();
+    if !valid_key(key) {
+        out.extend_from_slice(b"CLIENT_ERROR bad command line format\r\n");
+        return;
+    }
+    let reply: &[u8] = if ctx.store.delete(key, None) == Changed::Done {
+        b"DELETED\r\n"
+    } else {
+        b"NOT_FOUND\r\n"
+    };
+    if tokens.last() != Some(&&b"noreply"[..]) {
+        out.extend_from_slice(reply);
     }
 }
 
@@ -220,12 +263,13 @@ fn storage(
 ) -> Step {
     let is_cas = command == b"cas";
     let fields = if is_cas { 6 } else { 5 };
-    let bytes = tokens.get(4).and_then(|t| number::<usize>(t));
-    let Some(bytes) = bytes else {
-        out.extend_from_slice(b"CLIENT_ERROR bad command line format\r\n");
-        return Step::Done(line_len);
-    };
-    let key = tokens[1];
+    // As memcached: a malformed line is answered and nothing after it is swallowed (there is
+    // no telling how long a value it announced); a length is a 32-bit signed number.
+    let bytes = tokens
+        .get(4)
+        .and_then(|t| number::<i32>(t))
+        .filter(|n| (0..=i32::MAX - 2).contains(n));
+    let key = tokens.get(1).copied().unwrap_or_default();
     let flags = tokens.get(2).and_then(|t| number::<u32>(t));
     let exptime = tokens.get(3).and_then(|t| number::<i64>(t));
     let cas = if is_cas {
@@ -233,18 +277,17 @@ fn storage(
     } else {
         Some(0)
     };
-    let well_formed = valid_key(key)
-        && flags.is_some()
-        && exptime.is_some()
-        && cas.is_some()
-        && tokens.len() <= fields + 1;
-    if !well_formed {
+    let (true, Some(bytes), Some(flags), Some(exptime), Some(cas)) = (
+        valid_key(key) && tokens.len() <= fields + 1,
+        bytes,
+        flags,
+        exptime,
+        cas,
+    ) else {
         out.extend_from_slice(b"CLIENT_ERROR bad command line format\r\n");
-        return Step::Swallow {
-            consumed: line_len,
-            skip: bytes + 2,
-        };
-    }
+        return Step::Done(line_len);
+    };
+    let bytes = bytes as usize;
     let noreply = tokens.get(fields) == Some(&&b"noreply"[..]);
     let (data, total) = match data_block(key, bytes, noreply, line_len, buf, ctx, out) {
         Ok(block) => block,
@@ -255,16 +298,12 @@ fn storage(
         b"replace" => Mode::Replace,
         b"append" => Mode::Append,
         b"prepend" => Mode::Prepend,
-        b"cas" => Mode::Cas(cas.unwrap_or(0)),
+        b"cas" => Mode::Cas(cas),
         _ => Mode::Set,
     };
-    let outcome = ctx.store.store(
-        key,
-        Bytes::copy_from_slice(data),
-        flags.unwrap_or(0),
-        exptime.unwrap_or(0),
-        mode,
-    );
+    let outcome = ctx
+        .store
+        .store(key, Bytes::copy_from_slice(data), flags, exptime, mode);
     if !noreply {
         out.extend_from_slice(match outcome {
             Outcome::Stored => b"STORED\r\n",
@@ -324,7 +363,7 @@ fn arithmetic(up: bool, tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
         out.extend_from_slice(b"CLIENT_ERROR invalid numeric delta argument\r\n");
         return;
     };
-    let outcome = ctx.store.count(key, delta, up);
+    let outcome = ctx.store.count(key, delta, up, None);
     if noreply {
         return;
     }
@@ -332,7 +371,7 @@ fn arithmetic(up: bool, tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
         Counted::Value(value) => {
             let _ = write!(Writer(out), "{value}\r\n");
         }
-        Counted::NotFound => out.extend_from_slice(b"NOT_FOUND\r\n"),
+        Counted::NotFound | Counted::Exists => out.extend_from_slice(b"NOT_FOUND\r\n"),
         Counted::NonNumeric => out
             .extend_from_slice(b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"),
     }
@@ -355,4 +394,169 @@ impl std::io::Write for Writer<'_> {
 /// Seconds since the epoch, for `stats time`.
 pub fn unix_now() -> u64 {
     now_ms() / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::server::Connections;
+    use crate::store::Store;
+
+    fn context() -> Context {
+        Context {
+            store: Arc::new(Store::new(64 << 20)),
+            max_item_bytes: 1 << 20,
+            capacity_bytes: 64 << 20,
+            max_connections: 16,
+            started: std::time::Instant::now(),
+            connections: Connections::default(),
+        }
+    }
+
+    /// Runs every whole command of `input` as a connection would; the answers, and whether
+    /// the connection was closed.
+    fn run(ctx: &Context, input: &[u8]) -> (String, bool) {
+        let mut buf = input;
+        let mut out = BytesMut::new();
+        loop {
+            if buf.is_empty() {
+                return (String::from_utf8_lossy(&out).into_owned(), false);
+            }
+            match step(buf, ctx, &mut out) {
+                Step::Need => return (String::from_utf8_lossy(&out).into_owned(), false),
+                Step::Done(n) => buf = &buf[n..],
+                Step::Swallow { consumed, skip } => buf = &buf[(consumed + skip).min(buf.len())..],
+                Step::Close => return (String::from_utf8_lossy(&out).into_owned(), true),
+            }
+        }
+    }
+
+    #[test]
+    fn a_multi_get_of_any_length_works_however_it_is_split() {
+        let ctx = context();
+        run(&ctx, b"set key8 0 0 1\r\nx\r\n");
+        let mut line = b"get".to_vec();
+        for i in 0..12_000 {
+            line.extend_from_slice(format!(" key{i}").as_bytes());
+            line.extend_from_slice(if i % 2 == 0 { b"" } else { b"-padding" });
+        }
+        line.extend_from_slice(b"\r\n");
+        assert!(line.len() > 100_000);
+        // Every prefix asks for more; the whole line answers.
+        for cut in [10, MAX_LINE, MAX_LINE + 1, 100_000, line.len() - 1] {
+            let mut out = BytesMut::new();
+            assert_eq!(
+                step(&line[..cut], &ctx, &mut out),
+                Step::Need,
+                "cut at {cut}"
+            );
+            assert!(out.is_empty());
+        }
+        assert_eq!(
+            run(&ctx, &line),
+            ("VALUE key8 0 1\r\nx\r\nEND\r\n".into(), false)
+        );
+    }
+
+    #[test]
+    fn other_lines_are_limited_whether_or_not_their_end_has_come() {
+        let ctx = context();
+        let mut line = b"set ".to_vec();
+        line.resize(MAX_LINE + 100, b'k');
+        let mut whole = line.clone();
+        whole.extend_from_slice(b" 0 0 1\r\nx\r\n");
+        for input in [&line[..], &whole[..]] {
+            assert_eq!(
+                run(&ctx, input),
+                ("CLIENT_ERROR line too long\r\n".into(), true)
+            );
+        }
+    }
+
+    #[test]
+    fn delete_takes_an_old_zero_hold_time_and_noreply() {
+        let ctx = context();
+        run(&ctx, b"set a 0 0 1\r\n1\r\nset b 0 0 1\r\n1\r\n");
+        assert_eq!(run(&ctx, b"delete a 0 noreply\r\nget a\r\n").0, "END\r\n");
+        assert_eq!(run(&ctx, b"delete b 0\r\n").0, "DELETED\r\n");
+        let usage = "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n";
+        for line in [
+            &b"delete b 10\r\n"[..],
+            b"delete b 0 x\r\n",
+            b"delete b 0 noreply x\r\n",
+        ] {
+            assert_eq!(run(&ctx, line).0, usage);
+        }
+        assert_eq!(
+            run(&ctx, b"delete\r\n").0,
+            "CLIENT_ERROR bad command line format\r\n"
+        );
+    }
+
+    #[test]
+    fn a_malformed_storage_line_swallows_nothing() {
+        let ctx = context();
+        for line in [
+            &b"set k 0 0 abc\r\n"[..],
+            b"set k x 0 1\r\n",
+            b"set k 0 0 -1\r\n",
+            b"set k 0 0 4294967295\r\n",
+            b"cas k 0 0 1\r\n",
+        ] {
+            let mut input = line.to_vec();
+            input.extend_from_slice(b"version\r\n");
+            let (out, closed) = run(&ctx, &input);
+            assert!(!closed);
+            assert!(
+                out.starts_with("CLIENT_ERROR bad command line format\r\nVERSION "),
+                "{out:?}"
+            );
+        }
+        // A value over the item limit is refused and thrown away as it arrives.
+        let step = step(b"set k 0 0 2000000\r\n", &ctx, &mut BytesMut::new());
+        assert_eq!(
+            step,
+            Step::Swallow {
+                consumed: 19,
+                skip: 2_000_002
+            }
+        );
+    }
+
+    #[test]
+    fn an_http_request_closes_the_connection() {
+        let ctx = context();
+        assert_eq!(run(&ctx, b"GET / HTTP/1.0\r\n\r\n"), (String::new(), true));
+        assert_eq!(run(&ctx, b"bogus\r\n"), ("ERROR\r\n".into(), false));
+    }
+
+    #[test]
+    fn meta_commands_honour_cas() {
+        let ctx = context();
+        run(&ctx, b"set n 0 0 2\r\n10\r\n");
+        let cas = ctx.store.get(b"n").map(|i| i.cas).unwrap_or_default();
+        let wrong = cas + 7;
+        assert_eq!(
+            run(&ctx, format!("md n C{wrong}\r\n").as_bytes()).0,
+            "EX\r\n"
+        );
+        assert_eq!(
+            run(&ctx, format!("md n I C{wrong}\r\n").as_bytes()).0,
+            "EX\r\n"
+        );
+        assert_eq!(
+            run(&ctx, format!("ma n C{wrong}\r\n").as_bytes()).0,
+            "EX\r\n"
+        );
+        assert_eq!(run(&ctx, b"get n\r\n").0, "VALUE n 0 2\r\n10\r\nEND\r\n");
+        assert_eq!(
+            run(&ctx, format!("ma n C{cas} v\r\n").as_bytes()).0,
+            "VA 2\r\n11\r\n"
+        );
+        let cas = ctx.store.get(b"n").map(|i| i.cas).unwrap_or_default();
+        assert_eq!(run(&ctx, format!("md n C{cas}\r\n").as_bytes()).0, "HD\r\n");
+        assert_eq!(run(&ctx, b"mg n v\r\n").0, "EN\r\n");
+    }
 }

@@ -9,11 +9,11 @@ use pyo3::exceptions::{PyOSError, PyStopIteration};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::SharedConn;
+use super::{lock, SharedConn};
 use crate::proto::{self, kind};
 
 /// `wsgi.input`.
-#[pyclass(unsendable, module = "strata")]
+#[pyclass(module = "strata")]
 pub struct Input {
     conn: SharedConn,
     seq: u32,
@@ -38,11 +38,11 @@ impl Input {
     }
 
     /// Pulls one more chunk from the master; false once the body has ended.
-    fn fill(&mut self) -> PyResult<bool> {
+    fn fill(&mut self, py: Python<'_>) -> PyResult<bool> {
         if self.done {
             return Ok(false);
         }
-        let mut conn = self.conn.borrow_mut();
+        let mut conn = lock(py, &self.conn);
         if conn.seq != self.seq {
             // An input object kept past its request must not read the next request's body.
             self.done = true;
@@ -88,7 +88,7 @@ impl Input {
         bytes
     }
 
-    fn line_len(&mut self, limit: usize) -> PyResult<usize> {
+    fn line_len(&mut self, py: Python<'_>, limit: usize) -> PyResult<usize> {
         let mut searched = 0;
         loop {
             let window = &self.buf[self.pos..];
@@ -96,7 +96,7 @@ impl Input {
                 return Ok((searched + i + 1).min(limit));
             }
             searched = window.len();
-            if searched >= limit || !self.fill()? {
+            if searched >= limit || !self.fill(py)? {
                 return Ok(self.available().min(limit));
             }
         }
@@ -111,7 +111,7 @@ impl Input {
             Some(n) if n >= 0 => n as usize,
             _ => usize::MAX,
         };
-        while self.available() < want && self.fill()? {}
+        while self.available() < want && self.fill(py)? {}
         Ok(self.take(py, want))
     }
 
@@ -125,7 +125,7 @@ impl Input {
             Some(n) if n >= 0 => n as usize,
             _ => usize::MAX,
         };
-        let n = self.line_len(limit)?;
+        let n = self.line_len(py, limit)?;
         Ok(self.take(py, n))
     }
 
@@ -139,7 +139,7 @@ impl Input {
         let mut lines = Vec::new();
         let mut total = 0;
         while total < hint {
-            let n = self.line_len(usize::MAX)?;
+            let n = self.line_len(py, usize::MAX)?;
             if n == 0 {
                 break;
             }
@@ -154,7 +154,7 @@ impl Input {
     }
 
     fn __next__<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let n = self.line_len(usize::MAX)?;
+        let n = self.line_len(py, usize::MAX)?;
         if n == 0 {
             return Err(PyStopIteration::new_err(()));
         }
@@ -163,7 +163,7 @@ impl Input {
 }
 
 /// `wsgi.errors`: text written here goes to Strata's log, a line at a time.
-#[pyclass(unsendable, module = "strata")]
+#[pyclass(module = "strata")]
 pub struct Errors {
     pending: String,
     worker: u32,

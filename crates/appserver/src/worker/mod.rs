@@ -8,11 +8,10 @@ mod io;
 mod side;
 mod wsgi;
 
-use std::cell::RefCell;
 use std::io::{BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use pyo3::prelude::*;
@@ -108,7 +107,21 @@ impl Conn {
     }
 }
 
-pub(crate) type SharedConn = Rc<RefCell<Conn>>;
+/// The worker's connection to the master, shared by the objects handed to the application.
+/// Those may be used, and are often dropped, on other Python threads (a thread pool of the
+/// application's, the garbage collector running there): hence a mutex, locked with [`lock`].
+pub(crate) type SharedConn = Arc<Mutex<Conn>>;
+
+/// Locks `mutex`; while another thread holds it, waits with the interpreter released, so the
+/// holder can take the GIL back and finish. Nothing runs Python code while holding one of
+/// these locks. A lock poisoned by a panic is taken as it is: the panic already failed its
+/// request.
+pub(crate) fn lock<'a, T>(py: Python<'_>, mutex: &'a Mutex<T>) -> MutexGuard<'a, T> {
+    use pyo3::sync::MutexExt;
+    mutex
+        .lock_py_attached(py)
+        .unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Runs the worker until the master goes away; never returns.
 pub fn run(py: Python<'_>, spec: &ZygoteSpec, id: u32, app: &Bound<'_, PyAny>, niced: bool) -> ! {
@@ -160,7 +173,7 @@ fn serve(
     proto::encode_hello(&mut conn.enc, id, spec.generation, std::process::id());
     conn.flush()?;
     let (queue, doorbell, slot) = welcome(conn.reader.get_ref())?;
-    let conn = Rc::new(RefCell::new(conn));
+    let conn = Arc::new(Mutex::new(conn));
     Py::new(py, side::Channel::new(conn.clone()))
         .and_then(|channel| py.import("strata")?.setattr("_channel", channel))
         .map_err(|err| std::io::Error::other(err.to_string()))?;
@@ -173,14 +186,15 @@ fn serve(
         }
         let Some(taken) = queue.take(slot, &mut payload) else {
             // Wake at least once a second to notice a master that went away.
-            let woken = queue.wait(slot, Duration::from_secs(1));
-            if !woken && master_gone(conn.borrow().reader.get_ref()) {
+            // Idle: the application's own threads run meanwhile.
+            let woken = py.detach(|| queue.wait(slot, Duration::from_secs(1)));
+            if !woken && master_gone(lock(py, &conn).reader.get_ref()) {
                 break;
             }
             continue;
         };
         {
-            let mut conn = conn.borrow_mut();
+            let mut conn = lock(py, &conn);
             conn.begin(taken);
             if taken.fetch {
                 conn.flush()?;
@@ -192,7 +206,7 @@ fn serve(
             }
         }
         wsgi.handle(py, app, &payload)?;
-        conn.borrow_mut().end(&queue, slot, taken.id, &doorbell)?;
+        lock(py, &conn).end(&queue, slot, taken.id, &doorbell)?;
         queue.done(slot);
     }
     // Retired (or the master is gone): tearing down the address space is background work;

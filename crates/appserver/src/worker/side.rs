@@ -6,11 +6,11 @@ use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::SharedConn;
+use super::{lock, SharedConn};
 use crate::proto::{self, kind};
 
 /// `strata._channel`: the worker's connection as the `strata` package uses it.
-#[pyclass(unsendable, module = "strata")]
+#[pyclass(module = "strata")]
 pub struct Channel {
     conn: SharedConn,
 }
@@ -26,10 +26,11 @@ impl Channel {
     /// request is being served.
     fn ask(
         &self,
+        py: Python<'_>,
         encode: impl FnOnce(&mut proto::Encoder),
         reply: u8,
     ) -> PyResult<Option<Vec<u8>>> {
-        let mut conn = self.conn.borrow_mut();
+        let mut conn = lock(py, &self.conn);
         if !conn.serving {
             return Ok(None);
         }
@@ -56,8 +57,12 @@ impl Channel {
     /// Purges URLs (or, with the tags flag, surrogate keys); returns how many cached objects
     /// were affected, or `None` when no request is being served (the master only listens to a
     /// worker during an exchange).
-    fn purge(&self, flags: u8, items: Vec<String>) -> PyResult<Option<u32>> {
-        let answer = self.ask(|enc| proto::encode_purge(enc, flags, &items), kind::PURGED)?;
+    fn purge(&self, py: Python<'_>, flags: u8, items: Vec<String>) -> PyResult<Option<u32>> {
+        let answer = self.ask(
+            py,
+            |enc| proto::encode_purge(enc, flags, &items),
+            kind::PURGED,
+        )?;
         Ok(answer.map(|payload| {
             payload
                 .get(..4)
@@ -72,7 +77,11 @@ impl Channel {
         py: Python<'py>,
         commands: &[u8],
     ) -> PyResult<Option<Bound<'py, PyBytes>>> {
-        let answer = self.ask(|enc| enc.frame(kind::CACHE, commands), kind::CACHE_REPLY)?;
+        let answer = self.ask(
+            py,
+            |enc| enc.frame(kind::CACHE, commands),
+            kind::CACHE_REPLY,
+        )?;
         Ok(answer.map(|payload| PyBytes::new(py, &payload)))
     }
 }

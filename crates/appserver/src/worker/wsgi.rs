@@ -5,14 +5,14 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::{PyAssertionError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::io::{Errors, Input};
-use super::SharedConn;
+use super::{lock, SharedConn};
 use crate::proto::{self, kind, ProtoError};
 use crate::python;
 
@@ -74,7 +74,7 @@ struct Response {
     head_request: bool,
 }
 
-type SharedResponse = Rc<RefCell<Response>>;
+type SharedResponse = Arc<Mutex<Response>>;
 
 impl Wsgi {
     pub fn new(py: Python<'_>, worker: u32, conn: SharedConn) -> PyResult<Self> {
@@ -108,12 +108,12 @@ impl Wsgi {
     ) -> Result<(), ProtoError> {
         let request = proto::decode_request(payload)?;
         let seq = {
-            let mut conn = self.conn.borrow_mut();
+            let mut conn = lock(py, &self.conn);
             conn.seq = conn.seq.wrapping_add(1);
             conn.serving = true;
             conn.seq
         };
-        let response: SharedResponse = Rc::default();
+        let response: SharedResponse = Arc::default();
         let environ = self
             .environ(py, &request, seq, &response)
             .map_err(|err| std::io::Error::other(python::format_error(py, &err)))?;
@@ -143,9 +143,9 @@ impl Wsgi {
             }
             Err(err) => Err(err),
         };
-        let mut conn = self.conn.borrow_mut();
+        let mut conn = lock(py, &self.conn);
         conn.serving = false;
-        let mut response = response.borrow_mut();
+        let mut response = lock(py, &response);
         match outcome {
             Ok(()) if response.status.is_none() => {
                 tracing::error!("application returned without calling start_response");
@@ -180,7 +180,7 @@ impl Wsgi {
         let environ = PyDict::new(py);
         for (key, value) in &request.vars {
             if *key == b"REQUEST_METHOD" && *value == b"HEAD" {
-                response.borrow_mut().head_request = true;
+                lock(py, response).head_request = true;
             }
             environ.set_item(self.key(py, key), PyString::new(py, &latin1(value)))?;
         }
@@ -236,8 +236,9 @@ impl Wsgi {
             if data.is_empty() {
                 continue;
             }
-            let mut conn = self.conn.borrow_mut();
-            let mut response = response.borrow_mut();
+            let py = iterable.py();
+            let mut conn = lock(py, &self.conn);
+            let mut response = lock(py, response);
             if !response.head_sent {
                 if response.status.is_none() {
                     return Ok(Err(PyAssertionError::new_err(
@@ -261,7 +262,7 @@ impl Wsgi {
 
 /// Adds `Content-Length` for a list or tuple body when the application did not set one.
 fn declare_length(iterable: &Bound<'_, PyAny>, response: &SharedResponse) -> PyResult<()> {
-    let mut response = response.borrow_mut();
+    let mut response = lock(iterable.py(), response);
     if response.status.is_none()
         || response
             .headers
@@ -350,7 +351,7 @@ fn send_error_page(conn: &mut super::Conn, response: &mut Response) {
 }
 
 /// The `start_response` callable.
-#[pyclass(unsendable, module = "strata")]
+#[pyclass(module = "strata")]
 struct StartResponse {
     conn: SharedConn,
     response: SharedResponse,
@@ -365,25 +366,27 @@ impl StartResponse {
         headers: &Bound<'_, PyAny>,
         exc_info: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Writer> {
+        let py = status.py();
         let exc_info = exc_info.filter(|info| !info.is_none());
-        {
-            let response = self.response.borrow();
-            match exc_info {
-                Some(info) if response.head_sent => {
-                    // Too late to change the response: re-raise the application's error.
-                    return Err(PyErr::from_value(info.get_item(1)?));
-                }
-                None if response.status.is_some() => {
-                    return Err(PyAssertionError::new_err(
-                        "start_response called a second time without exc_info",
-                    ));
-                }
-                _ => {}
+        let (head_sent, started) = {
+            let response = lock(py, &self.response);
+            (response.head_sent, response.status.is_some())
+        };
+        match exc_info {
+            Some(info) if head_sent => {
+                // Too late to change the response: re-raise the application's error.
+                return Err(PyErr::from_value(info.get_item(1)?));
             }
+            None if started => {
+                return Err(PyAssertionError::new_err(
+                    "start_response called a second time without exc_info",
+                ));
+            }
+            _ => {}
         }
         let status = parse_status(status)?;
         let headers = parse_headers(headers)?;
-        let mut response = self.response.borrow_mut();
+        let mut response = lock(py, &self.response);
         response.status = Some(status);
         response.headers = headers;
         Ok(Writer {
@@ -394,7 +397,7 @@ impl StartResponse {
 }
 
 /// The `write()` callable `start_response` returns, for applications that push their body.
-#[pyclass(unsendable, module = "strata")]
+#[pyclass(module = "strata")]
 struct Writer {
     conn: SharedConn,
     response: SharedResponse,
@@ -403,8 +406,9 @@ struct Writer {
 #[pymethods]
 impl Writer {
     fn __call__(&self, data: &Bound<'_, PyBytes>) -> PyResult<()> {
-        let mut conn = self.conn.borrow_mut();
-        let mut response = self.response.borrow_mut();
+        let py = data.py();
+        let mut conn = lock(py, &self.conn);
+        let mut response = lock(py, &self.response);
         if !response.head_sent {
             send_head(&mut conn, &mut response, None);
         }
