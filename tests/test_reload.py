@@ -160,9 +160,7 @@ def test_reload_applies_app_settings_and_names_the_rest(strata, tmp_path):
     assert len(status["workers"]) == 3 and {w["generation"] for w in status["workers"]} == {2}
     config.write_text("[app]\nworkers = 1\n")
     assert reload(server).returncode == 0
-    deadline = time.monotonic() + 10
-    while len(server.status()["app"]["workers"]) != 1 and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # A reload reports success once the workers it retired have left.
     assert len(server.status()["app"]["workers"]) == 1
     config.write_text("[app]\nworkers = -1\n")
     result = reload(server)

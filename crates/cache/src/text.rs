@@ -70,6 +70,11 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
         out.extend_from_slice(b"ERROR\r\n");
         return Step::Done(line_len);
     };
+    // As memcached: a known command with the wrong number of tokens is not that command.
+    if !token_count_fits(command, tokens.len()) {
+        out.extend_from_slice(b"ERROR\r\n");
+        return Step::Done(line_len);
+    }
     match *command {
         b"get" | b"gets" => {
             retrieve(&tokens[1..], None, command == b"gets", ctx, out);
@@ -178,6 +183,19 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
             out.extend_from_slice(b"ERROR\r\n");
             Step::Done(line_len)
         }
+    }
+}
+
+/// Whether `count` tokens (the command's own included) can be `command`.
+fn token_count_fits(command: &[u8], count: usize) -> bool {
+    match command {
+        b"get" | b"gets" | b"gat" | b"gats" => count >= 2,
+        b"set" | b"add" | b"replace" | b"append" | b"prepend" => matches!(count, 5 | 6),
+        b"cas" => matches!(count, 6 | 7),
+        b"incr" | b"decr" | b"touch" => matches!(count, 3 | 4),
+        b"delete" => (2..=4).contains(&count),
+        b"flush_all" => count <= 3,
+        _ => true,
     }
 }
 
@@ -485,14 +503,18 @@ mod tests {
         for line in [
             &b"delete b 10\r\n"[..],
             b"delete b 0 x\r\n",
-            b"delete b 0 noreply x\r\n",
+            b"delete b x noreply\r\n",
         ] {
             assert_eq!(run(&ctx, line).0, usage);
         }
-        assert_eq!(
-            run(&ctx, b"delete\r\n").0,
-            "CLIENT_ERROR bad command line format\r\n"
-        );
+        // A known command with the wrong number of tokens is not that command.
+        for line in [
+            &b"delete\r\n"[..],
+            b"delete b 0 noreply x\r\n",
+            b"cas k 0 0 1\r\n",
+        ] {
+            assert_eq!(run(&ctx, line).0, "ERROR\r\n");
+        }
     }
 
     #[test]
@@ -503,7 +525,7 @@ mod tests {
             b"set k x 0 1\r\n",
             b"set k 0 0 -1\r\n",
             b"set k 0 0 4294967295\r\n",
-            b"cas k 0 0 1\r\n",
+            b"cas k 0 0 1 x\r\n",
         ] {
             let mut input = line.to_vec();
             input.extend_from_slice(b"version\r\n");

@@ -109,7 +109,12 @@ pub enum ReloadState {
 impl Shared {
     /// A worker died or was killed: forget it and have it replaced (once per worker).
     fn worker_gone(&self, id: u32, cause: Cause) {
-        if self.pool.remove(id) {
+        let Some(retired) = self.pool.remove(id) else {
+            return;
+        };
+        if retired {
+            let _ = self.events.send(Event::Left { id });
+        } else {
             self.metrics.restart(cause);
             let _ = self.events.send(Event::Lost {
                 id,

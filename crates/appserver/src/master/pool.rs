@@ -130,18 +130,22 @@ impl Pool {
         }
     }
 
-    /// Tells a worker whose replacement is ready to leave once its current request is done.
-    pub fn retire(&self, id: u32) {
-        if let Some(info) = self.lock().get_mut(&id) {
-            info.retired = true;
-            self.queue.retire(info.slot);
-        }
+    /// Tells a worker whose replacement is ready to leave once its current request is done;
+    /// false if it has already gone.
+    pub fn retire(&self, id: u32) -> bool {
+        let mut workers = self.lock();
+        let Some(info) = workers.get_mut(&id) else {
+            return false;
+        };
+        info.retired = true;
+        self.queue.retire(info.slot);
+        true
     }
 
-    /// Forgets a worker that exited; true if it was serving and not retired, so it needs a
-    /// replacement (true once per worker).
-    pub fn remove(&self, id: u32) -> bool {
-        self.lock().remove(&id).is_some_and(|info| !info.retired)
+    /// Forgets a worker that exited; whether it had been retired (`None` if it was already
+    /// forgotten). One that was serving and not retired needs a replacement.
+    pub fn remove(&self, id: u32) -> Option<bool> {
+        self.lock().remove(&id).map(|info| info.retired)
     }
 
     /// The id of the live worker with `pid`.

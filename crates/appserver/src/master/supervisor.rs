@@ -64,6 +64,8 @@ pub enum Event {
     /// A worker died or was killed and has been forgotten; replace it unless a replacement is
     /// already on its way.
     Lost { id: u32, after_crash: bool },
+    /// A retired worker has exited and been forgotten.
+    Left { id: u32 },
     /// A worker connected and said hello.
     Connected(WorkerConn),
     /// A zygote's message; `None` when it exited.
@@ -216,6 +218,10 @@ impl Supervisor {
                 }
                 self.fork(replaces).await;
             }
+            Event::Left { id } => {
+                self.retired.remove(&id);
+                self.advance_rollout().await;
+            }
             Event::Lost { id, after_crash } => {
                 if let Some(rollout) = &mut self.rollout {
                     rollout.in_flight.remove(&id);
@@ -276,9 +282,12 @@ impl Supervisor {
         self.advance_rollout().await;
     }
 
+    /// Retires worker `old`; it stays in `retired` until it has left (`Event::Left`), unless
+    /// it is gone already.
     fn retire(&mut self, old: u32) {
-        self.shared.pool.retire(old);
-        self.retired.insert(old);
+        if self.shared.pool.retire(old) {
+            self.retired.insert(old);
+        }
         if let Some(rollout) = &mut self.rollout {
             rollout.in_flight.remove(&old);
         }
@@ -446,6 +455,11 @@ impl Supervisor {
             }
             if self.rollout.as_ref().is_some_and(|r| !r.extra.is_empty()) {
                 return; // Waiting for the added workers.
+            }
+            if !self.retired.is_empty() {
+                // Waiting for the retired workers to finish their last requests and leave:
+                // once the reload is reported done, no old code is running.
+                return;
             }
             let rollout = self.rollout.take().expect("checked above");
             for (gen, zygote) in self.zygotes.iter_mut() {
