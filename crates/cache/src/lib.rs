@@ -70,6 +70,8 @@ impl Cache {
             max_connections: config.max_connections,
             started: Instant::now(),
             connections: server::Connections::default(),
+            detail: Default::default(),
+            baseline: Default::default(),
         });
         let tcp = listen(config.bind).map_err(|source| StartError::Bind {
             addr: config.bind,

@@ -24,6 +24,10 @@ pub struct Context {
     pub max_connections: usize,
     pub started: Instant,
     pub connections: Connections,
+    /// Per-prefix counts (`stats detail`).
+    pub detail: crate::stats::Detail,
+    /// Counter values at the last `stats reset`.
+    pub baseline: crate::stats::Baseline,
 }
 
 /// Connection counters for `stats`.

@@ -39,6 +39,10 @@ pub struct Item {
     pub won: AtomicBool,
     /// Meta protocol: marked stale (`md ... I`, or `ms ... I` with an old CAS).
     pub stale: bool,
+    /// Read since it was stored (meta `h`).
+    fetched: AtomicBool,
+    /// Unix milliseconds of the last read or store (meta `l`, `me`'s `la`).
+    accessed_ms: AtomicU64,
 }
 
 impl Item {
@@ -51,6 +55,40 @@ impl Item {
             stored_ms,
             won: AtomicBool::new(false),
             stale: false,
+            fetched: AtomicBool::new(false),
+            accessed_ms: AtomicU64::new(stored_ms),
+        }
+    }
+
+    /// A read at `now`: whether the item had been read before, and how many seconds since
+    /// its last access; counted as an access itself unless `bump` is false (meta `u`).
+    pub fn access(&self, now_ms: u64, bump: bool) -> (bool, u64) {
+        let (fetched, accessed) = if bump {
+            (
+                self.fetched.swap(true, Ordering::Relaxed),
+                self.accessed_ms.swap(now_ms, Ordering::Relaxed),
+            )
+        } else {
+            (
+                self.fetched.load(Ordering::Relaxed),
+                self.accessed_ms.load(Ordering::Relaxed),
+            )
+        };
+        (fetched, now_ms.saturating_sub(accessed) / 1000)
+    }
+
+    /// The same item with a new expiry, keeping what the meta protocol knows of it.
+    fn renewed(&self, expires_ms: u64) -> Self {
+        Self {
+            value: self.value.clone(),
+            flags: self.flags,
+            cas: self.cas,
+            expires_ms,
+            stored_ms: self.stored_ms,
+            won: AtomicBool::new(self.won.load(Ordering::Relaxed)),
+            stale: self.stale,
+            fetched: AtomicBool::new(self.fetched.load(Ordering::Relaxed)),
+            accessed_ms: AtomicU64::new(self.accessed_ms.load(Ordering::Relaxed)),
         }
     }
 
@@ -133,6 +171,9 @@ pub enum Mode {
     Prepend,
     /// Compare-and-swap against this CAS value.
     Cas(u64),
+    /// Meta `ms ... C<cas> I`: as `Cas`, and a CAS older than the item's stores the value
+    /// marked stale, keeping the item's expiry and its recache token.
+    CasOrStale(u64),
 }
 
 /// Counters the `stats` command and `/metrics` report.
@@ -263,8 +304,15 @@ impl Store {
         Arc::new(Item::new(value, flags, self.cas(), expires.ms(), now))
     }
 
-    /// The live item under `key`.
+    /// The live item under `key`, counted as read.
     pub fn get(&self, key: &[u8]) -> Option<Arc<Item>> {
+        let item = self.peek(key)?;
+        item.access(now_ms(), true);
+        Some(item)
+    }
+
+    /// The live item under `key`, counted in the statistics but not marked as read.
+    pub fn peek(&self, key: &[u8]) -> Option<Arc<Item>> {
         let now = now_ms();
         let found = self.items.get(key);
         match found {
@@ -286,6 +334,18 @@ impl Store {
 
     /// A storage command (`set`, `add`, `replace`, `append`, `prepend`, `cas`).
     pub fn store(&self, key: &[u8], value: Bytes, flags: u32, exptime: i64, mode: Mode) -> Outcome {
+        self.store_cas(key, value, flags, exptime, mode).0
+    }
+
+    /// A storage command, with the CAS of what it stored (0 when it stored nothing).
+    pub fn store_cas(
+        &self,
+        key: &[u8],
+        value: Bytes,
+        flags: u32,
+        exptime: i64,
+        mode: Mode,
+    ) -> (Outcome, u64) {
         self.stats.cmd_set.inc();
         let now = now_ms();
         let expires = Expires::from_exptime(exptime, now);
@@ -293,13 +353,15 @@ impl Store {
         if mode == Mode::Set {
             if expires == Expires::Already {
                 self.items.invalidate(&key);
-            } else {
-                self.items
-                    .insert(key, self.item(value, flags, expires, now));
+                return (Outcome::Stored, 0);
             }
-            return Outcome::Stored;
+            let item = self.item(value, flags, expires, now);
+            let cas = item.cas;
+            self.items.insert(key, item);
+            return (Outcome::Stored, cas);
         }
         let mut outcome = Outcome::NotStored;
+        let mut stored_cas = 0;
         self.items.entry(key).and_compute_with(|existing| {
             let current = existing
                 .map(|e| e.into_value())
@@ -308,8 +370,18 @@ impl Store {
                 (Mode::Add, Some(_)) | (Mode::Replace | Mode::Append | Mode::Prepend, None) => {
                     (Outcome::NotStored, Op::Nop)
                 }
-                (Mode::Cas(_), None) => (Outcome::NotFound, Op::Nop),
-                (Mode::Cas(expected), Some(item)) if item.cas != expected => {
+                (Mode::Cas(_) | Mode::CasOrStale(_), None) => (Outcome::NotFound, Op::Nop),
+                (Mode::CasOrStale(expected), Some(item)) if expected < item.cas => {
+                    let stale = Item {
+                        stale: true,
+                        won: AtomicBool::new(item.won.load(Ordering::Relaxed)),
+                        ..Item::new(value.clone(), flags, self.cas(), item.expires_ms, now)
+                    };
+                    (Outcome::Stored, Op::Put(Arc::new(stale)))
+                }
+                (Mode::Cas(expected) | Mode::CasOrStale(expected), Some(item))
+                    if item.cas != expected =>
+                {
                     (Outcome::Exists, Op::Nop)
                 }
                 (Mode::Append | Mode::Prepend, Some(item)) => {
@@ -337,15 +409,20 @@ impl Store {
                 ),
             };
             outcome = result;
+            if let Op::Put(item) = &op {
+                stored_cas = item.cas;
+            }
             op
         });
-        match (mode, outcome) {
-            (Mode::Cas(_), Outcome::Stored) => self.stats.cas_hits.inc(),
-            (Mode::Cas(_), Outcome::Exists) => self.stats.cas_badval.inc(),
-            (Mode::Cas(_), Outcome::NotFound) => self.stats.cas_misses.inc(),
-            _ => {}
+        if matches!(mode, Mode::Cas(_) | Mode::CasOrStale(_)) {
+            match outcome {
+                Outcome::Stored => self.stats.cas_hits.inc(),
+                Outcome::Exists => self.stats.cas_badval.inc(),
+                Outcome::NotFound => self.stats.cas_misses.inc(),
+                Outcome::NotStored => {}
+            }
         }
-        outcome
+        (outcome, stored_cas)
     }
 
     /// Unlinks `key` (what a failed set does, so no stale value survives it).
@@ -445,17 +522,7 @@ impl Store {
                 touched = Some(item);
                 return Op::Remove;
             }
-            let renewed = Arc::new(Item {
-                won: AtomicBool::new(item.won.load(Ordering::Relaxed)),
-                stale: item.stale,
-                ..Item::new(
-                    item.value.clone(),
-                    item.flags,
-                    item.cas,
-                    expires.ms(),
-                    item.stored_ms,
-                )
-            });
+            let renewed = Arc::new(item.renewed(expires.ms()));
             touched = Some(renewed.clone());
             Op::Put(renewed)
         });

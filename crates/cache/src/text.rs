@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::meta;
 use crate::server::Context;
+use crate::stats::Did;
 use crate::store::{now_ms, Changed, Counted, Mode, Outcome};
 
 /// Longest command line accepted, but for retrievals (keys are at most 250 bytes).
@@ -30,6 +31,23 @@ pub enum Step {
     Swallow { consumed: usize, skip: usize },
     /// Answer what was written, then close.
     Close,
+}
+
+/// A command line, split into its tokens, at the front of the connection's read buffer.
+#[derive(Debug)]
+pub struct Line<'a> {
+    /// The command and its arguments.
+    pub tokens: Vec<&'a [u8]>,
+    /// Bytes of the line, its CRLF included.
+    pub len: usize,
+    /// The read buffer from the line on (a storage command's value follows the line).
+    pub buf: &'a [u8],
+}
+
+impl Line<'_> {
+    pub fn command(&self) -> &[u8] {
+        self.tokens.first().copied().unwrap_or_default()
+    }
 }
 
 /// Whether the line starting `buf` is a retrieval, whose length has its own limit.
@@ -75,7 +93,39 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
         out.extend_from_slice(b"ERROR\r\n");
         return Step::Done(line_len);
     }
-    match *command {
+    // A command that takes `noreply` says nothing at all with it, errors included (as
+    // memcached: a client that asked for silence reads no answer).
+    let honours_noreply = matches!(
+        *command,
+        b"set"
+            | b"add"
+            | b"replace"
+            | b"append"
+            | b"prepend"
+            | b"cas"
+            | b"delete"
+            | b"incr"
+            | b"decr"
+            | b"touch"
+            | b"verbosity"
+            | b"flush_all"
+    );
+    let quiet = honours_noreply && tokens.last() == Some(&&b"noreply"[..]);
+    let line = Line {
+        tokens,
+        len: line_len,
+        buf,
+    };
+    if quiet {
+        return run(&line, ctx, &mut BytesMut::new());
+    }
+    run(&line, ctx, out)
+}
+
+/// Runs the command of `line`.
+fn run(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
+    let (command, tokens, line_len) = (line.command(), &line.tokens, line.len);
+    match command {
         b"get" | b"gets" => {
             retrieve(&tokens[1..], None, command == b"gets", ctx, out);
             Step::Done(line_len)
@@ -89,15 +139,13 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
             }
             Step::Done(line_len)
         }
-        b"set" | b"add" | b"replace" | b"append" | b"prepend" | b"cas" => {
-            storage(command, &tokens, line_len, buf, ctx, out)
-        }
+        b"set" | b"add" | b"replace" | b"append" | b"prepend" | b"cas" => storage(line, ctx, out),
         b"delete" => {
-            delete(&tokens, ctx, out);
+            delete(tokens, ctx, out);
             Step::Done(line_len)
         }
         b"incr" | b"decr" => {
-            arithmetic(command == b"incr", &tokens, ctx, out);
+            arithmetic(command == b"incr", tokens, ctx, out);
             Step::Done(line_len)
         }
         b"touch" => {
@@ -111,7 +159,7 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
                 }
                 _ => b"CLIENT_ERROR bad command line format\r\n",
             };
-            reply_unless_noreply(&tokens, 3, reply, out);
+            reply_unless_noreply(tokens, 3, reply, out);
             Step::Done(line_len)
         }
         b"flush_all" => {
@@ -123,11 +171,11 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
                 Some(None) => out.extend_from_slice(b"CLIENT_ERROR bad command line format\r\n"),
                 Some(Some(delay)) => {
                     ctx.store.flush(delay);
-                    reply_unless_noreply(&tokens, 2, b"OK\r\n", out);
+                    reply_unless_noreply(tokens, 2, b"OK\r\n", out);
                 }
                 None => {
                     ctx.store.flush(0);
-                    reply_unless_noreply(&tokens, 1, b"OK\r\n", out);
+                    reply_unless_noreply(tokens, 1, b"OK\r\n", out);
                 }
             }
             Step::Done(line_len)
@@ -139,17 +187,26 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
             Step::Done(line_len)
         }
         b"verbosity" => {
-            // As memcached: one or two arguments (the last may be noreply); the level itself
-            // changes nothing here.
-            if matches!(tokens.len(), 2 | 3) {
-                reply_unless_noreply(&tokens, tokens.len() - 1, b"OK\r\n", out);
-            } else {
-                out.extend_from_slice(b"ERROR\r\n");
-            }
+            // As memcached: a level, and maybe noreply; the level itself changes nothing here
+            // (the log's level is `log.level`).
+            out.extend_from_slice(match tokens.get(1).and_then(|t| number::<u32>(t)) {
+                Some(_) => b"OK\r\n",
+                None => b"CLIENT_ERROR bad command line format\r\n",
+            });
+            Step::Done(line_len)
+        }
+        // `slabs automove <0|1|2>` is accepted as memcached accepts it, and changes nothing:
+        // this store has no slab classes to rebalance.
+        b"slabs" if tokens.get(1) == Some(&&b"automove"[..]) => {
+            out.extend_from_slice(match tokens.get(2).and_then(|t| number::<u32>(t)) {
+                Some(0..=2) => b"OK\r\n",
+                Some(_) => b"ERROR\r\n",
+                None => b"CLIENT_ERROR bad command line format\r\n",
+            });
             Step::Done(line_len)
         }
         b"stats" => {
-            crate::stats::write(tokens.get(1).copied(), ctx, out);
+            crate::stats::write(tokens.get(1).copied(), tokens.get(2).copied(), ctx, out);
             Step::Done(line_len)
         }
         b"quit" => Step::Close,
@@ -175,7 +232,7 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
             out.extend_from_slice(b"MN\r\n");
             Step::Done(line_len)
         }
-        b"mg" | b"ms" | b"md" | b"ma" => meta::step(command, &tokens, line_len, buf, ctx, out),
+        b"mg" | b"ms" | b"md" | b"ma" | b"me" => meta::step(line, ctx, out),
         // Someone speaking HTTP to the cache port is not a memcached client: close, as
         // memcached does.
         _ if tokens.last().is_some_and(|t| t.starts_with(b"HTTP/")) => Step::Close,
@@ -195,6 +252,7 @@ fn token_count_fits(command: &[u8], count: usize) -> bool {
         b"incr" | b"decr" | b"touch" => matches!(count, 3 | 4),
         b"delete" => (2..=4).contains(&count),
         b"flush_all" => count <= 3,
+        b"verbosity" => matches!(count, 2 | 3),
         _ => true,
     }
 }
@@ -218,6 +276,7 @@ fn delete(tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
         out.extend_from_slice(b"CLIENT_ERROR bad command line format\r\n");
         return;
     }
+    ctx.detail.record(key, Did::Delete);
     let reply: &[u8] = if ctx.store.delete(key, None) == Changed::Done {
         b"DELETED\r\n"
     } else {
@@ -255,6 +314,12 @@ fn retrieve(keys: &[&[u8]], touch: Option<i64>, with_cas: bool, ctx: &Context, o
             Some(exptime) => ctx.store.touch(key, exptime),
             None => ctx.store.get(key),
         };
+        ctx.detail.record(
+            key,
+            Did::Get {
+                hit: item.is_some(),
+            },
+        );
         if let Some(item) = item {
             out.extend_from_slice(b"VALUE ");
             out.extend_from_slice(key);
@@ -271,14 +336,8 @@ fn retrieve(keys: &[&[u8]], touch: Option<i64>, with_cas: bool, ctx: &Context, o
 }
 
 /// `<cmd> <key> <flags> <exptime> <bytes> [<cas>] [noreply]` and its data block.
-fn storage(
-    command: &[u8],
-    tokens: &[&[u8]],
-    line_len: usize,
-    buf: &[u8],
-    ctx: &Context,
-    out: &mut BytesMut,
-) -> Step {
+fn storage(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
+    let (command, tokens, line_len) = (line.command(), &line.tokens, line.len);
     let is_cas = command == b"cas";
     let fields = if is_cas { 6 } else { 5 };
     // As memcached: a malformed line is answered and nothing after it is swallowed (there is
@@ -306,8 +365,9 @@ fn storage(
         return Step::Done(line_len);
     };
     let bytes = bytes as usize;
+    ctx.detail.record(key, Did::Set);
     let noreply = tokens.get(fields) == Some(&&b"noreply"[..]);
-    let (data, total) = match data_block(key, bytes, noreply, line_len, buf, ctx, out) {
+    let (data, total) = match data_block(key, bytes, noreply, line, ctx, out) {
         Ok(block) => block,
         Err(step) => return step,
     };
@@ -341,8 +401,7 @@ pub fn data_block<'a>(
     key: &[u8],
     bytes: usize,
     noreply: bool,
-    line_len: usize,
-    buf: &'a [u8],
+    line: &Line<'a>,
     ctx: &Context,
     out: &mut BytesMut,
 ) -> Result<(&'a [u8], usize), Step> {
@@ -352,20 +411,20 @@ pub fn data_block<'a>(
             out.extend_from_slice(b"SERVER_ERROR object too large for cache\r\n");
         }
         return Err(Step::Swallow {
-            consumed: line_len,
+            consumed: line.len,
             skip: bytes + 2,
         });
     }
-    let total = line_len + bytes + 2;
-    if buf.len() < total {
+    let total = line.len + bytes + 2;
+    if line.buf.len() < total {
         return Err(Step::Need);
     }
-    if &buf[line_len + bytes..total] != b"\r\n" {
+    if &line.buf[line.len + bytes..total] != b"\r\n" {
         out.extend_from_slice(b"CLIENT_ERROR bad data chunk\r\n");
         ctx.store.remove(key);
         return Err(Step::Done(total));
     }
-    Ok((&buf[line_len..line_len + bytes], total))
+    Ok((&line.buf[line.len..line.len + bytes], total))
 }
 
 fn arithmetic(up: bool, tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
@@ -430,6 +489,8 @@ mod tests {
             max_connections: 16,
             started: std::time::Instant::now(),
             connections: Connections::default(),
+            detail: Default::default(),
+            baseline: Default::default(),
         }
     }
 
@@ -500,13 +561,18 @@ mod tests {
         assert_eq!(run(&ctx, b"delete a 0 noreply\r\nget a\r\n").0, "END\r\n");
         assert_eq!(run(&ctx, b"delete b 0\r\n").0, "DELETED\r\n");
         let usage = "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n";
-        for line in [
-            &b"delete b 10\r\n"[..],
-            b"delete b 0 x\r\n",
-            b"delete b x noreply\r\n",
-        ] {
+        for line in [&b"delete b 10\r\n"[..], b"delete b 0 x\r\n"] {
             assert_eq!(run(&ctx, line).0, usage);
         }
+        // With noreply even the error is silent, and the key stays.
+        assert_eq!(
+            run(&ctx, b"delete b x noreply\r\nadd b 0 0 1\r\n2\r\n").0,
+            "STORED\r\n"
+        );
+        assert_eq!(
+            run(&ctx, b"delete b 10 noreply\r\nadd b 0 0 1\r\n3\r\n").0,
+            "NOT_STORED\r\n"
+        );
         // A known command with the wrong number of tokens is not that command.
         for line in [
             &b"delete\r\n"[..],
