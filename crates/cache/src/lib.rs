@@ -5,7 +5,8 @@
 //! - [`config`]: the `[cache]` section.
 //! - `store`: items, memcached's expiry rules, CAS, atomic read-modify-write commands.
 //! - `text`, `meta`: the two protocols, as steps over a connection's read buffer.
-//! - `server`: listeners and connections; `stats`: `stats` and `/metrics`.
+//! - `server`: listeners and connections; `stats`: `stats` and `/metrics`; `watch`: log
+//!   watchers.
 
 pub mod config;
 mod meta;
@@ -13,6 +14,7 @@ mod server;
 mod stats;
 mod store;
 mod text;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -72,6 +74,7 @@ impl Cache {
             connections: server::Connections::default(),
             detail: Default::default(),
             baseline: Default::default(),
+            watch: Default::default(),
         });
         let tcp = listen(config.bind).map_err(|source| StartError::Bind {
             addr: config.bind,
@@ -102,7 +105,7 @@ impl strata_core::seam::Memcache for Cache {
         let mut out = bytes::BytesMut::new();
         let mut rest = commands;
         while !rest.is_empty() {
-            match text::step(rest, &self.ctx, &mut out) {
+            match text::step(rest, 0, &self.ctx, &mut out) {
                 text::Step::Done(n) => rest = &rest[n..],
                 text::Step::Swallow { consumed, skip } => {
                     rest = &rest[(consumed + skip).min(rest.len())..];
@@ -112,6 +115,10 @@ impl strata_core::seam::Memcache for Cache {
                     break;
                 }
                 text::Step::Close => break,
+                text::Step::Watch(_) => {
+                    out.extend_from_slice(b"CLIENT_ERROR watch needs a connection of its own\r\n");
+                    break;
+                }
             }
         }
         out.to_vec()

@@ -1,8 +1,9 @@
 //! The listeners (TCP and, when configured, a Unix socket) and one task per connection:
 //! read, run every whole command in the buffer, write the answers in one go.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
@@ -28,19 +29,74 @@ pub struct Context {
     pub detail: crate::stats::Detail,
     /// Counter values at the last `stats reset`.
     pub baseline: crate::stats::Baseline,
+    /// Log watchers (`watch`).
+    pub watch: Arc<crate::watch::Watch>,
 }
 
-/// Connection counters for `stats`.
+/// Connection counters for `stats`, and the open connections for `stats conns`.
 #[derive(Debug, Default)]
 pub struct Connections {
     pub current: AtomicU64,
     pub total: Counter,
     pub rejected: Counter,
+    /// The last id given to a connection (ids start at 1, in order of arrival).
+    last_id: AtomicU64,
+    /// Open connections by id: the peer's address.
+    open: Mutex<BTreeMap<u64, String>>,
+}
+
+impl Connections {
+    /// Registers a new connection from `peer`; returns its id.
+    fn opened(&self, peer: String) -> u64 {
+        let id = self.last_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.total.inc();
+        self.current.fetch_add(1, Ordering::Relaxed);
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, peer);
+        id
+    }
+
+    fn closed(&self, id: u64) {
+        self.current.fetch_sub(1, Ordering::Relaxed);
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// Each open connection's id and peer, oldest first.
+    pub fn list(&self) -> Vec<(u64, String)> {
+        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        open.iter().map(|(id, peer)| (*id, peer.clone())).collect()
+    }
+}
+
+/// A client connection's peer, as `stats conns` names it.
+pub trait Peer {
+    fn peer(&self) -> String;
+}
+
+impl Peer for tokio::net::TcpStream {
+    fn peer(&self) -> String {
+        self.peer_addr()
+            .map_or_else(|_| "tcp:unknown".into(), |a| format!("tcp:{a}"))
+    }
+}
+
+impl Peer for tokio::net::UnixStream {
+    fn peer(&self) -> String {
+        "unix:".into()
+    }
 }
 
 /// Serves the connections of `listener` (TCP or Unix) until shutdown, at most
 /// `max_connections` at a time.
-pub async fn serve<L: Accept>(listener: L, ctx: Arc<Context>, shutdown: Shutdown) {
+pub async fn serve<L: Accept>(listener: L, ctx: Arc<Context>, shutdown: Shutdown)
+where
+    L::Stream: Peer,
+{
     let slots = Arc::new(Semaphore::new(ctx.max_connections));
     let stop = shutdown.clone();
     accept_until(listener, stop, "cache", |stream| {
@@ -51,7 +107,7 @@ pub async fn serve<L: Accept>(listener: L, ctx: Arc<Context>, shutdown: Shutdown
 
 fn spawn<S>(mut stream: S, ctx: &Arc<Context>, slots: &Arc<Semaphore>, shutdown: &Shutdown)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Peer + Unpin + Send + 'static,
 {
     let Ok(slot) = slots.clone().try_acquire_owned() else {
         ctx.connections.rejected.inc();
@@ -65,12 +121,11 @@ where
     };
     let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
     tokio::spawn(async move {
-        ctx.connections.total.inc();
-        ctx.connections.current.fetch_add(1, Ordering::Relaxed);
-        if let Err(error) = connection(stream, &ctx, shutdown).await {
+        let id = ctx.connections.opened(stream.peer());
+        if let Err(error) = connection(stream, id, &ctx, shutdown).await {
             tracing::debug!(%error, "cache connection ended");
         }
-        ctx.connections.current.fetch_sub(1, Ordering::Relaxed);
+        ctx.connections.closed(id);
         drop(slot);
     });
 }
@@ -84,7 +139,12 @@ async fn close_gently<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
 }
 
-async fn connection<S>(mut stream: S, ctx: &Context, shutdown: Shutdown) -> std::io::Result<()>
+async fn connection<S>(
+    mut stream: S,
+    id: u64,
+    ctx: &Context,
+    shutdown: Shutdown,
+) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -105,7 +165,7 @@ where
             if buf.is_empty() {
                 break;
             }
-            match text::step(&buf, ctx, &mut out) {
+            match text::step(&buf, id, ctx, &mut out) {
                 Step::Need => break,
                 Step::Done(n) => buf.advance(n),
                 Step::Swallow { consumed, skip: s } => {
@@ -116,6 +176,11 @@ where
                     stream.write_all(&out).await?;
                     close_gently(stream).await;
                     return Ok(());
+                }
+                Step::Watch(kinds) => {
+                    out.extend_from_slice(b"OK\r\n");
+                    stream.write_all(&out).await?;
+                    return watch(stream, ctx.watch.subscribe(kinds), shutdown).await;
                 }
             }
         }
@@ -130,6 +195,33 @@ where
         };
         if read == 0 {
             return Ok(());
+        }
+    }
+}
+
+/// A watcher's connection: the log lines it asked for, until it closes (what it sends is
+/// ignored, as memcached does).
+async fn watch<S>(
+    mut stream: S,
+    mut feed: crate::watch::Subscription,
+    shutdown: Shutdown,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut sink = [0u8; 1024];
+    loop {
+        tokio::select! {
+            line = feed.next() => match line {
+                Some(line) => stream.write_all(line.as_bytes()).await?,
+                None => return Ok(()),
+            },
+            read = stream.read(&mut sink) => {
+                if read? == 0 {
+                    return Ok(());
+                }
+            }
+            () = shutdown.requested() => return Ok(()),
         }
     }
 }

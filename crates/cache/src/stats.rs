@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use strata_core::metrics::{render_labeled, render_value};
 
 use crate::server::Context;
-use crate::text::{unix_now, Writer};
+use crate::text::{unix_now, Line, Writer};
 
 /// Per-prefix counts (`stats detail on`): keys up to their first `:`, as memcached's default
 /// delimiter; keys without one are not counted.
@@ -165,10 +165,12 @@ fn general(ctx: &Context) -> Vec<(&'static str, Stat)> {
     ]
 }
 
-/// Answers `stats` (general), `stats settings`, `stats reset`, `stats detail`, and (empty)
-/// `items`, `slabs`, `sizes`, `conns`, `cachedump`; anything else is an `ERROR`, as
+/// Answers `stats` (general), `stats settings`, `stats reset`, `stats detail`, `stats conns`
+/// (each open connection's id and peer), and (empty) `items`, `slabs`, `sizes`, `cachedump`; anything else is an `ERROR`, as
 /// memcached answers it.
-pub fn write(group: Option<&[u8]>, argument: Option<&[u8]>, ctx: &Context, out: &mut BytesMut) {
+pub fn write(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) {
+    let group = line.tokens.get(1).copied();
+    let argument = line.tokens.get(2).copied();
     let mut stat = |name: &str, value: &dyn std::fmt::Display| {
         let _ = write!(Writer(out), "STAT {name} {value}\r\n");
     };
@@ -220,7 +222,12 @@ pub fn write(group: Option<&[u8]>, argument: Option<&[u8]>, ctx: &Context, out: 
             return;
         }
         Some(b"detail") => return ctx.detail.command(argument, out),
-        Some(b"items" | b"slabs" | b"sizes" | b"conns" | b"cachedump") => {}
+        Some(b"conns") => {
+            for (id, peer) in ctx.connections.list() {
+                stat(&format!("{id}:addr"), &peer);
+            }
+        }
+        Some(b"items" | b"slabs" | b"sizes" | b"cachedump") => {}
         Some(_) => {
             out.extend_from_slice(b"ERROR\r\n");
             return;

@@ -31,6 +31,8 @@ pub enum Step {
     Swallow { consumed: usize, skip: usize },
     /// Answer what was written, then close.
     Close,
+    /// The connection becomes a log watcher (`watch`) of these kinds.
+    Watch(crate::watch::Kinds),
 }
 
 /// A command line, split into its tokens, at the front of the connection's read buffer.
@@ -42,6 +44,8 @@ pub struct Line<'a> {
     pub len: usize,
     /// The read buffer from the line on (a storage command's value follows the line).
     pub buf: &'a [u8],
+    /// The connection's id (`stats conns`, watchers' `cfd`); 0 for the workers' channel.
+    pub client: u64,
 }
 
 impl Line<'_> {
@@ -63,7 +67,7 @@ fn retrieval(buf: &[u8]) -> bool {
 ///
 /// A line's limit holds whether or not its end has arrived, so the same line is accepted or
 /// refused however TCP splits it.
-pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
+pub fn step(buf: &[u8], client: u64, ctx: &Context, out: &mut BytesMut) -> Step {
     let end = memchr::memchr(b'\n', buf);
     let limit = if retrieval(buf) {
         MAX_RETRIEVAL_LINE
@@ -115,6 +119,7 @@ pub fn step(buf: &[u8], ctx: &Context, out: &mut BytesMut) -> Step {
         tokens,
         len: line_len,
         buf,
+        client,
     };
     if quiet {
         return run(&line, ctx, &mut BytesMut::new());
@@ -127,14 +132,12 @@ fn run(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
     let (command, tokens, line_len) = (line.command(), &line.tokens, line.len);
     match command {
         b"get" | b"gets" => {
-            retrieve(&tokens[1..], None, command == b"gets", ctx, out);
+            retrieve(line, 1, None, ctx, out);
             Step::Done(line_len)
         }
         b"gat" | b"gats" => {
             match tokens.get(1).and_then(|t| number::<i64>(t)) {
-                Some(exptime) if tokens.len() > 2 => {
-                    retrieve(&tokens[2..], Some(exptime), command == b"gats", ctx, out)
-                }
+                Some(exptime) if tokens.len() > 2 => retrieve(line, 2, Some(exptime), ctx, out),
                 _ => out.extend_from_slice(b"CLIENT_ERROR bad command line format\r\n"),
             }
             Step::Done(line_len)
@@ -206,7 +209,7 @@ fn run(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
             Step::Done(line_len)
         }
         b"stats" => {
-            crate::stats::write(tokens.get(1).copied(), tokens.get(2).copied(), ctx, out);
+            crate::stats::write(line, ctx, out);
             Step::Done(line_len)
         }
         b"quit" => Step::Close,
@@ -228,6 +231,13 @@ fn run(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
             }
             Step::Done(line_len)
         }
+        b"watch" => match crate::watch::Kinds::parse(&tokens[1..]) {
+            Some(kinds) => Step::Watch(kinds),
+            None => {
+                out.extend_from_slice(b"ERROR\r\n");
+                Step::Done(line_len)
+            }
+        },
         b"mn" => {
             out.extend_from_slice(b"MN\r\n");
             Step::Done(line_len)
@@ -304,7 +314,10 @@ fn reply_unless_noreply(tokens: &[&[u8]], index: usize, reply: &[u8], out: &mut 
     }
 }
 
-fn retrieve(keys: &[&[u8]], touch: Option<i64>, with_cas: bool, ctx: &Context, out: &mut BytesMut) {
+/// `get`/`gets` (`touch` none) and `gat`/`gats`, whose keys are the line's tokens from `first`.
+fn retrieve(line: &Line<'_>, first: usize, touch: Option<i64>, ctx: &Context, out: &mut BytesMut) {
+    let keys = line.tokens.get(first..).unwrap_or_default();
+    let with_cas = matches!(line.command(), b"gets" | b"gats");
     if keys.is_empty() || !keys.iter().all(|k| valid_key(k)) {
         out.extend_from_slice(b"CLIENT_ERROR bad command line format\r\n");
         return;
@@ -320,6 +333,8 @@ fn retrieve(keys: &[&[u8]], touch: Option<i64>, with_cas: bool, ctx: &Context, o
                 hit: item.is_some(),
             },
         );
+        ctx.watch
+            .item_get(key, item.as_ref().map(|i| i.value.len()), line.client);
         if let Some(item) = item {
             out.extend_from_slice(b"VALUE ");
             out.extend_from_slice(key);
@@ -379,9 +394,22 @@ fn storage(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
         b"cas" => Mode::Cas(cas),
         _ => Mode::Set,
     };
+    if ctx.watch.fetching() {
+        // memcached's store looks the key up first, and its log says so.
+        let found = ctx.store.peek(key).map(|i| i.value.len());
+        ctx.watch.item_get(key, found, line.client);
+    }
     let outcome = ctx
         .store
         .store(key, Bytes::copy_from_slice(data), flags, exptime, mode);
+    ctx.watch.item_store(crate::watch::Store {
+        key,
+        command,
+        outcome,
+        ttl: u64::try_from(exptime).unwrap_or(0),
+        size: data.len(),
+        client: line.client,
+    });
     if !noreply {
         out.extend_from_slice(match outcome {
             Outcome::Stored => b"STORED\r\n",
@@ -491,6 +519,7 @@ mod tests {
             connections: Connections::default(),
             detail: Default::default(),
             baseline: Default::default(),
+            watch: Default::default(),
         }
     }
 
@@ -503,11 +532,13 @@ mod tests {
             if buf.is_empty() {
                 return (String::from_utf8_lossy(&out).into_owned(), false);
             }
-            match step(buf, ctx, &mut out) {
+            match step(buf, 1, ctx, &mut out) {
                 Step::Need => return (String::from_utf8_lossy(&out).into_owned(), false),
                 Step::Done(n) => buf = &buf[n..],
                 Step::Swallow { consumed, skip } => buf = &buf[(consumed + skip).min(buf.len())..],
-                Step::Close => return (String::from_utf8_lossy(&out).into_owned(), true),
+                Step::Close | Step::Watch(_) => {
+                    return (String::from_utf8_lossy(&out).into_owned(), true)
+                }
             }
         }
     }
@@ -527,7 +558,7 @@ mod tests {
         for cut in [10, MAX_LINE, MAX_LINE + 1, 100_000, line.len() - 1] {
             let mut out = BytesMut::new();
             assert_eq!(
-                step(&line[..cut], &ctx, &mut out),
+                step(&line[..cut], 1, &ctx, &mut out),
                 Step::Need,
                 "cut at {cut}"
             );
@@ -603,7 +634,7 @@ mod tests {
             );
         }
         // A value over the item limit is refused and thrown away as it arrives.
-        let step = step(b"set k 0 0 2000000\r\n", &ctx, &mut BytesMut::new());
+        let step = step(b"set k 0 0 2000000\r\n", 1, &ctx, &mut BytesMut::new());
         assert_eq!(
             step,
             Step::Swallow {
