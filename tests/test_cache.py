@@ -131,6 +131,22 @@ def test_meta_commands_and_leases(cache):
     assert raw(cache, b"md m\r\nmd m\r\n") == b"HD\r\nNF\r\n"
 
 
+def test_a_full_store_keeps_the_newest_writes(cache):
+    """100 MB of 10 KB values into the 16 MiB store: like memcached, the least recently used
+    go, so what was just written can be read (every set answered STORED)."""
+    c = client(cache)
+    value = b"v" * 10_000
+    keys = [f"newest:{i}" for i in range(10_000)]
+    for start in range(0, len(keys), 100):
+        failed = c.set_many({k: value for k in keys[start:start + 100]}, noreply=False)
+        assert failed == []
+    recent = c.get_many(keys[-1000:])
+    assert len(recent) == 1000, f"only {len(recent)} of the last 1,000 writes remain"
+    assert c.get_many(keys[:1000]) == {}
+    stats = c.stats()
+    assert stats[b"evictions"] > 8000 and stats[b"bytes"] <= 16 * 1024 * 1024
+
+
 def test_django_pymemcache_backend_works_unchanged(cache):
     result = subprocess.run(
         [sys.executable, str(APPS / "django_cache_check.py"),
