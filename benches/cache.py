@@ -5,6 +5,10 @@ connections: Strata (`--tiers cache`) and memcached 1.6 (one thread, as the proj
 found it has the better p99 on two cores), each pinned to core 0; the load generator
 (crates/cache/examples/memload.rs) on core 1. Each round measures both, in rotated order;
 figures are medians of the rounds.
+
+Then the hit rate when the working set is larger than the store: 12 000 keys of 10 KB
+(about 120 MB) through a 64 MiB store on both sides, each get that misses followed by a set
+of that key, as a cache's client does; what matters is which items each store keeps.
 """
 
 import argparse
@@ -20,11 +24,43 @@ MEMLOAD = ROOT / "target" / "release" / "examples" / "memload"
 SIZES = {"100B": 100, "10KB": 10240}
 
 
-def load(port, seconds, size):
+def load(port, seconds, size, keys=10_000):
     out = subprocess.run(["taskset", "-c", "1", str(MEMLOAD), f"127.0.0.1:{port}", "50",
-                          str(seconds), str(size), "90"], capture_output=True, text=True,
-                         check=True).stdout
+                          str(seconds), str(size), "90", str(keys)], capture_output=True,
+                         text=True, check=True).stdout
     return json.loads(out)
+
+
+def start(capacity_mb, env):
+    """Strata and memcached with `capacity_mb` of store each, pinned to core 0."""
+    ports = {"strata": free_port(), "memcached": free_port()}
+    env = dict(env, STRATA_CACHE__BIND=f"127.0.0.1:{ports['strata']}",
+               STRATA_CACHE__CAPACITY_BYTES=str(capacity_mb * 1024 * 1024))
+    commands = {
+        "strata": ["taskset", "-c", "0", str(STRATA), "run", "--tiers", "cache",
+                   "--bind", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"],
+        "memcached": ["taskset", "-c", "0", "memcached", "-u", "root", "-t", "1", "-m",
+                      str(capacity_mb), "-U", "0", "-l", "127.0.0.1", "-p",
+                      str(ports["memcached"])],
+    }
+    procs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+             for name, cmd in commands.items()}
+    for port in ports.values():
+        wait_port(port)
+    return ports, procs
+
+
+def rounds(ports, count, seconds, size, keys=10_000):
+    """Each server's runs: a discarded warm-up, then `count` rounds in rotated order."""
+    runs = {name: [] for name in ports}
+    for port in ports.values():
+        load(port, 3, size, keys)
+    names = list(ports)
+    for r in range(count):
+        for name in names[r % 2:] + names[:r % 2]:
+            runs[name].append(load(ports[name], seconds, size, keys))
+    return runs
 
 
 def main():
@@ -33,33 +69,14 @@ def main():
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
-    ports = {"strata": free_port(), "memcached": free_port()}
-    env["STRATA_CACHE__BIND"] = f"127.0.0.1:{ports['strata']}"
-    env["STRATA_CACHE__CAPACITY_BYTES"] = str(512 * 1024 * 1024)
-    commands = {
-        "strata": ["taskset", "-c", "0", str(STRATA), "run", "--tiers", "cache",
-                   "--bind", f"127.0.0.1:{free_port()}", "--admin", f"127.0.0.1:{free_port()}"],
-        "memcached": ["taskset", "-c", "0", "memcached", "-u", "root", "-t", "1", "-m", "512",
-                      "-U", "0", "-l", "127.0.0.1", "-p", str(ports["memcached"])],
-    }
-    procs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
-             for name, cmd in commands.items()}
     report = {}
     lines = [f"# Cache benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}", "",
              f"90 % get / 10 % set, 10 000 keys, 50 connections, {args.seconds}s per run; "
              f"server on core 0, load generator on core 1; median of {args.rounds} rounds.", ""]
+    ports, procs = start(512, env)
     try:
-        for port in ports.values():
-            wait_port(port)
         for workload, size in SIZES.items():
-            runs = {name: [] for name in ports}
-            for name, port in ports.items():
-                load(port, 3, size)  # discarded warm-up
-            names = list(ports)
-            for r in range(args.rounds):
-                for name in names[r % 2:] + names[:r % 2]:
-                    runs[name].append(load(ports[name], args.seconds, size))
+            runs = rounds(ports, args.rounds, args.seconds, size)
             summary = {name: {"ops": statistics.median(x["ops"] for x in rs),
                               "p99_ms": statistics.median(x["p99_ms"] for x in rs)}
                        for name, rs in runs.items()}
@@ -71,6 +88,22 @@ def main():
                       f"| memcached | {m['ops']:.0f} | {m['p99_ms']:.2f} |", "",
                       f"Strata / memcached: {s['ops'] / m['ops']:.2f}x ops/s, "
                       f"{s['p99_ms'] / m['p99_ms']:.2f}x p99.", ""]
+    finally:
+        stop(procs.values())
+    ports, procs = start(64, env)
+    try:
+        runs = rounds(ports, args.rounds, args.seconds, SIZES["10KB"], keys=12_000)
+        summary = {name: {"hit_rate": statistics.median(x["hit_rate"] for x in rs),
+                          "ops": statistics.median(x["ops"] for x in rs)}
+                   for name, rs in runs.items()}
+        report["hit_rate"] = summary
+        s, m = summary["strata"], summary["memcached"]
+        lines += ["## Working set larger than the store", "",
+                  "12 000 keys of 10 KB through a 64 MiB store; a miss is followed by a set.", "",
+                  "| server | gets that hit | ops/s |", "|---|---|---|",
+                  f"| strata | {100 * s['hit_rate']:.1f} % | {s['ops']:.0f} |",
+                  f"| memcached | {100 * m['hit_rate']:.1f} % | {m['ops']:.0f} |", "",
+                  f"Strata - memcached: {100 * (s['hit_rate'] - m['hit_rate']):+.1f} points.", ""]
     finally:
         stop(procs.values())
     save("cache", lines, report)

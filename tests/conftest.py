@@ -128,6 +128,15 @@ class Strata:
     def worker_pids(self):
         return sorted(w["pid"] for w in self.status()["app"]["workers"])
 
+    def wait_busy(self, workers=1, queued=0):
+        """Waits until `workers` workers hold a request and `queued` requests wait for one
+        (a test that needs a request in flight waits for it, not for time)."""
+        def reached():
+            app = self.status()["app"]
+            busy = sum(1 for w in app["workers"] if w["state"] == "busy")
+            return busy >= workers and app["queue_length"] >= queued
+        assert wait_until(reached), f"never {workers} busy and {queued} queued: {self.status()}"
+
     def log(self):
         if not self.log_file.closed:
             self.log_file.flush()

@@ -17,7 +17,7 @@ def test_crash_fails_only_that_request_and_is_replaced(strata):
     before = server.worker_pids()
     with ThreadPoolExecutor(4) as pool:
         slow = pool.submit(requests.get, server.url("/sleep?s=1"))
-        time.sleep(0.2)
+        server.wait_busy()
         crashed = requests.get(server.url("/exit"))
         assert crashed.status_code == 502
         assert slow.result().status_code == 200
@@ -83,9 +83,9 @@ def test_queue_full_and_queue_timeout_are_503(strata):
                     config='[app]\nqueue_length = 1\nqueue_timeout = "1s"\n')
     with ThreadPoolExecutor(4) as pool:
         busy = pool.submit(requests.get, server.url("/sleep?s=3"))
-        time.sleep(0.3)
+        server.wait_busy()
         waiting = pool.submit(requests.get, server.url("/"))
-        time.sleep(0.3)
+        server.wait_busy(queued=1)
         full = requests.get(server.url("/"))
         assert full.status_code == 503
         assert "queue is full" in full.text
@@ -142,7 +142,7 @@ def test_sigterm_finishes_in_flight_requests(strata):
 
     thread = threading.Thread(target=slow)
     thread.start()
-    time.sleep(0.5)
+    server.wait_busy()
     server.signal(signal.SIGTERM)
     thread.join()
     assert result["response"].status_code == 200
@@ -159,7 +159,7 @@ def test_second_sigint_stops_at_once(strata):
 
     thread = threading.Thread(target=stuck, daemon=True)
     thread.start()
-    time.sleep(0.5)
+    server.wait_busy()
     started = time.monotonic()
     server.signal(signal.SIGINT)
     time.sleep(0.3)
@@ -197,12 +197,13 @@ def test_clients_that_leave_do_not_cost_a_worker(strata):
     # Leave while waiting in the queue behind a busy worker.
     busy = threading.Thread(target=lambda: requests.get(server.url("/sleep?s=1")))
     busy.start()
-    time.sleep(0.2)
+    server.wait_busy()
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        time.sleep(0.2)
+        server.wait_busy(queued=1)
     busy.join()
-    time.sleep(0.5)
+    assert wait_until(lambda: [w["state"] for w in server.status()["app"]["workers"]]
+                      == ["idle"])
     assert server.worker_pids() == [pid]
     assert metric(server, 'strata_app_worker_restarts_total{cause="crash"}') == 0
     assert requests.get(server.url("/")).text == str(pid)
@@ -214,9 +215,9 @@ def test_draining_answers_keepalive_requests_with_connection_close(strata):
     assert session.get(server.url("/")).status_code == 200
     slow = threading.Thread(target=lambda: requests.get(server.url("/sleep?s=1")))
     slow.start()
-    time.sleep(0.2)
+    server.wait_busy()
     server.signal(signal.SIGTERM)
-    time.sleep(0.3)
+    assert wait_until(lambda: "SIGTERM" in server.log())
     # The idle keep-alive connection was not cut: its next request is answered, with close.
     response = session.get(server.url("/"))
     assert response.status_code == 200
