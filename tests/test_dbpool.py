@@ -551,10 +551,10 @@ def test_the_pool_recovers_when_postgres_restarts_under_load(pooler):
         threads = [threading.Thread(target=load) for _ in range(5)]
         for thread in threads:
             thread.start()
-        time.sleep(1)
+        assert wait_until(lambda: outcomes["ok"] >= 50)
         own.restart()
         restarted.set()
-        time.sleep(2)
+        assert wait_until(lambda: outcomes["ok_after"] >= 50, timeout=30), outcomes
         stop.set()
         for thread in threads:
             thread.join(10)

@@ -267,9 +267,8 @@ def test_certificates_are_reloaded_when_their_files_change(https_server, test_ca
                     "-extfile", str(tmp_path / "ext.cnf")], check=True, capture_output=True)
     # A broken pair first: the old certificate stays.
     https_server.key.write_text("not a key\n")
-    time.sleep(3)
+    assert wait_until(lambda: "do not load" in https_server.log())
     assert served_certificate(https_server.tls_port) == der(https_server.cert)
-    assert "do not load" in https_server.log()
     shutil.copy(tmp_path / "new.key", https_server.key)
     shutil.copy(tmp_path / "new.pem", https_server.cert)
     assert wait_until(lambda: served_certificate(https_server.tls_port) == der(tmp_path / "new.pem"))

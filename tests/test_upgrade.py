@@ -1,11 +1,10 @@
 """Binary upgrade: a new master takes the listening sockets over; the old one drains."""
 
 import subprocess
-import time
 
 import requests
 
-from conftest import STRATA, app, free_port
+from conftest import STRATA, app, free_port, wait_until
 from test_reload import Load
 
 
@@ -15,7 +14,7 @@ def test_new_master_takes_over_without_errors(strata, tmp_path):
     old = strata(*app("lifecycle", "--workers", "2"), config=config)
     old_pids = set(old.worker_pids())
     load = Load(old.url("/"))
-    time.sleep(0.5)
+    load.wait_for(20)
     log = open(tmp_path / "new.log", "wb")
     new = subprocess.Popen(
         [str(STRATA), "run", "--bind", f"127.0.0.1:{old.port}", "--admin",
@@ -25,7 +24,7 @@ def test_new_master_takes_over_without_errors(strata, tmp_path):
     try:
         # The old master drains and exits by itself once the new one serves.
         assert old.wait(timeout=60) == 0, old.log()
-        time.sleep(0.5)
+        load.wait_for(20)
         results = load.stop()
         assert [r for r in results if r[2] != 200] == []
         served_by = {int(r[3]) for r in results}
@@ -50,7 +49,7 @@ def test_the_https_listener_is_handed_over_too(strata, tmp_path, test_ca):
               f'tls_cert_file = "{test_ca["cert"]}"\ntls_key_file = "{test_ca["key"]}"\n')
     old = strata(*app("lifecycle"), config=config)
     load = Load(f"https://localhost:{tls_port}/", clients=2, verify=str(test_ca["ca"]))
-    time.sleep(0.5)
+    load.wait_for(20)
     log = open(tmp_path / "new.log", "wb")
     new = subprocess.Popen(
         [str(STRATA), "run", "--bind", f"127.0.0.1:{old.port}", "--admin",
@@ -59,7 +58,7 @@ def test_the_https_listener_is_handed_over_too(strata, tmp_path, test_ca):
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         assert old.wait(timeout=60) == 0, old.log()
-        time.sleep(0.5)
+        load.wait_for(20)
         results = load.stop()
         assert results and [r for r in results if r[2] != 200] == []
         new_pids = {w["pid"] for w in old.status()["app"]["workers"]}
@@ -81,7 +80,7 @@ def test_failed_upgrade_leaves_the_old_master_serving(strata, tmp_path):
         capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode != 0
     assert "module_that_does_not_exist" in result.stderr
-    time.sleep(0.3)
+    assert wait_until(lambda: "the new master gave up" in old.log())
     assert old.process.poll() is None
     assert requests.get(old.url("/")).status_code == 200
     assert "the new master gave up" in old.log()
