@@ -8,13 +8,16 @@ figures are medians of the rounds.
 
 Then the hit rate when the working set is larger than the store: 12 000 keys of 10 KB
 (about 120 MB) through a 64 MiB store on both sides, each get that misses followed by a set
-of that key, as a cache's client does; what matters is which items each store keeps.
+of that key, as a cache's client does; what matters is which items each store keeps. And
+libmemcached's memcslap `--test=get` (it sets its keys, then reads them) against a fresh
+16 MiB store on each side: the share of its gets that hit, from each server's `stats`.
 """
 
 import argparse
 import datetime
 import json
 import os
+import socket
 import statistics
 import subprocess
 
@@ -63,6 +66,29 @@ def rounds(ports, count, seconds, size, keys=10_000):
     return runs
 
 
+def stats(port):
+    """A memcached server's `stats`, as a dict."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"stats\r\n")
+        data = b""
+        while not data.endswith(b"END\r\n"):
+            data += sock.recv(65536)
+    return dict(line.split()[1:3] for line in data.decode().splitlines()
+                if line.startswith("STAT "))
+
+
+def memcslap_hit_rate(ports):
+    """memcslap's get test against each server; the share of gets that hit."""
+    rates = {}
+    for name, port in ports.items():
+        subprocess.run(["taskset", "-c", "1", "memcslap", "-s", f"127.0.0.1:{port}",
+                        "--test=get"], capture_output=True, check=True)
+        st = stats(port)
+        hits, misses = int(st["get_hits"]), int(st["get_misses"])
+        rates[name] = hits / max(hits + misses, 1)
+    return rates
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
@@ -104,6 +130,16 @@ def main():
                   f"| strata | {100 * s['hit_rate']:.1f} % | {s['ops']:.0f} |",
                   f"| memcached | {100 * m['hit_rate']:.1f} % | {m['ops']:.0f} |", "",
                   f"Strata - memcached: {100 * (s['hit_rate'] - m['hit_rate']):+.1f} points.", ""]
+    finally:
+        stop(procs.values())
+    ports, procs = start(16, env)
+    try:
+        rates = memcslap_hit_rate(ports)
+        report["memcslap_get_hit_rate"] = rates
+        lines += ["## memcslap --test=get, 16 MiB store", "",
+                  "| server | gets that hit |", "|---|---|",
+                  f"| strata | {100 * rates['strata']:.1f} % |",
+                  f"| memcached | {100 * rates['memcached']:.1f} % |", ""]
     finally:
         stop(procs.values())
     save("cache", lines, report)

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/tools.sh
-need memcached
+need memcached memcslap:libmemcached-tools
 [ -x target/release/strata ] || cargo build --release --locked
 cargo build --release --locked --example memload -p strata-cache
 exec python3 benches/cache.py "$@"

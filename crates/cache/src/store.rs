@@ -62,18 +62,20 @@ impl Item {
 
     /// A read at `now`: whether the item had been read before, and how many seconds since
     /// its last access; counted as an access itself unless `bump` is false (meta `u`).
+    ///
+    /// The access time is kept to the second (what `l` reports), so a hot item's reads write
+    /// nothing: its fields are written at most once a second.
     pub fn access(&self, now_ms: u64, bump: bool) -> (bool, u64) {
-        let (fetched, accessed) = if bump {
-            (
-                self.fetched.swap(true, Ordering::Relaxed),
-                self.accessed_ms.swap(now_ms, Ordering::Relaxed),
-            )
-        } else {
-            (
-                self.fetched.load(Ordering::Relaxed),
-                self.accessed_ms.load(Ordering::Relaxed),
-            )
-        };
+        let fetched = self.fetched.load(Ordering::Relaxed);
+        let accessed = self.accessed_ms.load(Ordering::Relaxed);
+        if bump {
+            if !fetched {
+                self.fetched.store(true, Ordering::Relaxed);
+            }
+            if now_ms.saturating_sub(accessed) >= 1000 {
+                self.accessed_ms.store(now_ms, Ordering::Relaxed);
+            }
+        }
         (fetched, now_ms.saturating_sub(accessed) / 1000)
     }
 
@@ -306,19 +308,24 @@ impl Store {
 
     /// The live item under `key`, counted as read.
     pub fn get(&self, key: &[u8]) -> Option<Arc<Item>> {
-        let item = self.peek(key)?;
-        item.access(now_ms(), true);
+        let (item, now) = self.lookup(key)?;
+        item.access(now, true);
         Some(item)
     }
 
     /// The live item under `key`, counted in the statistics but not marked as read.
     pub fn peek(&self, key: &[u8]) -> Option<Arc<Item>> {
+        self.lookup(key).map(|(item, _)| item)
+    }
+
+    /// The live item under `key`, and the time it was looked up at.
+    fn lookup(&self, key: &[u8]) -> Option<(Arc<Item>, u64)> {
         let now = now_ms();
         let found = self.items.get(key);
         match found {
             Some(item) if self.live(&item, now) => {
                 self.stats.get_hits.inc();
-                Some(item)
+                Some((item, now))
             }
             Some(_) => {
                 self.stats.get_expired.inc();
