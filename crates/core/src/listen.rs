@@ -46,7 +46,7 @@ pub async fn accept_until<L: Accept>(
     what: &'static str,
     mut handle: impl FnMut(L::Stream),
 ) {
-    let mut failures = Failures::default();
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept_one() => accepted,
@@ -54,31 +54,44 @@ pub async fn accept_until<L: Accept>(
         };
         match accepted {
             Ok(stream) => {
-                failures.pause = Duration::ZERO;
+                failures.succeeded();
                 handle(stream);
             }
             Err(error) => {
-                let pause = failures.failed(std::time::Instant::now(), |count| {
-                    tracing::warn!(%error, failures = count, "{what}: accept failed");
-                });
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = shutdown.requested() => return,
+                if !failures.pause(what, &error, &shutdown).await {
+                    return;
                 }
             }
         }
     }
 }
 
-/// The accept loop's record of failed accepts: how long to pause, and when it last logged.
+/// An accept loop's record of failed accepts: how long to pause, and when it last logged.
 #[derive(Debug, Default)]
-struct Failures {
+pub struct AcceptFailures {
     pause: Duration,
     logged: Option<std::time::Instant>,
     unlogged: u64,
 }
 
-impl Failures {
+impl AcceptFailures {
+    /// An accept succeeded: the next failure pauses briefly again.
+    pub fn succeeded(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+
+    /// An accept failed with `error`: logs (at most once a second, with the count) and
+    /// pauses; false if shutdown was requested meanwhile.
+    pub async fn pause(&mut self, what: &str, error: &std::io::Error, shutdown: &Shutdown) -> bool {
+        let pause = self.failed(std::time::Instant::now(), |count| {
+            tracing::warn!(%error, failures = count, "{what}: accept failed");
+        });
+        tokio::select! {
+            () = tokio::time::sleep(pause) => true,
+            () = shutdown.requested() => false,
+        }
+    }
+
     const FIRST_PAUSE: Duration = Duration::from_millis(10);
     const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 
@@ -105,7 +118,7 @@ mod tests {
 
     #[test]
     fn failed_accepts_back_off_and_log_once_a_second() {
-        let mut failures = Failures::default();
+        let mut failures = AcceptFailures::default();
         let start = std::time::Instant::now();
         let mut lines = Vec::new();
         let mut pauses = Vec::new();

@@ -96,6 +96,7 @@ pub async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     // Each connection task holds a clone; `recv()` returns `None` once all have ended.
     let (open_tx, mut open_rx) = mpsc::channel::<()>(1);
+    let mut failures = strata_core::listen::AcceptFailures::default();
 
     loop {
         let permit = tokio::select! {
@@ -104,12 +105,16 @@ pub async fn serve(
         };
         let (mut stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    failures.succeeded();
+                    pair
+                }
                 Err(error) => {
-                    // Running out of file descriptors must not spin the loop.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // Running out of file descriptors must not spin the loop, nor the log.
+                    if failures.pause("lb", &error, &shutdown).await {
+                        continue;
+                    }
+                    break;
                 }
             },
             () = shutdown.requested() => break,
