@@ -302,7 +302,7 @@ fn set(key: &[u8], line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
         (Some(b'R'), None) => Mode::Replace,
         _ => return swallow("CLIENT_ERROR invalid mode for ms M token", out),
     };
-    let (data, total) = match data_block(key, len, false, line, ctx, out) {
+    let (data, total) = match data_block(key, len, line, ctx, out) {
         Ok(block) => block,
         Err(step) => return step,
     };

@@ -162,7 +162,7 @@ fn run(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
                 }
                 _ => b"CLIENT_ERROR bad command line format\r\n",
             };
-            reply_unless_noreply(tokens, 3, reply, out);
+            out.extend_from_slice(reply);
             Step::Done(line_len)
         }
         b"flush_all" => {
@@ -174,11 +174,11 @@ fn run(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
                 Some(None) => out.extend_from_slice(b"CLIENT_ERROR bad command line format\r\n"),
                 Some(Some(delay)) => {
                     ctx.store.flush(delay);
-                    reply_unless_noreply(tokens, 2, b"OK\r\n", out);
+                    out.extend_from_slice(b"OK\r\n");
                 }
                 None => {
                     ctx.store.flush(0);
-                    reply_unless_noreply(tokens, 1, b"OK\r\n", out);
+                    out.extend_from_slice(b"OK\r\n");
                 }
             }
             Step::Done(line_len)
@@ -292,9 +292,7 @@ fn delete(tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
     } else {
         b"NOT_FOUND\r\n"
     };
-    if tokens.last() != Some(&&b"noreply"[..]) {
-        out.extend_from_slice(reply);
-    }
+    out.extend_from_slice(reply);
 }
 
 /// A key memcached accepts: 1–250 bytes, no control characters or spaces.
@@ -305,13 +303,6 @@ pub fn valid_key(key: &[u8]) -> bool {
 /// Parses a decimal token.
 pub fn number<T: std::str::FromStr>(token: &[u8]) -> Option<T> {
     std::str::from_utf8(token).ok()?.parse().ok()
-}
-
-/// Writes `reply` unless the token at `index` is `noreply`.
-fn reply_unless_noreply(tokens: &[&[u8]], index: usize, reply: &[u8], out: &mut BytesMut) {
-    if tokens.get(index) != Some(&&b"noreply"[..]) {
-        out.extend_from_slice(reply);
-    }
 }
 
 /// `get`/`gets` (`touch` none) and `gat`/`gats`, whose keys are the line's tokens from `first`.
@@ -350,7 +341,8 @@ fn retrieve(line: &Line<'_>, first: usize, touch: Option<i64>, ctx: &Context, ou
     out.extend_from_slice(b"END\r\n");
 }
 
-/// `<cmd> <key> <flags> <exptime> <bytes> [<cas>] [noreply]` and its data block.
+/// `<cmd> <key> <flags> <exptime> <bytes> [<cas>] [noreply]` and its data block (`noreply`
+/// is honoured by [`step`], which throws the answer away).
 fn storage(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
     let (command, tokens, line_len) = (line.command(), &line.tokens, line.len);
     let is_cas = command == b"cas";
@@ -381,8 +373,7 @@ fn storage(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
     };
     let bytes = bytes as usize;
     ctx.detail.record(key, Did::Set);
-    let noreply = tokens.get(fields) == Some(&&b"noreply"[..]);
-    let (data, total) = match data_block(key, bytes, noreply, line, ctx, out) {
+    let (data, total) = match data_block(key, bytes, line, ctx, out) {
         Ok(block) => block,
         Err(step) => return step,
     };
@@ -410,14 +401,12 @@ fn storage(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
         size: data.len(),
         client: line.client,
     });
-    if !noreply {
-        out.extend_from_slice(match outcome {
-            Outcome::Stored => b"STORED\r\n",
-            Outcome::NotStored => b"NOT_STORED\r\n",
-            Outcome::Exists => b"EXISTS\r\n",
-            Outcome::NotFound => b"NOT_FOUND\r\n",
-        });
-    }
+    out.extend_from_slice(match outcome {
+        Outcome::Stored => b"STORED\r\n",
+        Outcome::NotStored => b"NOT_STORED\r\n",
+        Outcome::Exists => b"EXISTS\r\n",
+        Outcome::NotFound => b"NOT_FOUND\r\n",
+    });
     Step::Done(total)
 }
 
@@ -428,16 +417,13 @@ fn storage(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
 pub fn data_block<'a>(
     key: &[u8],
     bytes: usize,
-    noreply: bool,
     line: &Line<'a>,
     ctx: &Context,
     out: &mut BytesMut,
 ) -> Result<(&'a [u8], usize), Step> {
     if bytes > ctx.max_item_bytes {
         ctx.store.remove(key);
-        if !noreply {
-            out.extend_from_slice(b"SERVER_ERROR object too large for cache\r\n");
-        }
+        out.extend_from_slice(b"SERVER_ERROR object too large for cache\r\n");
         return Err(Step::Swallow {
             consumed: line.len,
             skip: bytes + 2,
@@ -456,7 +442,6 @@ pub fn data_block<'a>(
 }
 
 fn arithmetic(up: bool, tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
-    let noreply = tokens.get(3) == Some(&&b"noreply"[..]);
     let key = match tokens.get(1) {
         Some(key) if valid_key(key) && tokens.len() <= 4 => *key,
         _ => {
@@ -468,11 +453,7 @@ fn arithmetic(up: bool, tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
         out.extend_from_slice(b"CLIENT_ERROR invalid numeric delta argument\r\n");
         return;
     };
-    let outcome = ctx.store.count(key, delta, up, None);
-    if noreply {
-        return;
-    }
-    match outcome {
+    match ctx.store.count(key, delta, up, None) {
         Counted::Value(value) => {
             let _ = write!(Writer(out), "{value}\r\n");
         }
