@@ -17,7 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.prefix)
-STRATA = ROOT / "target" / "release" / "strata"
+# `STRATA_BIN` runs the benchmarks against another build (an older commit's, to compare).
+STRATA = Path(os.environ.get("STRATA_BIN", ROOT / "target" / "release" / "strata"))
 RESULTS = ROOT / "benches" / "results"
 
 
