@@ -11,6 +11,40 @@
 //! - `flight`: coalescing of concurrent misses.
 //! - `service`, `fetch`, `invalidate`, `respond`: the request flow, origin fetches and
 //!   storing, invalidation by requests, and the answers built from stored responses.
+//!
+//! # How it works
+//!
+//! Varnish's job: an RFC 9111 shared cache as a seam service wrapping the next tier.
+//!
+//! - `directives.rs`, `freshness.rs`, `policy.rs`: Cache-Control parsing (strict where a wrong
+//!   guess would serve stale or private content), age and freshness lifetime (§4.2), and the
+//!   storability decision with its reason (which `Cache-Status` reports). A targeted field
+//!   (`CDN-Cache-Control`, then `Surrogate-Control`) replaces `Cache-Control` for this cache.
+//! - `key.rs`: the primary key (lower-cased host, path, query without ignored parameters,
+//!   sorted) and `Vary` selection; `Cookie` is compared only on `key_cookies`, and a
+//!   `pass_cookies` cookie makes a request personal.
+//! - `object.rs`, `fill.rs`, `store.rs`: a stored response is its head, timing, windows
+//!   (lifetime, grace, stale-if-error, keep) and a `Fill`: the body as it arrives from the origin,
+//!   readable by any number of clients while it fills, one `Bytes` once whole. The store is a
+//!   moka cache of primary key → variants (copy-on-write), weighed in bytes, each entry expiring
+//!   when its last variant is of no more use; plus a surrogate-key index kept by moka's eviction
+//!   listener, and the hit-for-miss memo.
+//! - `flight.rs`: coalescing. The first miss for a key leads a fetch; later ones wait for its
+//!   outcome: an object (served, even at TTL 0, if its `Vary` matches) or "uncacheable" (each
+//!   waiter goes to the origin itself, and the key is remembered as hit-for-miss).
+//! - `service.rs` (the flow below), `fetch.rs` (origin fetches, revalidation, storing, the pump
+//!   task), `invalidate.rs` (`PURGE`, unsafe methods), `respond.rs` (the answers: `Age`,
+//!   `Cache-Status`, conditional requests and single ranges from the store).
+//!
+//! Flow: `PURGE` (trusted networks) purges a URL or surrogate keys; other unsafe methods pass
+//! and, when successful, invalidate the target URI and `Location`/`Content-Location` (§4.4);
+//! requests with a pass cookie or `Authorization` skip the lookup; a fresh hit is answered
+//! straight from the request; a response within grace is served while one background fetch
+//! refreshes it; otherwise the request joins or leads a flight. The leader's fetch is
+//! conditional when the stale object has a validator (a 304 is merged into it, keeping the
+//! fields that describe the stored body), serves the stale object if the origin answers 5xx
+//! within stale-if-error, and otherwise stores what policy allows: the object is in the store
+//! from its head on, and a pump task fills its body whether or not any client still reads it.
 
 pub mod config;
 mod directives;

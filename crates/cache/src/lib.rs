@@ -7,6 +7,22 @@
 //! - `text`, `meta`: the two protocols, as steps over a connection's read buffer.
 //! - `server`: listeners and connections; `stats`: `stats` and `/metrics`; `watch`: log
 //!   watchers.
+//!
+//! # How it works
+//!
+//! memcached's job. `store.rs` is one moka cache of key → item (value, flags, CAS, expiry),
+//! weighed in bytes, with memcached's expiry rules; every read-modify-write command (`add`,
+//! `cas`, `append`, `incr`, `touch`, the meta protocol's vivify and stale marks) runs inside
+//! moka's `and_compute_with`, atomic per key. `text.rs` and `meta.rs` are the two protocols as
+//! pure steps over a connection's read buffer (a step handles one whole command, asks for more
+//! bytes, or throws a refused value away as it arrives); `server.rs` runs the TCP and Unix
+//! listeners and one task per connection, answering everything a read brought before writing
+//! (pipelining); `stats.rs` answers `stats` (with `stats detail` per-prefix counts and a
+//! baseline for `stats reset`) and `/metrics`; `watch.rs` is memcached's log watchers, a broadcast
+//! of `item_get`/`item_store` lines that costs one atomic load while nobody watches. The same
+//! steps serve the app server's workers in-process: `Cache` implements
+//! `strata_core::seam::Memcache`, and `strata.django.StrataCache` sends protocol commands over
+//! the worker's connection (`CACHE`/`CACHE_REPLY` frames).
 
 pub mod config;
 mod meta;

@@ -24,6 +24,70 @@
 //! - `scram`: SCRAM-SHA-256 on the server side, for client logins.
 //! - `client`: a client's startup and login.
 //! - `runners`: the shared runtime, or the pooler's own threads, that run sessions.
+//!
+//! # How it works
+//!
+//! PgBouncer's job, on TCP and (with `unix_socket_dir`) a Unix socket named as PostgreSQL names
+//! its own; a client's session is one task, on one of the pooler's own single-threaded
+//! runtimes (`runners.rs`, `threads`, one by default; sessions dealt in turn) or, with
+//! `threads = 0`, on the master's multi-threaded runtime. A server connection's socket belongs
+//! to the runtime of the session that borrows it: `pool.rs` hands out the newest idle
+//! connection of the caller's runtime (`runners::home`) first, and one from another runtime is
+//! registered anew with the caller's (`ServerConn::come_home`), so no message of a transaction
+//! crosses threads. `wire.rs` frames the
+//! protocol (untyped startup packets: SSL/GSS requests, cancel requests, protocol 3.x
+//! parameters, a newer minor answered with NegotiateProtocolVersion 3.0; typed messages
+//! bounded) and writes the messages the pooler originates. `client.rs` runs a client's startup (bounded by
+//! `client_login_timeout` until the client has proven its role):
+//! TLS when asked and configured (`tls.rs`, rustls with the ring provider), role check
+//! (`server_user` or `[[users]]`, else `auth_query` on a tokio-postgres control connection,
+//! `auth.rs`), refused startup parameters, SCRAM or md5 login (`scram.rs`,
+//! the server side, one verifier per configured role made once as PostgreSQL keeps it, or the
+//! stored verifier of a looked-up role, checked against `postgres-protocol`'s client; a
+//! looked-up role's proof leaves its ClientKey or md5 hash in the pool for that role's server
+//! logins), the server's
+//! `ParameterStatus` (from the pool's first connection, with the client's tracked values) and a
+//! cancel key of the pooler's own (`cancel.rs`). Then `relay.rs` takes over:
+//!
+//! - Every message sent to the server pushes what it will be answered with onto `flow.rs`'s
+//!   queue (a Query or Sync: up to ReadyForQuery; Parse/Bind/Describe/Execute/Close: their
+//!   completion; an error skips to the Sync). The queue tells when a transaction is over with
+//!   nothing outstanding (`at_rest`): in transaction mode the server connection then goes back
+//!   to the pool (`put_back`, no reset).
+//! - On each new server connection, tracked parameters (`state::TRACKED`: those PostgreSQL
+//!   reports) that differ from the client's are set first by a query whose answers the queue
+//!   drops.
+//! - Named protocol-level statements (`prepared.rs`) become `strata_<id>`, one id per distinct
+//!   text and parameter types for the whole pooler; each server connection knows which it has
+//!   (LRU beyond `max_prepared_statements`). A Bind or Describe of a statement the connection
+//!   lacks first sends its Parse (answer dropped); a Parse of a statement some server already
+//!   accepted is answered by the pooler (`Owed` in the queue) without a server; Close and
+//!   `DEALLOCATE name` only make the client forget.
+//! - `state.rs` spots SQL that would leave session state (plain `SET` of an untracked setting,
+//!   session advisory locks, `LISTEN`, temporary tables, `WITH HOLD`, SQL `PREPARE`, `LOAD`):
+//!   the client is pinned to its connection (`on_session_state = "pin"`) or it is reported.
+//! - A `BEGIN` without options (`state::plain_begin`) from a client that holds no connection
+//!   and has no transaction open is answered by the pooler at once; the statement waits in
+//!   `begun` and goes to the server ahead of the transaction's first statement (its answers
+//!   dropped), so a transaction borrows a connection one round trip later. Options
+//!   (`ISOLATION LEVEL`, `READ ONLY`...) go to the server as they are: only a bare `BEGIN`
+//!   cannot fail on a live connection.
+//! - Session mode is the same relay with the connection lent at login and kept.
+//!
+//! `pool.rs` keeps idle connections per (database, role) (`PoolKey`; an `Entry` a client holds
+//! for its session, so a transaction's borrow touches only that entry; newest first) behind a semaphore of
+//! `pool_size` plus a reserve semaphore used after `reserve_pool_timeout`, with
+//! `query_wait_timeout` and a wait-time histogram; an idle connection is checked with a
+//! non-blocking read when taken (a closed or talking socket is dropped), closed past
+//! `server_lifetime` or `idle_timeout` (down to `min_idle`, which a once-a-second task refills,
+//! opening `databases` at start); a paused database lends nothing and closes connections as they
+//! come back. `server.rs` logs into PostgreSQL with `postgres-protocol`'s encoders and `scram.rs`'s
+//! client (from the password or from a client's ClientKey; md5 from the password or the
+//! stored hash; cleartext too) and resets a connection (`ROLLBACK`, then `DISCARD ALL`, learning
+//! the `ParameterStatus` values the reset reports, so the next client is told the connection's
+//! true parameters).
+//! `health.rs` checks the server with `SELECT 1` on a tokio-postgres control connection;
+//! pooled connections are raw sockets, as no client library can relay another's protocol.
 
 mod auth;
 mod cancel;

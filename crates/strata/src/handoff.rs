@@ -12,6 +12,22 @@
 //!
 //! If the new master fails before `R` (its application does not import, say), the connection
 //! closes and the old master simply keeps serving.
+//!
+//! # In the running node
+//!
+//! `handoff.rs` in the binary crate. Every master offers its listening sockets on a Unix socket
+//! (`admin.upgrade_socket`) from a thread of its own. `strata run --upgrade` connects, receives
+//! the HTTP, HTTPS (when configured) and admin listeners with `SCM_RIGHTS` (a tag byte says
+//! which), starts its app server, adopts the (already
+//! listening) sockets, and sends `R`; the old master unlinks the upgrade socket, answers `A` and
+//! shuts down gracefully, and the new master offers the next upgrade. Both masters accept from
+//! the same kernel queue while this happens, so nothing is refused.
+//!
+//! A node without HTTP tiers (`--tiers cache`) has no HTTP listener; it hands over only its
+//! admin listener. The cache tier's listener is not handed over: it is bound with
+//! `SO_REUSEPORT`, so the new master binds it beside the old one, and clients reconnect when the
+//! old master's connections close. In-memory state (the accelerator's and the cache's stores)
+//! starts empty in the new master, as after a restart of Varnish or memcached.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::mem::MaybeUninit;

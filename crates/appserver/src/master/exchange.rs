@@ -6,6 +6,32 @@
 //! → 502, worker stuck past the timeout → 504 (after its Python stack is dumped), body over the
 //! limit → 413. A client that leaves mid-exchange costs nothing: the [`Lease`] finishes the
 //! exchange with the worker on its own.
+//!
+//! # Life of a request, across the tiers
+//!
+//! 1. `lb::serve` accepts, hyper parses the head (bad → 400, too big → 431), a declared body over
+//!    `max_body_bytes` → 413; the body is wrapped so that passing the limit later yields
+//!    `BodyTooLarge`. A route to a static directory answers here.
+//! 2. The accelerator answers from its store, or passes the request on (above).
+//! 3. `exchange::run` builds the CGI variables in Rust (`cgi.rs`: PATH_INFO percent-decoded,
+//!    SCRIPT_NAME split off, headers with `_` dropped, repeated headers joined; one buffer sized
+//!    from the head, already in the request frame's format) and reads up to
+//!    `buffer_body_bytes` of body.
+//! 4. `Ticket::submit` puts the request frame in the shared ring (503 if `queue_length`
+//!    requests wait already) and rings the futex only if a worker sleeps on it.
+//! 5. The first idle worker to look takes it, without the master running in between, buffers
+//!    `BEGIN id`, and builds the environ (latin-1 strings;
+//!    the keys made once per worker and kept, up to 256 of them, as header names are the client's),
+//!    calls the application, and sends `HEAD`, `CHUNK`s and `END` (or `ABORT` if the application
+//!    failed after the head was sent). List bodies go out in one write with a `Content-Length`;
+//!    other iterables are flushed chunk by chunk.
+//!    A response that is whole when the application returns (a list body, nothing read from
+//!    the socket) goes into the worker's answer ring; the collector hands it to the exchange.
+//!    Otherwise the worker's watcher reads `BEGIN` and hands the socket to the request's
+//!    exchange, which relays the rest.
+//! 6. After `END` the worker goes straight to the ring for its next request (over the socket,
+//!    its connection goes back to a watcher); if it reached its request limit its replacement is forked first and it is
+//!    retired (its slot says leave) when that one is ready.
 
 use std::sync::Arc;
 

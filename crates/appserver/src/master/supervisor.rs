@@ -5,6 +5,33 @@
 //! the rest of the master talks to it through [`Event`]s. A reload starts a zygote of the next
 //! generation beside the running one; only when it is warm are old workers replaced, each by a
 //! new worker that is ready before the old one is retired, so capacity never drops.
+//!
+//! # Reload, step by step
+//!
+//! SIGHUP, `POST /reload` on the admin listener and `strata reload` all go through the binary's
+//! `Reloader` to `AppServer::reload`, which asks the supervisor for generation N+1:
+//!
+//! 1. A new zygote starts beside the running one, imports the current code and warms it. If that
+//!    fails, the traceback goes to the log, to `last_reload` in `/status` and back to the caller;
+//!    the running generation was never touched.
+//! 2. The new zygote becomes current: every fork from now on (crash replacements included) comes
+//!    from it. Old workers are replaced `app.reload_surge` at a time, each by a new worker that has
+//!    said hello before the old one is retired; a retired worker finishes its in-flight request
+//!    first. Old and new workers take from the same queue until the old ones are retired.
+//! 3. When no old worker is left, the pool is grown or shrunk to the new `app.workers`; once
+//!    every retired worker has finished its last request and exited (`Event::Left`), the old
+//!    zygotes are told to quit (each exits once its last worker has), and the caller hears the
+//!    new generation number: no old code runs after a reload reports success.
+//!
+//! The binary's `Reloader` (crates/strata/src/reload.rs) re-reads the configuration from the
+//! same sources before each reload and passes the new `[app]` section along; the app server puts
+//! it in force when the new generation's zygote is warm (`Shared::set_config`), so a failed
+//! reload changes no setting either. Keys outside `[app]` that changed are reported as needing a
+//! restart.
+//!
+//! If the current zygote dies (killed, out of memory), its workers keep serving and the supervisor
+//! starts a new generation the same way, retrying every 5 s until one is warm, so worker crashes
+//! can be repaired again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
