@@ -1,23 +1,26 @@
-//! Strata's cache tier: one moka store served over the memcached protocol (text and meta),
+//! Strata's cache tier: an LRU store served over the memcached protocol (text and meta),
 //! on TCP and a Unix socket.
 //!
 //! # Layout
 //! - [`config`]: the `[cache]` section.
-//! - `store`: items, memcached's expiry rules, CAS, atomic read-modify-write commands.
+//! - `store`: items, memcached's expiry rules, CAS, atomic read-modify-write commands;
+//!   `lru`: one shard of it (hash table, slab, recency list, byte budget).
+//! - `out`: a connection's answers, large values written by reference (`writev`).
 //! - `text`, `meta`: the two protocols, as steps over a connection's read buffer.
 //! - `server`: listeners and connections; `stats`: `stats` and `/metrics`; `watch`: log
 //!   watchers.
 //!
 //! # How it works
 //!
-//! memcached's job. `store.rs` is one moka cache of key → item (value, flags, CAS, expiry),
-//! weighed in bytes, with memcached's expiry rules; every read-modify-write command (`add`,
-//! `cas`, `append`, `incr`, `touch`, the meta protocol's vivify and stale marks) runs inside
-//! moka's `and_compute_with`, atomic per key. `text.rs` and `meta.rs` are the two protocols as
+//! memcached's job. `store.rs` maps key → item (value, flags, CAS, expiry) in shards of
+//! `lru.rs`, each under its own lock and weighed in bytes against its share of the budget,
+//! evicting the least recently used; every read-modify-write command (`add`, `cas`,
+//! `append`, `incr`, `touch`, the meta protocol's vivify and stale marks) runs with the key's
+//! shard locked, atomic per key. `text.rs` and `meta.rs` are the two protocols as
 //! pure steps over a connection's read buffer (a step handles one whole command, asks for more
 //! bytes, or throws a refused value away as it arrives); `server.rs` runs the TCP and Unix
 //! listeners and one task per connection, answering everything a read brought before writing
-//! (pipelining); `stats.rs` answers `stats` (with `stats detail` per-prefix counts and a
+//! (pipelining), values of 1 KiB or more handed to the kernel in place (`out.rs`); `stats.rs` answers `stats` (with `stats detail` per-prefix counts and a
 //! baseline for `stats reset`) and `/metrics`; `watch.rs` is memcached's log watchers, a broadcast
 //! of `item_get`/`item_store` lines that costs one atomic load while nobody watches. The same
 //! steps serve the app server's workers in-process: `Cache` implements
@@ -25,7 +28,9 @@
 //! the worker's connection (`CACHE`/`CACHE_REPLY` frames).
 
 pub mod config;
+mod lru;
 mod meta;
+mod out;
 mod server;
 mod stats;
 mod store;
@@ -84,7 +89,7 @@ impl Cache {
         let ctx = Arc::new(server::Context {
             store: Arc::new(store::Store::new(config.capacity_bytes)),
             max_item_bytes: config.max_item_bytes as usize,
-            capacity_bytes: config.capacity_bytes,
+            capacity_bytes: std::sync::atomic::AtomicU64::new(config.capacity_bytes),
             max_connections: config.max_connections,
             started: Instant::now(),
             connections: server::Connections::default(),
@@ -118,7 +123,7 @@ impl Cache {
 
 impl strata_core::seam::Memcache for Cache {
     fn execute(&self, commands: &[u8]) -> Vec<u8> {
-        let mut out = bytes::BytesMut::new();
+        let mut out = out::Out::default();
         let mut rest = commands;
         while !rest.is_empty() {
             match text::step(rest, 0, &self.ctx, &mut out) {

@@ -9,11 +9,12 @@
 use std::io::Write;
 use std::sync::atomic::Ordering;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
+use crate::out::Out;
 use crate::server::Context;
 use crate::store::{now_ms, Changed, Counted, Item, Mode, Outcome};
-use crate::text::{data_block, number, valid_key, Line, Step, Writer};
+use crate::text::{data_block, number, valid_key, Line, Step};
 
 /// Most tokens a meta command may have (command, key and flags), as memcached.
 const MAX_TOKENS: usize = 19;
@@ -84,7 +85,7 @@ impl<'a> Flags<'a> {
     }
 
     /// `O<opaque>` and `k` where the client put them, for answers without an item.
-    fn echo(&self, key: &[u8], out: &mut BytesMut) {
+    fn echo(&self, key: &[u8], out: &mut Out) {
         for (flag, token) in &self.flags {
             echoed(*flag, token, key, out);
         }
@@ -97,7 +98,7 @@ impl<'a> Flags<'a> {
 }
 
 /// Writes return flag `O` (the opaque token) or `k` (the key); false for any other flag.
-fn echoed(flag: u8, token: &[u8], key: &[u8], out: &mut BytesMut) -> bool {
+fn echoed(flag: u8, token: &[u8], key: &[u8], out: &mut Out) -> bool {
     match flag {
         b'O' => {
             out.extend_from_slice(b" O");
@@ -113,13 +114,13 @@ fn echoed(flag: u8, token: &[u8], key: &[u8], out: &mut BytesMut) -> bool {
 }
 
 /// Answers an error; the connection stays open.
-fn error(text: &str, out: &mut BytesMut) {
+fn error(text: &str, out: &mut Out) {
     out.extend_from_slice(text.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
 /// Handles one meta command.
-pub fn step(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
+pub fn step(line: &Line<'_>, ctx: &Context, out: &mut Out) -> Step {
     let (command, tokens, line_len) = (line.command(), &line.tokens, line.len);
     let Some(key) = tokens.get(1).copied().filter(|k| valid_key(k)) else {
         error(
@@ -157,7 +158,7 @@ pub fn step(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
     Step::Done(line_len)
 }
 
-fn get(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) {
+fn get(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut Out) {
     if flags.opaque_too_long() {
         return error("CLIENT_ERROR opaque token too long", out);
     }
@@ -182,7 +183,7 @@ fn get(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) {
     let token_sent = !created && item.won.load(Ordering::Relaxed);
     let mut won = created;
     if flags.has(b'v') {
-        let _ = write!(Writer(out), "VA {}", item.value.len());
+        let _ = write!(out, "VA {}", item.value.len());
     } else {
         out.extend_from_slice(b"HD");
     }
@@ -195,10 +196,10 @@ fn get(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) {
                 }
             }
             b'l' => {
-                let _ = write!(Writer(out), " l{idle}");
+                let _ = write!(out, " l{idle}");
             }
             b'h' => {
-                let _ = write!(Writer(out), " h{}", u8::from(fetched));
+                let _ = write!(out, " h{}", u8::from(fetched));
             }
             _ => returned(*flag, token, &item, key, now, out),
         }
@@ -219,25 +220,25 @@ fn get(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) {
     }
     out.extend_from_slice(b"\r\n");
     if flags.has(b'v') {
-        out.extend_from_slice(&item.value);
+        out.value(&item.value);
         out.extend_from_slice(b"\r\n");
     }
 }
 
 /// One return flag of an item: `c`, `f`, `s`, `t`, `O`, `k` (others say nothing here).
-fn returned(flag: u8, token: &[u8], item: &Item, key: &[u8], now: u64, out: &mut BytesMut) {
+fn returned(flag: u8, token: &[u8], item: &Item, key: &[u8], now: u64, out: &mut Out) {
     match flag {
         b'c' => {
-            let _ = write!(Writer(out), " c{}", item.cas);
+            let _ = write!(out, " c{}", item.cas);
         }
         b'f' => {
-            let _ = write!(Writer(out), " f{}", item.flags);
+            let _ = write!(out, " f{}", item.flags);
         }
         b's' => {
-            let _ = write!(Writer(out), " s{}", item.value.len());
+            let _ = write!(out, " s{}", item.value.len());
         }
         b't' => {
-            let _ = write!(Writer(out), " t{}", item.ttl(now));
+            let _ = write!(out, " t{}", item.ttl(now));
         }
         _ => {
             echoed(flag, token, key, out);
@@ -246,7 +247,7 @@ fn returned(flag: u8, token: &[u8], item: &Item, key: &[u8], now: u64, out: &mut
 }
 
 /// A miss: `EN`, unless quiet.
-fn miss(key: &[u8], flags: &Flags<'_>, out: &mut BytesMut) {
+fn miss(key: &[u8], flags: &Flags<'_>, out: &mut Out) {
     if flags.has(b'q') {
         return;
     }
@@ -256,9 +257,9 @@ fn miss(key: &[u8], flags: &Flags<'_>, out: &mut BytesMut) {
 }
 
 /// `ms <key> <datalen> <flags>*` and its data block.
-fn set(key: &[u8], line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
+fn set(key: &[u8], line: &Line<'_>, ctx: &Context, out: &mut Out) -> Step {
     let (tokens, line_len) = (&line.tokens, line.len);
-    let refuse = |text: &str, out: &mut BytesMut| {
+    let refuse = |text: &str, out: &mut Out| {
         error(text, out);
         Step::Done(line_len)
     };
@@ -277,7 +278,7 @@ fn set(key: &[u8], line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
     };
     let len = len as usize;
     // Past this point the value's length is known: an error throws the value away.
-    let swallow = |text: &str, out: &mut BytesMut| {
+    let swallow = |text: &str, out: &mut Out| {
         error(text, out);
         Step::Swallow {
             consumed: line_len,
@@ -327,7 +328,7 @@ fn set(key: &[u8], line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
     for (flag, token) in &flags.flags {
         // The CAS of what was stored; 0 when nothing was (as memcached).
         if *flag == b'c' {
-            let _ = write!(Writer(out), " c{stored_cas}");
+            let _ = write!(out, " c{stored_cas}");
         } else {
             echoed(*flag, token, key, out);
         }
@@ -336,7 +337,7 @@ fn set(key: &[u8], line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
     Step::Done(total)
 }
 
-fn delete(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) {
+fn delete(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut Out) {
     // `C<cas>`: only an item of that CAS is deleted (or marked); another answers `EX`.
     let cas = flags.number::<u64>(b'C');
     let changed = if flags.has(b'I') {
@@ -357,7 +358,7 @@ fn delete(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn arithmetic(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) {
+fn arithmetic(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut Out) {
     if flags.opaque_too_long() {
         return error("CLIENT_ERROR opaque token too long", out);
     }
@@ -409,7 +410,7 @@ fn arithmetic(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) 
     }
     let text = value.to_string();
     if flags.has(b'v') {
-        let _ = write!(Writer(out), "VA {}", text.len());
+        let _ = write!(out, "VA {}", text.len());
     } else {
         out.extend_from_slice(b"HD");
     }
@@ -436,7 +437,7 @@ fn arithmetic(key: &[u8], flags: &Flags<'_>, ctx: &Context, out: &mut BytesMut) 
 
 /// `me <key>`: what the store knows of an item, for debugging: its expiry (`-1`: never),
 /// seconds since last access, CAS, whether it was read, and its size.
-fn debug(key: &[u8], ctx: &Context, out: &mut BytesMut) {
+fn debug(key: &[u8], ctx: &Context, out: &mut Out) {
     let Some(item) = ctx.store.peek(key) else {
         out.extend_from_slice(b"EN\r\n");
         return;
@@ -446,7 +447,7 @@ fn debug(key: &[u8], ctx: &Context, out: &mut BytesMut) {
     out.extend_from_slice(b"ME ");
     out.extend_from_slice(key);
     let _ = write!(
-        Writer(out),
+        out,
         " exp={} la={idle} cas={} fetch={} cls=1 size={}\r\n",
         item.ttl(now),
         item.cas,

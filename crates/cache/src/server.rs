@@ -13,6 +13,7 @@ use strata_core::Shutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Semaphore;
 
+use crate::out::Out;
 use crate::store::Store;
 use crate::text::{self, Step};
 
@@ -21,7 +22,8 @@ use crate::text::{self, Step};
 pub struct Context {
     pub store: Arc<Store>,
     pub max_item_bytes: usize,
-    pub capacity_bytes: u64,
+    /// The store's budget (`cache_memlimit` changes it).
+    pub capacity_bytes: AtomicU64,
     pub max_connections: usize,
     pub started: Instant,
     pub connections: Connections,
@@ -149,7 +151,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut out = Out::default();
     // Bytes of a refused value still to be thrown away as they arrive.
     let mut skip = 0usize;
     loop {
@@ -173,20 +175,19 @@ where
                     skip = s;
                 }
                 Step::Close => {
-                    stream.write_all(&out).await?;
+                    out.write_to(&mut stream).await?;
                     close_gently(stream).await;
                     return Ok(());
                 }
                 Step::Watch(kinds) => {
                     out.extend_from_slice(b"OK\r\n");
-                    stream.write_all(&out).await?;
+                    out.write_to(&mut stream).await?;
                     return watch(stream, ctx.watch.subscribe(kinds), shutdown).await;
                 }
             }
         }
         if !out.is_empty() {
-            stream.write_all(&out).await?;
-            out.clear();
+            out.write_to(&mut stream).await?;
         }
         buf.reserve(16 * 1024);
         let read = tokio::select! {

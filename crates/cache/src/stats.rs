@@ -6,11 +6,11 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use bytes::BytesMut;
 use strata_core::metrics::{render_labeled, render_value};
 
+use crate::out::Out;
 use crate::server::Context;
-use crate::text::{unix_now, Line, Writer};
+use crate::text::{unix_now, Line};
 
 /// Per-prefix counts (`stats detail on`): keys up to their first `:`, as memcached's default
 /// delimiter; keys without one are not counted.
@@ -58,7 +58,7 @@ impl Detail {
     }
 
     /// `stats detail on|off|dump`.
-    fn command(&self, what: Option<&[u8]>, out: &mut BytesMut) {
+    fn command(&self, what: Option<&[u8]>, out: &mut Out) {
         match what {
             Some(b"on") => self.enabled.store(true, Ordering::Relaxed),
             Some(b"off") => self.enabled.store(false, Ordering::Relaxed),
@@ -70,12 +70,9 @@ impl Detail {
                     out.extend_from_slice(b"PREFIX ");
                     out.extend_from_slice(prefix);
                     let _ = write!(
-                        Writer(out),
+                        out,
                         " get {} hit {} set {} del {}\r\n",
-                        c.gets,
-                        c.hits,
-                        c.sets,
-                        c.deletes
+                        c.gets, c.hits, c.sets, c.deletes
                     );
                 }
                 out.extend_from_slice(b"END\r\n");
@@ -154,7 +151,10 @@ fn general(ctx: &Context) -> Vec<(&'static str, Stat)> {
             "touch_misses",
             Counter(s.cmd_touch.get() - s.touch_hits.get()),
         ),
-        ("limit_maxbytes", Reading(ctx.capacity_bytes.to_string())),
+        (
+            "limit_maxbytes",
+            Reading(ctx.capacity_bytes.load(Ordering::Relaxed).to_string()),
+        ),
         ("threads", Reading("1".into())),
         ("bytes", Reading(bytes.to_string())),
         ("curr_items", Reading(items.to_string())),
@@ -168,11 +168,11 @@ fn general(ctx: &Context) -> Vec<(&'static str, Stat)> {
 /// Answers `stats` (general), `stats settings`, `stats reset`, `stats detail`, `stats conns`
 /// (each open connection's id and peer), and (empty) `items`, `slabs`, `sizes`, `cachedump`; anything else is an `ERROR`, as
 /// memcached answers it.
-pub fn write(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) {
+pub fn write(line: &Line<'_>, ctx: &Context, out: &mut Out) {
     let group = line.tokens.get(1).copied();
     let argument = line.tokens.get(2).copied();
     let mut stat = |name: &str, value: &dyn std::fmt::Display| {
-        let _ = write!(Writer(out), "STAT {name} {value}\r\n");
+        let _ = write!(out, "STAT {name} {value}\r\n");
     };
     match group {
         None => {
@@ -192,7 +192,7 @@ pub fn write(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) {
             }
         }
         Some(b"settings") => {
-            stat("maxbytes", &ctx.capacity_bytes);
+            stat("maxbytes", &ctx.capacity_bytes.load(Ordering::Relaxed));
             stat("maxconns", &ctx.max_connections);
             stat("item_size_max", &ctx.max_item_bytes);
             stat("evictions", &"on");

@@ -1,28 +1,32 @@
-//! The item store: moka weighed in bytes, memcached's expiry rules, flags, CAS values, and the
-//! read-modify-write commands done atomically per key.
+//! The item store: memcached's expiry rules, flags, CAS values, and the read-modify-write
+//! commands done atomically per key, over shards of [`Lru`] weighed in bytes.
 //!
-//! A full store evicts the least recently used items, as memcached does: moka's LRU policy,
-//! not its default TinyLFU, whose admission filter turns new keys away when the store is full
-//! (every `set` would answer `STORED` and the newest writes vanish at once: a session just
-//! saved, a value just cached). A newly set key is readable at once, and stays until newer
-//! traffic pushes it out.
+//! A full store evicts the least recently used items, as memcached does, so that a key just
+//! stored is readable until newer traffic pushes it out (a session just saved, a value just
+//! cached). The shards are the store's own rather than moka's: a hit is a hash, one
+//! uncontended lock and a few cache lines, where moka's concurrent map, access log and
+//! housekeeping cost the cache tier a fifth of memcached's throughput. A key's shard stays
+//! locked through a read-modify-write (`cas`, `incr`, `append`, meta), which makes it atomic.
+//! Expired and delayed-flushed items are dropped lazily, when a lookup meets them or the LRU
+//! pushes them out; `flush_all` empties the shards at once.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use bytes::{Bytes, BytesMut};
-use moka::notification::RemovalCause;
-use moka::ops::compute::Op;
-use moka::sync::Cache;
-use moka::Expiry;
 use strata_core::metrics::Counter;
+
+use crate::lru::Lru;
 
 /// Relative expiry times above this are absolute Unix times (memcached's rule).
 const RELATIVE_MAX: i64 = 60 * 60 * 24 * 30;
 
 /// Bytes counted per item on top of its key and value.
-const OVERHEAD: u32 = 64;
+const OVERHEAD: u64 = 64;
 
 /// One stored value.
 #[derive(Debug)]
@@ -205,26 +209,11 @@ pub struct Stats {
     pub lease_wins: Counter,
 }
 
-struct PerItem;
-
-impl Expiry<Bytes, Arc<Item>> for PerItem {
-    fn expire_after_create(&self, _: &Bytes, item: &Arc<Item>, _: Instant) -> Option<Duration> {
-        life(item)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &Bytes,
-        item: &Arc<Item>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        life(item)
-    }
-}
-
-fn life(item: &Item) -> Option<Duration> {
-    (item.expires_ms != 0).then(|| Duration::from_millis(item.expires_ms.saturating_sub(now_ms())))
+/// What a read-modify-write command does with the live item it found.
+pub(crate) enum Op {
+    Keep,
+    Put(Arc<Item>),
+    Remove,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -234,56 +223,58 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The store.
+/// Each shard's share of the budget is at least this, so that a large item fits in one.
+const SHARD_MIN_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The store: shards of [`Lru`], each behind its own lock, a key's shard chosen by its hash.
 pub struct Store {
-    items: Cache<Bytes, Arc<Item>>,
+    shards: Box<[Mutex<Lru<Arc<Item>>>]>,
+    hasher: RandomState,
     next_cas: AtomicU64,
     /// A delayed `flush_all`: items stored before this Unix millisecond are gone once it
     /// passes; 0 when none is pending.
     flush_at: AtomicU64,
-    /// An immediate `flush_all`: items with a CAS below this are gone (moka drops them
-    /// lazily, and its read-modify-write entries would still see them).
-    flushed_below: AtomicU64,
     pub stats: Arc<Stats>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("items", &self.items.entry_count())
+            .field("shards", &self.shards.len())
             .finish()
     }
 }
 
+/// Bytes an item weighs against the budget.
+fn weight(key: &[u8], item: &Item) -> u64 {
+    (key.len() + item.value.len()) as u64 + OVERHEAD
+}
+
 impl Store {
     pub fn new(capacity_bytes: u64) -> Self {
-        let stats = Arc::new(Stats::default());
-        let listener = {
-            let stats = stats.clone();
-            move |_key: Arc<Bytes>, _item: Arc<Item>, cause: RemovalCause| match cause {
-                RemovalCause::Size => stats.evictions.inc(),
-                RemovalCause::Expired => stats.expired.inc(),
-                RemovalCause::Explicit | RemovalCause::Replaced => {}
-            }
-        };
+        let count = (capacity_bytes / SHARD_MIN_BYTES)
+            .clamp(1, 64)
+            .next_power_of_two()
+            .min(64);
         Self {
-            items: Cache::builder()
-                .max_capacity(capacity_bytes)
-                .weigher(|key: &Bytes, item: &Arc<Item>| {
-                    let bytes = key.len() + item.value.len();
-                    u32::try_from(bytes)
-                        .unwrap_or(u32::MAX)
-                        .saturating_add(OVERHEAD)
-                })
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .expire_after(PerItem)
-                .eviction_listener(listener)
-                .build(),
+            shards: (0..count)
+                .map(|_| Mutex::new(Lru::new(capacity_bytes / count)))
+                .collect(),
+            hasher: RandomState::new(),
             next_cas: AtomicU64::new(1),
             flush_at: AtomicU64::new(0),
-            flushed_below: AtomicU64::new(0),
-            stats,
+            stats: Arc::new(Stats::default()),
         }
+    }
+
+    /// `key`'s hash and its shard, locked.
+    fn shard(&self, key: &[u8]) -> (u64, MutexGuard<'_, Lru<Arc<Item>>>) {
+        let hash = self.hasher.hash_one(key);
+        let at = (hash >> 40) as usize & (self.shards.len() - 1);
+        let shard = self.shards[at]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (hash, shard)
     }
 
     fn cas(&self) -> u64 {
@@ -295,11 +286,19 @@ impl Store {
         if item.expires_ms != 0 && item.expires_ms <= now {
             return false;
         }
-        if item.cas < self.flushed_below.load(Ordering::Relaxed) {
-            return false;
-        }
         let flush = self.flush_at.load(Ordering::Relaxed);
         !(flush != 0 && now >= flush && item.stored_ms <= flush)
+    }
+
+    /// Counts what a store pushed out: expired items as such, live ones as evictions.
+    fn evicted(&self, items: &[Arc<Item>], now: u64) {
+        for item in items {
+            if self.live(item, now) {
+                self.stats.evictions.inc();
+            } else {
+                self.stats.expired.inc();
+            }
+        }
     }
 
     fn item(&self, value: Bytes, flags: u32, expires: Expires, now: u64) -> Arc<Item> {
@@ -318,25 +317,41 @@ impl Store {
         self.lookup(key).map(|(item, _)| item)
     }
 
-    /// The live item under `key`, and the time it was looked up at.
+    /// The live item under `key`, and the time it was looked up at. A dead one found on the
+    /// way is unlinked.
     fn lookup(&self, key: &[u8]) -> Option<(Arc<Item>, u64)> {
         let now = now_ms();
-        let found = self.items.get(key);
+        let (hash, mut shard) = self.shard(key);
+        let found = shard.get(hash, key, now / 1000).cloned();
         match found {
             Some(item) if self.live(&item, now) => {
+                drop(shard);
                 self.stats.get_hits.inc();
                 Some((item, now))
             }
             Some(_) => {
+                shard.remove(hash, key);
+                drop(shard);
+                self.stats.expired.inc();
                 self.stats.get_expired.inc();
                 self.stats.get_misses.inc();
                 None
             }
             None => {
+                drop(shard);
                 self.stats.get_misses.inc();
                 None
             }
         }
+    }
+
+    /// Stores `item` under `key`.
+    fn put(&self, key: &[u8], item: Arc<Item>, now: u64) {
+        let weight = weight(key, &item);
+        let (hash, mut shard) = self.shard(key);
+        let (_, evicted) = shard.insert(hash, key, item, weight, now / 1000);
+        drop(shard);
+        self.evicted(&evicted, now);
     }
 
     /// A storage command (`set`, `add`, `replace`, `append`, `prepend`, `cas`).
@@ -356,28 +371,24 @@ impl Store {
         self.stats.cmd_set.inc();
         let now = now_ms();
         let expires = Expires::from_exptime(exptime, now);
-        let key = Bytes::copy_from_slice(key);
         if mode == Mode::Set {
             if expires == Expires::Already {
-                self.items.invalidate(&key);
+                self.remove(key);
                 return (Outcome::Stored, 0);
             }
             let item = self.item(value, flags, expires, now);
             let cas = item.cas;
-            self.items.insert(key, item);
+            self.put(key, item, now);
             return (Outcome::Stored, cas);
         }
         let mut outcome = Outcome::NotStored;
         let mut stored_cas = 0;
-        self.items.entry(key).and_compute_with(|existing| {
-            let current = existing
-                .map(|e| e.into_value())
-                .filter(|item| self.live(item, now));
+        self.compute(key, now, |current| {
             let (result, op) = match (mode, current) {
                 (Mode::Add, Some(_)) | (Mode::Replace | Mode::Append | Mode::Prepend, None) => {
-                    (Outcome::NotStored, Op::Nop)
+                    (Outcome::NotStored, Op::Keep)
                 }
-                (Mode::Cas(_) | Mode::CasOrStale(_), None) => (Outcome::NotFound, Op::Nop),
+                (Mode::Cas(_) | Mode::CasOrStale(_), None) => (Outcome::NotFound, Op::Keep),
                 (Mode::CasOrStale(expected), Some(item)) if expected < item.cas => {
                     let stale = Item {
                         stale: true,
@@ -389,7 +400,7 @@ impl Store {
                 (Mode::Cas(expected) | Mode::CasOrStale(expected), Some(item))
                     if item.cas != expected =>
                 {
-                    (Outcome::Exists, Op::Nop)
+                    (Outcome::Exists, Op::Keep)
                 }
                 (Mode::Append | Mode::Prepend, Some(item)) => {
                     let mut joined = BytesMut::with_capacity(item.value.len() + value.len());
@@ -434,35 +445,26 @@ impl Store {
 
     /// Unlinks `key` (what a failed set does, so no stale value survives it).
     pub fn remove(&self, key: &[u8]) {
-        self.items.invalidate(key);
+        let (hash, mut shard) = self.shard(key);
+        let removed = shard.remove(hash, key);
+        drop(shard);
+        drop(removed);
     }
 
     /// `delete`: removes the live item under `key`, if its CAS is `cas` when one is given.
     pub fn delete(&self, key: &[u8], cas: Option<u64>) -> Changed {
         let now = now_ms();
-        let changed = match cas {
-            None => {
-                let removed = self.items.remove(key);
-                if removed.is_some_and(|item| self.live(&item, now)) {
-                    Changed::Done
-                } else {
-                    Changed::NotFound
-                }
+        let mut changed = Changed::NotFound;
+        self.update(key, now, |item| match cas {
+            Some(expected) if item.cas != expected => {
+                changed = Changed::Exists;
+                Op::Keep
             }
-            Some(expected) => {
-                let mut changed = Changed::NotFound;
-                self.update(key, now, |item| {
-                    if item.cas == expected {
-                        changed = Changed::Done;
-                        Op::Remove
-                    } else {
-                        changed = Changed::Exists;
-                        Op::Nop
-                    }
-                });
-                changed
+            _ => {
+                changed = Changed::Done;
+                Op::Remove
             }
-        };
+        });
         if changed == Changed::Done {
             self.stats.delete_hits.inc();
         } else {
@@ -470,7 +472,6 @@ impl Store {
         }
         changed
     }
-
     /// `incr` (`decr` when `up` is false): the new value. Increments wrap at 2^64,
     /// decrements stop at 0; the item keeps its flags and expiry. With `cas`, only an item of
     /// that CAS is changed.
@@ -480,7 +481,7 @@ impl Store {
         self.update(key, now, |item| {
             if cas.is_some_and(|expected| expected != item.cas) {
                 outcome = Counted::Exists;
-                return Op::Nop;
+                return Op::Keep;
             }
             let number = std::str::from_utf8(&item.value)
                 .ok()
@@ -489,7 +490,7 @@ impl Store {
                 .and_then(|t| t.parse::<u64>().ok());
             let Some(number) = number else {
                 outcome = Counted::NonNumeric;
-                return Op::Nop;
+                return Op::Keep;
             };
             let next = if up {
                 number.wrapping_add(delta)
@@ -544,8 +545,13 @@ impl Store {
         self.stats.flushes.inc();
         if delay == 0 {
             self.flush_at.store(0, Ordering::Relaxed);
-            self.flushed_below.store(self.cas(), Ordering::Relaxed);
-            self.items.invalidate_all();
+            for shard in &self.shards {
+                let gone = shard
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take_all();
+                drop(gone);
+            }
         } else {
             self.flush_at
                 .store(now_ms() + delay * 1000, Ordering::Relaxed);
@@ -559,17 +565,15 @@ impl Store {
         let now = now_ms();
         let expires = Expires::from_exptime(exptime, now);
         let mut created = None;
-        self.items
-            .entry(Bytes::copy_from_slice(key))
-            .and_compute_with(|existing| {
-                if existing.is_some_and(|e| self.live(e.value(), now)) {
-                    return Op::Nop;
-                }
-                let item = self.item(Bytes::new(), 0, expires, now);
-                item.won.store(true, Ordering::Relaxed);
-                created = Some(item.clone());
-                Op::Put(item)
-            });
+        self.compute(key, now, |existing| {
+            if existing.is_some() {
+                return Op::Keep;
+            }
+            let item = self.item(Bytes::new(), 0, expires, now);
+            item.won.store(true, Ordering::Relaxed);
+            created = Some(item.clone());
+            Op::Put(item)
+        });
         created
     }
 
@@ -582,7 +586,7 @@ impl Store {
         self.update(key, now, |item| {
             if cas.is_some_and(|expected| expected != item.cas) {
                 changed = Changed::Exists;
-                return Op::Nop;
+                return Op::Keep;
             }
             changed = Changed::Done;
             let expires_ms =
@@ -603,37 +607,73 @@ impl Store {
 
     /// Replaces the live item under `key` with what `change` makes of it, atomically;
     /// `change` is not called when there is no live item.
-    fn update(&self, key: &[u8], now: u64, change: impl FnOnce(Arc<Item>) -> Op<Arc<Item>>) {
-        self.items
-            .entry(Bytes::copy_from_slice(key))
-            .and_compute_with(|existing| {
-                match existing
-                    .map(|e| e.into_value())
-                    .filter(|i| self.live(i, now))
-                {
-                    Some(item) => change(item),
-                    None => Op::Nop,
-                }
-            });
+    fn update(&self, key: &[u8], now: u64, change: impl FnOnce(Arc<Item>) -> Op) {
+        self.compute(key, now, |current| match current {
+            Some(item) => change(item),
+            None => Op::Keep,
+        });
+    }
+
+    /// Replaces what is under `key` with what `change` makes of the live item (`None` when
+    /// there is none), atomically: the key's shard stays locked throughout. A dead item found
+    /// is unlinked first.
+    fn compute(&self, key: &[u8], now: u64, change: impl FnOnce(Option<Arc<Item>>) -> Op) {
+        let (hash, mut shard) = self.shard(key);
+        let mut dead = None;
+        let current = match shard.peek(hash, key) {
+            Some(item) if self.live(item, now) => Some(item.clone()),
+            Some(_) => {
+                dead = shard.remove(hash, key);
+                None
+            }
+            None => None,
+        };
+        let (mut replaced, mut evicted) = (None, Vec::new());
+        match change(current) {
+            Op::Keep => {}
+            Op::Remove => replaced = shard.remove(hash, key),
+            Op::Put(item) => {
+                let weight = weight(key, &item);
+                (replaced, evicted) = shard.insert(hash, key, item, weight, now / 1000);
+            }
+        }
+        drop(shard);
+        if dead.is_some() {
+            self.stats.expired.inc();
+        }
+        self.evicted(&evicted, now);
+        drop((dead, replaced, evicted));
     }
 
     /// Removes every item whose key starts with `prefix`; returns how many.
     pub fn delete_prefix(&self, prefix: &[u8]) -> usize {
-        let keys: Vec<Arc<Bytes>> = self
-            .items
+        self.shards
             .iter()
-            .filter(|(key, _)| key.starts_with(prefix))
-            .map(|(key, _)| key)
-            .collect();
-        keys.iter()
-            .filter(|key| self.items.remove(key.as_ref()).is_some())
-            .count()
+            .map(|shard| {
+                let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+                shard.remove_where(|key, _| key.starts_with(prefix))
+            })
+            .sum()
     }
 
     /// Items and bytes held (as weighed).
     pub fn size(&self) -> (u64, u64) {
-        self.items.run_pending_tasks();
-        (self.items.entry_count(), self.items.weighted_size())
+        self.shards.iter().fold((0, 0), |(items, bytes), shard| {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            (items + shard.len() as u64, bytes + shard.bytes())
+        })
+    }
+
+    /// A new budget for the whole store (`cache_memlimit`); the excess goes as items are
+    /// stored.
+    pub fn set_capacity(&self, capacity_bytes: u64) {
+        let share = capacity_bytes / self.shards.len() as u64;
+        for shard in &self.shards {
+            shard
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_budget(share);
+        }
     }
 }
 
@@ -756,7 +796,6 @@ mod tests {
             );
             assert!(s.get(key.as_bytes()).is_some(), "{key} readable at once");
         }
-        s.items.run_pending_tasks();
         let newest = (1500..1600)
             .filter(|i| s.get(format!("key:{i}").as_bytes()).is_some())
             .count();

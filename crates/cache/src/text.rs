@@ -3,8 +3,11 @@
 //! every whole command it has before it writes.
 
 use std::io::Write;
+use std::sync::atomic::Ordering;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+
+use crate::out::Out;
 
 use crate::meta;
 use crate::server::Context;
@@ -67,7 +70,7 @@ fn retrieval(buf: &[u8]) -> bool {
 ///
 /// A line's limit holds whether or not its end has arrived, so the same line is accepted or
 /// refused however TCP splits it.
-pub fn step(buf: &[u8], client: u64, ctx: &Context, out: &mut BytesMut) -> Step {
+pub fn step(buf: &[u8], client: u64, ctx: &Context, out: &mut Out) -> Step {
     let end = memchr::memchr(b'\n', buf);
     let limit = if retrieval(buf) {
         MAX_RETRIEVAL_LINE
@@ -113,6 +116,7 @@ pub fn step(buf: &[u8], client: u64, ctx: &Context, out: &mut BytesMut) -> Step 
             | b"touch"
             | b"verbosity"
             | b"flush_all"
+            | b"cache_memlimit"
     );
     let quiet = honours_noreply && tokens.last() == Some(&&b"noreply"[..]);
     let line = Line {
@@ -122,13 +126,13 @@ pub fn step(buf: &[u8], client: u64, ctx: &Context, out: &mut BytesMut) -> Step 
         client,
     };
     if quiet {
-        return run(&line, ctx, &mut BytesMut::new());
+        return run(&line, ctx, &mut Out::default());
     }
     run(&line, ctx, out)
 }
 
 /// Runs the command of `line`.
-fn run(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
+fn run(line: &Line<'_>, ctx: &Context, out: &mut Out) -> Step {
     let (command, tokens, line_len) = (line.command(), &line.tokens, line.len);
     match command {
         b"get" | b"gets" => {
@@ -214,10 +218,25 @@ fn run(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
         }
         b"quit" => Step::Close,
         b"cache_memlimit" => {
-            // moka cannot change its budget while running; say so rather than pretend.
-            out.extend_from_slice(
-                b"SERVER_ERROR cache_memlimit is not supported: set cache.capacity_bytes\r\n",
-            );
+            // memcached's answers; the budget changes at once, the excess goes as items are
+            // stored.
+            let megabytes = match tokens.len() {
+                2 | 3 => number::<u32>(tokens[1]),
+                _ => None,
+            };
+            out.extend_from_slice(match megabytes {
+                None => b"ERROR\r\n".as_slice(),
+                Some(m) if m < 8 => b"MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n",
+                Some(m) if m > 1_000_000_000 => {
+                    b"MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n"
+                }
+                Some(m) => {
+                    let bytes = u64::from(m) * 1024 * 1024;
+                    ctx.store.set_capacity(bytes);
+                    ctx.capacity_bytes.store(bytes, Ordering::Relaxed);
+                    b"OK\r\n"
+                }
+            });
             Step::Done(line_len)
         }
         // Strata's extension (the Django backend's `delete_prefix`); memcached says ERROR.
@@ -225,7 +244,7 @@ fn run(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
             match tokens.get(1).filter(|p| valid_key(p)) {
                 Some(prefix) => {
                     let removed = ctx.store.delete_prefix(prefix);
-                    let _ = write!(Writer(out), "DELETED {removed}\r\n");
+                    let _ = write!(out, "DELETED {removed}\r\n");
                 }
                 None => out.extend_from_slice(b"CLIENT_ERROR bad command line format\r\n"),
             }
@@ -268,7 +287,7 @@ fn token_count_fits(command: &[u8], count: usize) -> bool {
 }
 
 /// `delete <key> [0] [noreply]`: the `0` is an old hold time, the only one accepted.
-fn delete(tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
+fn delete(tokens: &[&[u8]], ctx: &Context, out: &mut Out) {
     let well_formed = match tokens.get(2..).unwrap_or_default() {
         [] => true,
         [only] => *only == b"0" || *only == b"noreply",
@@ -306,7 +325,7 @@ pub fn number<T: std::str::FromStr>(token: &[u8]) -> Option<T> {
 }
 
 /// `get`/`gets` (`touch` none) and `gat`/`gats`, whose keys are the line's tokens from `first`.
-fn retrieve(line: &Line<'_>, first: usize, touch: Option<i64>, ctx: &Context, out: &mut BytesMut) {
+fn retrieve(line: &Line<'_>, first: usize, touch: Option<i64>, ctx: &Context, out: &mut Out) {
     let keys = line.tokens.get(first..).unwrap_or_default();
     let with_cas = matches!(line.command(), b"gets" | b"gats");
     if keys.is_empty() || !keys.iter().all(|k| valid_key(k)) {
@@ -329,12 +348,12 @@ fn retrieve(line: &Line<'_>, first: usize, touch: Option<i64>, ctx: &Context, ou
         if let Some(item) = item {
             out.extend_from_slice(b"VALUE ");
             out.extend_from_slice(key);
-            let _ = write!(Writer(out), " {} {}", item.flags, item.value.len());
+            let _ = write!(out, " {} {}", item.flags, item.value.len());
             if with_cas {
-                let _ = write!(Writer(out), " {}", item.cas);
+                let _ = write!(out, " {}", item.cas);
             }
             out.extend_from_slice(b"\r\n");
-            out.extend_from_slice(&item.value);
+            out.value(&item.value);
             out.extend_from_slice(b"\r\n");
         }
     }
@@ -343,7 +362,7 @@ fn retrieve(line: &Line<'_>, first: usize, touch: Option<i64>, ctx: &Context, ou
 
 /// `<cmd> <key> <flags> <exptime> <bytes> [<cas>] [noreply]` and its data block (`noreply`
 /// is honoured by [`step`], which throws the answer away).
-fn storage(line: &Line<'_>, ctx: &Context, out: &mut BytesMut) -> Step {
+fn storage(line: &Line<'_>, ctx: &Context, out: &mut Out) -> Step {
     let (command, tokens, line_len) = (line.command(), &line.tokens, line.len);
     let is_cas = command == b"cas";
     let fields = if is_cas { 6 } else { 5 };
@@ -419,7 +438,7 @@ pub fn data_block<'a>(
     bytes: usize,
     line: &Line<'a>,
     ctx: &Context,
-    out: &mut BytesMut,
+    out: &mut Out,
 ) -> Result<(&'a [u8], usize), Step> {
     if bytes > ctx.max_item_bytes {
         ctx.store.remove(key);
@@ -441,7 +460,7 @@ pub fn data_block<'a>(
     Ok((&line.buf[line.len..line.len + bytes], total))
 }
 
-fn arithmetic(up: bool, tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
+fn arithmetic(up: bool, tokens: &[&[u8]], ctx: &Context, out: &mut Out) {
     let key = match tokens.get(1) {
         Some(key) if valid_key(key) && tokens.len() <= 4 => *key,
         _ => {
@@ -455,25 +474,11 @@ fn arithmetic(up: bool, tokens: &[&[u8]], ctx: &Context, out: &mut BytesMut) {
     };
     match ctx.store.count(key, delta, up, None) {
         Counted::Value(value) => {
-            let _ = write!(Writer(out), "{value}\r\n");
+            let _ = write!(out, "{value}\r\n");
         }
         Counted::NotFound | Counted::Exists => out.extend_from_slice(b"NOT_FOUND\r\n"),
         Counted::NonNumeric => out
             .extend_from_slice(b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"),
-    }
-}
-
-/// `io::Write` over a `BytesMut`, for `write!`.
-pub struct Writer<'a>(pub &'a mut BytesMut);
-
-impl std::io::Write for Writer<'_> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -484,6 +489,7 @@ pub fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
     use super::*;
@@ -494,7 +500,7 @@ mod tests {
         Context {
             store: Arc::new(Store::new(64 << 20)),
             max_item_bytes: 1 << 20,
-            capacity_bytes: 64 << 20,
+            capacity_bytes: AtomicU64::new(64 << 20),
             max_connections: 16,
             started: std::time::Instant::now(),
             connections: Connections::default(),
@@ -508,17 +514,17 @@ mod tests {
     /// the connection was closed.
     fn run(ctx: &Context, input: &[u8]) -> (String, bool) {
         let mut buf = input;
-        let mut out = BytesMut::new();
+        let mut out = Out::default();
         loop {
             if buf.is_empty() {
-                return (String::from_utf8_lossy(&out).into_owned(), false);
+                return (String::from_utf8_lossy(&out.to_vec()).into_owned(), false);
             }
             match step(buf, 1, ctx, &mut out) {
-                Step::Need => return (String::from_utf8_lossy(&out).into_owned(), false),
+                Step::Need => return (String::from_utf8_lossy(&out.to_vec()).into_owned(), false),
                 Step::Done(n) => buf = &buf[n..],
                 Step::Swallow { consumed, skip } => buf = &buf[(consumed + skip).min(buf.len())..],
                 Step::Close | Step::Watch(_) => {
-                    return (String::from_utf8_lossy(&out).into_owned(), true)
+                    return (String::from_utf8_lossy(&out.to_vec()).into_owned(), true)
                 }
             }
         }
@@ -537,7 +543,7 @@ mod tests {
         assert!(line.len() > 100_000);
         // Every prefix asks for more; the whole line answers.
         for cut in [10, MAX_LINE, MAX_LINE + 1, 100_000, line.len() - 1] {
-            let mut out = BytesMut::new();
+            let mut out = Out::default();
             assert_eq!(
                 step(&line[..cut], 1, &ctx, &mut out),
                 Step::Need,
@@ -615,7 +621,7 @@ mod tests {
             );
         }
         // A value over the item limit is refused and thrown away as it arrives.
-        let step = step(b"set k 0 0 2000000\r\n", 1, &ctx, &mut BytesMut::new());
+        let step = step(b"set k 0 0 2000000\r\n", 1, &ctx, &mut Out::default());
         assert_eq!(
             step,
             Step::Swallow {
@@ -630,6 +636,40 @@ mod tests {
         let ctx = context();
         assert_eq!(run(&ctx, b"GET / HTTP/1.0\r\n\r\n"), (String::new(), true));
         assert_eq!(run(&ctx, b"bogus\r\n"), ("ERROR\r\n".into(), false));
+    }
+
+    #[test]
+    fn cache_memlimit_changes_the_budget_as_memcached_does() {
+        let ctx = context();
+        for (line, answer) in [
+            (
+                "cache_memlimit 7\r\n",
+                "MEMLIMIT_TOO_SMALL cannot set maxbytes to less than 8m\r\n",
+            ),
+            (
+                "cache_memlimit 2000000000\r\n",
+                "MEMLIMIT_ADJUST_FAILED input value is megabytes not bytes\r\n",
+            ),
+            ("cache_memlimit x\r\n", "ERROR\r\n"),
+            ("cache_memlimit\r\n", "ERROR\r\n"),
+            ("cache_memlimit 8 noreply\r\nmn\r\n", "MN\r\n"),
+        ] {
+            assert_eq!(run(&ctx, line.as_bytes()).0, answer, "{line:?}");
+        }
+        assert_eq!(ctx.capacity_bytes.load(Ordering::Relaxed), 8 << 20);
+        // 16 MiB of values into what is now an 8 MiB store: the newest remain, within 8 MiB.
+        let value = "v".repeat(100_000);
+        for i in 0..160 {
+            let set = format!("set k{i} 0 0 {}\r\n{value}\r\n", value.len());
+            assert_eq!(run(&ctx, set.as_bytes()).0, "STORED\r\n");
+        }
+        let (_, bytes) = ctx.store.size();
+        assert!(bytes <= 8 << 20, "{bytes} bytes held");
+        assert!(run(&ctx, b"get k159\r\n").0.starts_with("VALUE k159 "));
+        assert_eq!(run(&ctx, b"get k0\r\n").0, "END\r\n");
+        assert!(run(&ctx, b"stats settings\r\n")
+            .0
+            .contains("STAT maxbytes 8388608\r\n"));
     }
 
     #[test]
