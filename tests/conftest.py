@@ -45,11 +45,18 @@ def children(pid):
     return sorted(found)
 
 
-def exchange(port, raw):
-    """Sends `raw` bytes and returns everything the server answers until it closes (a reset,
-    as when it closes with the request unread, ends the answer too)."""
+def exchange(port, raw, piece=None):
+    """Sends `raw` bytes (in writes of `piece` bytes when given) and returns everything the
+    server answers until it closes (a reset, as when it closes with the request unread, ends
+    the answer too)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(raw)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        piece = piece or len(raw) or 1
+        try:
+            for at in range(0, len(raw), piece):
+                sock.sendall(raw[at:at + piece])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
         data = b""
         try:
             while chunk := sock.recv(65536):

@@ -241,6 +241,40 @@ def test_garbage_and_plain_http_on_the_tls_port_harm_no_one(https_server, test_c
     assert status == 200
 
 
+def h2_frames(data):
+    """The (type, payload) of each whole HTTP/2 frame in `data`."""
+    frames = []
+    while len(data) >= 9:
+        length = int.from_bytes(data[:3], "big")
+        if len(data) < 9 + length:
+            break
+        frames.append((data[3], data[9:9 + length]))
+        data = data[9 + length:]
+    return frames
+
+
+def test_alpn_h2_means_http2_only(https_server, test_ca):
+    """RFC 9113 §3.2 and §3.4: once ALPN chose h2 the connection is HTTP/2; an HTTP/1.1
+    request instead of the preface gets a GOAWAY with PROTOCOL_ERROR and the connection
+    closes, rather than an HTTP/1.1 answer."""
+    context = ssl.create_default_context(cafile=str(test_ca["ca"]))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", https_server.tls_port), timeout=10) as sock:
+        with context.wrap_socket(sock, server_hostname="localhost") as tls:
+            assert tls.selected_alpn_protocol() == "h2"
+            tls.sendall(b"GET /environ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            data = b""
+            try:
+                while chunk := tls.recv(65536):
+                    data += chunk
+            except (ConnectionResetError, ssl.SSLError):
+                pass
+    assert not data.startswith(b"HTTP/"), data
+    goaways = [payload for kind, payload in h2_frames(data) if kind == 0x7]
+    assert goaways, data
+    assert int.from_bytes(goaways[-1][4:8], "big") == 0x1, goaways  # PROTOCOL_ERROR
+
+
 def served_certificate(port):
     context = ssl.create_default_context()
     context.check_hostname = False
@@ -288,6 +322,25 @@ def test_h2c_where_configured(strata):
     out = subprocess.run(["curl", "-sS", "--max-time", "5", "--http2-prior-knowledge",
                           plain.url("/environ")], capture_output=True)
     assert out.returncode != 0
+
+
+def test_response_header_values_go_out_trimmed_on_http1_and_http2(strata):
+    """RFC 9110 §5.5 and RFC 9113 §8.2.1: a field value has no leading or trailing
+    whitespace; an application's padded values (Django's `Set-Cookie` has a leading space)
+    are sent trimmed, which HTTP/2 clients otherwise reject."""
+    server = strata(*app("probe"), config="[lb]\nh2c = true\n")
+    answer = exchange(server.port, b"GET /spaced-headers HTTP/1.1\r\nHost: x\r\n"
+                                   b"Connection: close\r\n\r\n")
+    assert b"\r\nset-cookie: csrftoken=abc; Path=/\r\n" in answer, answer
+    assert b"\r\nx-padded: both ends\r\n" in answer, answer
+    out = subprocess.run(["curl", "-sS", "--max-time", "10", "--http2-prior-knowledge", "-D", "-",
+                          "-o", "/dev/null", server.url("/spaced-headers")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("HTTP/2 200"), out.stdout
+    lines = out.stdout.splitlines()
+    assert "set-cookie: csrftoken=abc; Path=/" in lines, lines
+    assert "x-padded: both ends" in lines, lines
 
 
 def test_tls_settings_are_checked(tmp_path):

@@ -125,6 +125,11 @@ def raw(environ, start_response):
     if path == "/head":
         start_response("200 OK", text)
         return [b"body of a GET"]
+    if path == "/spaced-headers":
+        # What Django's SimpleCookie output gives: a value with a leading space.
+        start_response("200 OK", text + [("Set-Cookie", " csrftoken=abc; Path=/"),
+                                         ("X-Padded", "  both ends  ")])
+        return [b"spaced"]
     start_response("404 Not Found", text)
     return [b"not found"]
 

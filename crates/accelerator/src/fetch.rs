@@ -15,7 +15,7 @@ use crate::freshness::Timing;
 use crate::invalidate::split_tags;
 use crate::object::{strip_consumed, strip_hop_by_hop, Object};
 use crate::policy;
-use crate::respond::{self, cache_status};
+use crate::respond::{self, cache_status, with_detail};
 use crate::service::{Head, Shared};
 
 impl Shared {
@@ -97,7 +97,7 @@ impl Shared {
                     lead.publish(Outcome::Uncacheable);
                 }
                 strip_consumed(&mut parts.headers);
-                cache_status(&mut parts.headers, &format!("{forward}; detail={reason}"));
+                cache_status(&mut parts.headers, &with_detail(forward, reason));
                 let body = if head.method == Method::HEAD {
                     seam::empty()
                 } else {

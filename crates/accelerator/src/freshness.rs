@@ -19,24 +19,24 @@ pub fn format_date(time: SystemTime) -> String {
     httpdate::fmt_http_date(time)
 }
 
-/// An age that makes any response stale (RFC 9111 §1.2.2's largest delta-seconds).
-const TOO_OLD: Duration = Duration::from_secs(2_147_483_648);
-
-/// The `Age` a response arrived with (§5.1). It is one delta-seconds: several lines, a
-/// list, or anything but a non-negative integer cannot be trusted and make the response
-/// stale.
+/// The `Age` a response arrived with (RFC 9111 §5.1): of a list (one line with commas, or
+/// several lines) the first member counts; a value that is not a non-negative integer
+/// (`abc`, `-5`, `1.5`, `60;p=1`) is ignored, as the section says, rather than read as "too
+/// old". Values past the largest delta-seconds are that (§1.2.2).
 pub fn age_value(headers: &HeaderMap) -> Duration {
-    let mut lines = headers.get_all(AGE).iter();
-    let Some(first) = lines.next() else {
+    let Some(first) = headers.get(AGE) else {
         return Duration::ZERO;
     };
-    let text = first.to_str().map(str::trim).unwrap_or("");
-    if lines.next().is_some() || text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return TOO_OLD;
+    let text = first.to_str().unwrap_or("");
+    let member = text.split(',').next().unwrap_or("").trim();
+    if member.is_empty() || !member.bytes().all(|b| b.is_ascii_digit()) {
+        return Duration::ZERO;
     }
-    text.parse::<u64>()
-        .map_or(TOO_OLD, |secs| Duration::from_secs(secs).min(TOO_OLD))
+    Duration::from_secs(member.parse::<u64>().unwrap_or(DELTA_MAX).min(DELTA_MAX))
 }
+
+/// RFC 9111 §1.2.2's largest delta-seconds.
+const DELTA_MAX: u64 = 2_147_483_648;
 
 /// When and how a stored response was obtained: what §4.2.3 needs to compute its age.
 #[derive(Debug, Clone, Copy)]
@@ -160,14 +160,19 @@ mod tests {
     }
 
     #[test]
-    fn malformed_age_makes_the_response_stale() {
-        assert_eq!(
-            age_value(&headers(&[("age", " 60 ")])),
-            Duration::from_secs(60)
-        );
-        for bad in ["-5", "1.5", "abc", "", "0,7200", "0, 0", "7200;foo=1"] {
-            assert_eq!(age_value(&headers(&[("age", bad)])), TOO_OLD, "{bad}");
+    fn age_is_the_first_member_and_an_invalid_one_is_ignored() {
+        let age = |lines: &[&str]| {
+            let pairs: Vec<_> = lines.iter().map(|l| ("age", *l)).collect();
+            age_value(&headers(&pairs)).as_secs()
+        };
+        assert_eq!(age(&[" 60 "]), 60);
+        assert_eq!(age(&["0,7200"]), 0);
+        assert_eq!(age(&["7200, 0"]), 7200);
+        assert_eq!(age(&["7200", "0"]), 7200);
+        assert_eq!(age(&["3600, 3600"]), 3600);
+        assert_eq!(age(&["99999999999999999999"]), DELTA_MAX);
+        for bad in ["-5", "1.5", "7200.0", "abc", "", "7200;foo=1"] {
+            assert_eq!(age(&[bad]), 0, "{bad}");
         }
-        assert_eq!(age_value(&headers(&[("age", "0"), ("age", "0")])), TOO_OLD);
     }
 }

@@ -1,6 +1,10 @@
 //! Invalidation by requests: `PURGE` from trusted addresses, and successful unsafe methods,
 //! which invalidate their target and the URLs they point to (RFC 9111 §4.4).
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use strata_core::{seam, Body, ConnInfo};
@@ -84,11 +88,53 @@ impl Shared {
         for _ in 0..purged {
             self.metrics.purged.inc();
         }
+        if purged == 0 {
+            let host = host_of(request.uri(), headers);
+            if self.empty_purges.first_in_a_while(&host, Instant::now()) {
+                // The usual cause: the purging app names the site by another Host than the
+                // one visitors use (Wagtail sends its Site's `hostname:port`).
+                tracing::warn!(
+                    host,
+                    path = request.uri().path(),
+                    tags = tags.join(" "),
+                    "PURGE found nothing to remove; is this the Host visitors use? \
+                     (said once a minute per host)"
+                );
+            }
+        }
         let mut response = seam::status_response(StatusCode::OK, &format!("Purged {purged}"));
         response
             .headers_mut()
             .insert("strata-purged", HeaderValue::from(purged as u64));
         response
+    }
+}
+
+/// When each host's last empty PURGE was logged.
+#[derive(Debug, Default)]
+pub struct EmptyPurges(Mutex<HashMap<String, Instant>>);
+
+impl EmptyPurges {
+    /// At most this many hosts are remembered (PURGE comes from trusted addresses only,
+    /// but a client that sends many Hosts must not grow the map without end).
+    const HOSTS: usize = 1024;
+
+    /// Whether an empty PURGE for `host` at `now` should be logged: the first in a minute.
+    pub fn first_in_a_while(&self, host: &str, now: Instant) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = last.get(host) {
+            if now.duration_since(*at) < Duration::from_secs(60) {
+                return false;
+            }
+        }
+        if last.len() >= Self::HOSTS {
+            last.retain(|_, at| now.duration_since(*at) < Duration::from_secs(60));
+            if last.len() >= Self::HOSTS {
+                return false;
+            }
+        }
+        last.insert(host.to_owned(), now);
+        true
     }
 }
 
@@ -111,4 +157,19 @@ pub(crate) fn split_tags(value: &str) -> Vec<String> {
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_purges_are_told_once_a_minute_per_host() {
+        let log = EmptyPurges::default();
+        let start = Instant::now();
+        assert!(log.first_in_a_while("a", start));
+        assert!(!log.first_in_a_while("a", start + Duration::from_secs(59)));
+        assert!(log.first_in_a_while("b", start + Duration::from_secs(1)));
+        assert!(log.first_in_a_while("a", start + Duration::from_secs(60)));
+    }
 }

@@ -59,6 +59,7 @@ mod object;
 mod policy;
 mod respond;
 mod service;
+mod sfv;
 mod store;
 #[cfg(test)]
 mod testutil;
@@ -101,6 +102,7 @@ impl Accelerator {
             flights: flight::Flights::default(),
             metrics: metrics::Metrics::default(),
             purge_from: config.purge_networks(),
+            empty_purges: invalidate::EmptyPurges::default(),
             config,
         };
         Self {

@@ -24,15 +24,29 @@ pub struct Plan {
 
 /// The directives that govern this cache: a targeted field when the response has one
 /// (`CDN-Cache-Control`, then `Surrogate-Control`), else `Cache-Control`; and whether the
-/// targeted field was the source.
+/// targeted field was the source. A `CDN-Cache-Control` that is not a valid structured
+/// Dictionary is ignored as a whole (RFC 9213 §2.1), never obeyed in the parts that parse.
 pub fn effective(headers: &HeaderMap) -> (Directives, bool) {
     for name in [&CDN_CACHE_CONTROL, &SURROGATE_CONTROL] {
+        if name == CDN_CACHE_CONTROL && headers.contains_key(name) && !dictionary(headers, name) {
+            continue;
+        }
         let targeted = Directives::parse(headers, name);
         if targeted.present {
             return (targeted, true);
         }
     }
     (Directives::parse(headers, &header::CACHE_CONTROL), false)
+}
+
+/// Whether the lines of `name` together form a structured Dictionary (RFC 8941 §4.2.2).
+fn dictionary(headers: &HeaderMap, name: &HeaderName) -> bool {
+    let lines: Option<Vec<&str>> = headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().ok())
+        .collect();
+    lines.is_some_and(|lines| crate::sfv::is_dictionary(&lines.join(",")))
 }
 
 /// Status codes cacheable without explicit freshness (RFC 9110 §15.1).
@@ -216,6 +230,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(plan.windows.lifetime, Duration::from_secs(30));
+        // One that is not a structured Dictionary is ignored whole: Cache-Control governs,
+        // not the part that happens to parse.
+        for broken in ["max-age=30, Private", "max-age=30,", "max-age=30 no-store"] {
+            let plan = decide(
+                &[],
+                &[
+                    ("cache-control", "max-age=5"),
+                    ("cdn-cache-control", broken),
+                ],
+            )
+            .unwrap();
+            assert_eq!(plan.windows.lifetime, Duration::from_secs(5), "{broken}");
+        }
+        assert_eq!(
+            decide(
+                &[],
+                &[
+                    ("cache-control", "no-store"),
+                    ("cdn-cache-control", "max-age=60, Max-Age=1")
+                ]
+            )
+            .map(|p| p.windows.lifetime),
+            Err("no-store")
+        );
     }
 
     #[test]

@@ -28,6 +28,21 @@ pub fn cache_status(headers: &mut HeaderMap, entry: &str) {
     }
 }
 
+/// `entry` with `detail` added. `Cache-Status` is a structured field (RFC 9211): a parameter
+/// given twice keeps only its last value, so an entry that already has a `detail` gets one
+/// `detail` string carrying both (`detail="hit-for-miss no-freshness"`).
+pub fn with_detail(entry: &str, detail: &str) -> String {
+    match entry.split_once("; detail=") {
+        None => format!("{entry}; detail={detail}"),
+        Some((head, first)) => {
+            let first = first.trim_matches('"');
+            let both = format!("{first} {}", detail.trim_matches('"'));
+            let quoted = both.replace('\\', "\\\\").replace('"', "\\\"");
+            format!("{head}; detail=\"{quoted}\"")
+        }
+    }
+}
+
 /// The response for `request` from `object`, or `None` when its body can no longer be read
 /// (the fill failed), in which case the caller goes to the origin.
 pub fn serve(
@@ -243,5 +258,16 @@ mod tests {
         assert_eq!(headers["cache-status"], "strata; hit");
         cache_status(&mut headers, "fwd=uri-miss");
         assert_eq!(headers["cache-status"], "strata; hit, strata; fwd=uri-miss");
+    }
+
+    #[test]
+    fn an_entry_carries_one_detail() {
+        assert_eq!(
+            with_detail("fwd=uri-miss", "no-freshness"),
+            "fwd=uri-miss; detail=no-freshness"
+        );
+        let both = with_detail("fwd=miss; detail=hit-for-miss", "no-freshness");
+        assert_eq!(both, "fwd=miss; detail=\"hit-for-miss no-freshness\"");
+        assert_eq!(both.matches("detail=").count(), 1);
     }
 }

@@ -35,6 +35,8 @@ pub struct Shared {
     pub flights: Flights,
     pub metrics: Metrics,
     pub purge_from: Vec<Network>,
+    /// PURGEs that found nothing, logged at most once a minute per host.
+    pub empty_purges: crate::invalidate::EmptyPurges,
 }
 
 /// A request head kept to build origin requests, including background refreshes.

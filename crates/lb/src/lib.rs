@@ -13,14 +13,18 @@
 //! connection alone; with `lb.h2c`, HTTP/2 with prior knowledge too, by hyper-util's auto
 //! builder), `lb.tls_bind` TLS (the core's `tls.rs`: rustls with ring,
 //! ALPN `h2` then `http/1.1`, a certificate resolver whose PEM files are checked every 2 s and
-//! swapped when they change) with HTTP/1.1 or HTTP/2 by the auto builder. The request-head
+//! swapped when they change) with HTTP/1.1 or HTTP/2 by the auto builder; a connection whose
+//! ALPN chose `h2` is HTTP/2 alone, its preface checked first (`preface.rs`: anything else gets
+//! `GOAWAY` with `PROTOCOL_ERROR`). The request-head
 //! timeout (`header_read_timeout`, which also bounds idle keep-alive) is the connection's own
 //! (`head_timer.rs`): requests record that they began, their response bodies' ends record
 //! when, and one lazy timer per connection reads those records when it fires and sleeps on
 //! when the connection is not overdue — hyper's own timer would arm and disarm a timer-wheel
 //! entry for every request. HTTP/2 connections have no head timeout. It enforces
 //! the head and body limits so that malformed or oversized requests never reach a tier behind
-//! it, gives HTTP/2 requests a `Host` header and an origin-form path as HTTP/1.1 has, tags
+//! it (an HTTP/1.1 request without `Host`, or any with two, is a 400; the head's size is counted
+//! from the parsed request, so the limit holds however TCP cut it), gives HTTP/2 requests a
+//! `Host` header and an origin-form path as HTTP/1.1 has, tags
 //! requests with `ConnInfo` (`secure` on the TLS listener; with `lb.proxy_protocol`, the client
 //! named by the PROXY v1/v2 header that `proxy_protocol.rs` reads off the socket before anything
 //! else, peeking so no byte after it is consumed), holds at most `max_connections` per listener
@@ -64,6 +68,7 @@ mod forwarded;
 mod head_timer;
 mod health;
 mod listener;
+mod preface;
 mod proxy;
 mod proxy_protocol;
 mod routes;

@@ -62,6 +62,18 @@ macro_rules! http1_settings {
     }};
 }
 
+impl Protocols {
+    /// HTTP/2 alone: what a TLS connection whose ALPN chose `h2` speaks (RFC 9113 §3.2).
+    /// A client that then sends anything but the HTTP/2 preface gets a `GOAWAY` with
+    /// `PROTOCOL_ERROR` (§3.4), not an HTTP/1.1 answer.
+    fn http2_only(self) -> Self {
+        match self {
+            Protocols::Both(builder) => Protocols::Both(builder.http2_only()),
+            http1 => http1,
+        }
+    }
+}
+
 fn protocols(config: &LbConfig, http2: bool) -> Protocols {
     if !http2 {
         let mut builder = http1::Builder::new();
@@ -124,6 +136,7 @@ pub async fn serve(
         let limits = Limits {
             max_body: config.max_body_bytes,
             body_timeout: config.body_read_timeout,
+            max_head: config.max_header_bytes,
         };
         let draining = shutdown.clone();
         let trusted = trusted.contains(peer.ip());
@@ -166,6 +179,15 @@ pub async fn serve(
                 return connection.drive(TokioIo::new(stream), service).await;
             };
             match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                Ok(Ok(secure)) if secure.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                    let mut connection = connection;
+                    connection.protocols = connection.protocols.http2_only();
+                    match crate::preface::expect(secure, handshake_timeout).await {
+                        Ok(Some(secure)) => connection.drive(TokioIo::new(secure), service).await,
+                        Ok(None) => tracing::debug!(%remote, "no HTTP/2 preface after ALPN h2"),
+                        Err(error) => tracing::debug!(%error, %remote, "connection failed"),
+                    }
+                }
                 Ok(Ok(secure)) => connection.drive(TokioIo::new(secure), service).await,
                 Ok(Err(error)) => tracing::debug!(%error, %remote, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
@@ -255,11 +277,60 @@ fn log_connection_end<E: Into<BoxError>>(result: Result<(), E>) {
     }
 }
 
-/// What a request body may be.
+/// What a request may be.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     max_body: u64,
     body_timeout: Duration,
+    /// `lb.max_header_bytes`.
+    max_head: usize,
+}
+
+/// The request's head as it came on the wire, near enough: request line and header lines.
+/// hyper checks its read buffer against the limit only while a head is incomplete, so a head
+/// that arrives in one burst could pass a limit the same head in pieces does not; counting
+/// the parsed head makes the limit the same however TCP cuts it.
+fn head_bytes<B>(request: &Request<B>) -> usize {
+    let uri = request.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = request.method().as_str().len() + target + 12;
+    request.headers().iter().fold(line, |total, (name, value)| {
+        total + name.as_str().len() + value.len() + 4
+    })
+}
+
+/// Why a request cannot be taken, as the RFCs name it.
+fn refuse<B>(request: &Request<B>, limits: Limits) -> Option<Response<Body>> {
+    // RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or any request with more than
+    // one, is a 400. (HTTP/2 names the host in `:authority`; HTTP/1.0 may omit it.)
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    let version = request.version();
+    if hosts > 1 || (hosts == 0 && version == http::Version::HTTP_11) {
+        let reason = if hosts > 1 {
+            "more than one Host header"
+        } else {
+            "an HTTP/1.1 request needs a Host header"
+        };
+        return Some(closing(status_response(StatusCode::BAD_REQUEST, reason)));
+    }
+    if head_bytes(request) > limits.max_head {
+        return Some(closing(status_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request head too large",
+        )));
+    }
+    None
+}
+
+/// `response` with `Connection: close`: the request's body, if any, stays unread on the
+/// socket, so the connection cannot be reused.
+fn closing(mut response: Response<Body>) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Applies the body limits and passes the request on.
@@ -270,6 +341,9 @@ fn handle(
     next: &HttpService,
     close: bool,
 ) -> ResponseFuture {
+    if let Some(refused) = refuse(&request, limits) {
+        return Box::pin(async { Ok(refused) });
+    }
     let max_body = limits.max_body;
     let http1 = request.version() <= http::Version::HTTP_11;
     let declared = request
@@ -333,11 +407,8 @@ fn limit_error(error: BoxError, limit: u64) -> BoxError {
 }
 
 fn too_large() -> Response<Body> {
-    let mut response = status_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-    // The unread body stays on the socket, so the connection cannot be reused.
-    response.headers_mut().insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("close"),
-    );
-    response
+    closing(status_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request body too large",
+    ))
 }

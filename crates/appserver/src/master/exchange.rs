@@ -479,6 +479,10 @@ fn head_response(kind: u8, payload: &[u8]) -> Result<Response<Body>, Failure> {
     let headers = response.headers_mut();
     headers.reserve(head.headers.len());
     for (name, value) in head.headers {
+        // A field value has no leading or trailing whitespace (RFC 9110 §5.5; HTTP/2 forbids
+        // it, RFC 9113 §8.2.1), but WSGI applications send some: Django's `Set-Cookie` is
+        // `" csrftoken=…"`.
+        let value = value.trim_ascii();
         match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
