@@ -620,7 +620,11 @@ def test_health_checks_see_postgres_go_down_and_come_back(pooler):
         def health():
             return server.status()["dbpool"]["server"]
 
+        def ready():
+            return server.admin("/readyz")
+
         assert wait_until(lambda: health()["up"] is True)
+        assert ready().status_code == 200
         with connect(server, autocommit=True) as conn:
             conn.execute("select 1")
         assert pool_state(server)["idle"] == 1
@@ -629,10 +633,13 @@ def test_health_checks_see_postgres_go_down_and_come_back(pooler):
         assert health()["error"]
         assert pool_state(server)["idle"] == 0
         assert metric(server, "strata_dbpool_server_up") == 0
+        # Not ready while PostgreSQL is away, and /readyz says why.
+        assert ready().status_code == 503 and "dbpool: PostgreSQL unreachable" in ready().text
         with pytest.raises(psycopg.OperationalError, match="cannot reach PostgreSQL"):
             connect(server, dbname="template1")
         own.start()
         assert wait_until(lambda: health()["up"] is True)
+        assert ready().status_code == 200
         assert metric(server, "strata_dbpool_server_up") == 1
         assert metric(server, 'strata_dbpool_health_checks_total{outcome="failed"}') >= 1
         with connect(server) as conn:

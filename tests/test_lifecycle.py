@@ -138,15 +138,27 @@ def test_sigterm_finishes_in_flight_requests(strata):
     result = {}
 
     def slow():
-        result["response"] = requests.get(server.url("/sleep?s=2"))
+        result["response"] = requests.get(server.url("/sleep?s=4"))
 
     thread = threading.Thread(target=slow)
     thread.start()
     server.wait_busy()
     server.signal(signal.SIGTERM)
+    # New connections are refused at once (a balancer in front retries elsewhere), not
+    # queued until the process exits, while the request in flight finishes.
+    assert wait_until(lambda: refused(server.port), timeout=3)
+    assert thread.is_alive(), "refused while the slow request was still in flight"
     thread.join()
     assert result["response"].status_code == 200
     assert server.wait() == 0
+
+
+def refused(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except ConnectionRefusedError:
+        return True
 
 
 def test_second_sigint_stops_at_once(strata):

@@ -27,6 +27,21 @@ def test_process_titles(strata):
         assert worker["pid"] in children(zygote)
 
 
+def test_probes_need_no_token_and_the_rest_does(strata):
+    """Kubernetes' probes carry no token: /livez (and /healthz) and /readyz answer without
+    one on an admin listener that requires it; everything else still needs it."""
+    server = strata(*app("hello"), config='[admin]\ntoken = "s3cret"\n')
+    for probe in ["/livez", "/healthz"]:
+        answer = server.admin(probe)
+        assert answer.status_code == 200 and answer.text == "ok\n", probe
+    ready = server.admin("/readyz")
+    assert ready.status_code == 200 and ready.text == "ready\n", ready.text
+    assert server.admin("/status").status_code == 401
+    assert server.admin("/metrics").status_code == 401
+    url = f"http://127.0.0.1:{server.admin_port}/readyz"
+    assert requests.post(url, headers={"Authorization": "Bearer s3cret"}).status_code == 405
+
+
 def test_nothing_listens_before_the_app_is_warm(strata):
     server = strata(*app("slow_import"), wait=False)
     time.sleep(1.0)

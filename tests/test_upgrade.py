@@ -1,5 +1,6 @@
 """Binary upgrade: a new master takes the listening sockets over; the old one drains."""
 
+import os
 import subprocess
 
 import requests
@@ -95,3 +96,28 @@ def test_upgrade_without_a_running_master_fails_clearly(tmp_path):
         env={"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)})
     assert result.returncode != 0
     assert "cannot take the listeners over" in result.stderr
+
+
+def test_each_node_offers_upgrades_on_a_socket_of_its_own(strata, tmp_path):
+    """Two cache-only nodes on one host (no HTTP listener) get upgrade sockets of their own,
+    named after their admin listeners; a node configured onto a live node's socket refuses to
+    start, with the reason, and takes nothing from it."""
+    first = strata("--tiers", "cache")
+    second = strata("--tiers", "cache")
+    def socket_of(server):
+        line = next(line for line in server.log().splitlines() if "upgrade socket ready" in line)
+        return line.split("path=")[1].split()[0]
+    assert wait_until(lambda: "upgrade socket ready" in first.log()
+                      and "upgrade socket ready" in second.log())
+    ours = {socket_of(first), socket_of(second)}
+    assert len(ours) == 2, ours
+    assert all(str(server.admin_port) in socket_of(server) for server in (first, second))
+    taken = socket_of(first)
+    third = strata("--tiers", "cache", config=f'[admin]\nupgrade_socket = "{taken}"\n',
+                   wait=False)
+    assert third.wait(timeout=30) != 0
+    assert "another Strata master is running with the upgrade socket" in third.log()
+    assert os.path.exists(taken)
+    assert "upgrade: listeners handed" not in first.log(), "a probe is not an upgrade"
+    # The first node is unharmed.
+    assert first.status()["tiers"] == ["cache"]

@@ -124,7 +124,7 @@ pub mod zygote;
 
 pub use config::AppConfig;
 pub use control::LogSpec;
-pub use master::{AppServer, ReloadResult, StartError, Status};
+pub use master::{AppServer, ReloadResult, StartError, Status, WorkerState};
 
 /// Whether this process was started as a zygote (checked by `main` before anything else).
 pub fn is_zygote() -> bool {

@@ -35,6 +35,20 @@ impl Accept for UnixListener {
     }
 }
 
+/// Stops `listener` listening for good, so that connections arriving from now on are
+/// refused at once (a balancer in front retries elsewhere) instead of queueing in the kernel
+/// until the process exits: other descriptors of the socket (the copies kept for a binary
+/// upgrade) would otherwise keep it listening. Connections still queued are reset, so accept
+/// those first. A socket shared with a new master (`Shutdown::listeners_shared`) is left alone.
+pub fn stop_listening(listener: &TcpListener, shutdown: &Shutdown) {
+    if shutdown.listeners_shared() {
+        return;
+    }
+    if let Err(error) = rustix::net::shutdown(listener, rustix::net::Shutdown::Read) {
+        tracing::debug!(%error, "cannot shut the listening socket");
+    }
+}
+
 /// Hands every connection accepted on `listener` to `handle` until `shutdown` is requested.
 ///
 /// A failed accept (out of file descriptors, say) pauses the loop instead of spinning: the

@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use tokio::sync::watch;
@@ -26,6 +28,9 @@ pub enum Stage {
 pub struct Shutdown {
     tx: watch::Sender<Stage>,
     rx: watch::Receiver<Stage>,
+    /// Another process holds this node's listening sockets too (a binary upgrade under
+    /// way or done): stopping must leave them listening for it.
+    shared: Arc<AtomicBool>,
 }
 
 impl Default for Shutdown {
@@ -38,7 +43,22 @@ impl Shutdown {
     /// A handle in the [`Stage::Running`] stage.
     pub fn new() -> Self {
         let (tx, rx) = watch::channel(Stage::Running);
-        Self { tx, rx }
+        Self {
+            tx,
+            rx,
+            shared: Arc::default(),
+        }
+    }
+
+    /// Says whether another process now holds this node's listening sockets too (set before
+    /// they are handed to a new master, cleared if it gives up).
+    pub fn share_listeners(&self, shared: bool) {
+        self.shared.store(shared, Ordering::SeqCst);
+    }
+
+    /// Whether the listening sockets are shared with another process.
+    pub fn listeners_shared(&self) -> bool {
+        self.shared.load(Ordering::SeqCst)
     }
 
     /// Moves to `stage` if it is later than the current one.

@@ -111,25 +111,43 @@ pub async fn serve(
     let mut failures = strata_core::listen::AcceptFailures::default();
 
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-            () = shutdown.requested() => break,
+        // Once shutdown is requested, the connections the kernel already queued are still
+        // taken (they were accepted before the stop); then the socket stops listening.
+        let stopping = shutdown.stage() != Stage::Running;
+        let permit = if stopping {
+            match slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+                () = shutdown.requested() => continue,
+            }
         };
-        let (mut stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => {
-                    failures.succeeded();
-                    pair
+        let accepted = if stopping {
+            match tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+                Ok(accepted) => accepted,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = shutdown.requested() => continue,
+            }
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(pair) => {
+                failures.succeeded();
+                pair
+            }
+            Err(error) => {
+                // Running out of file descriptors must not spin the loop, nor the log.
+                if !stopping && failures.pause("lb", &error, &shutdown).await {
+                    continue;
                 }
-                Err(error) => {
-                    // Running out of file descriptors must not spin the loop, nor the log.
-                    if failures.pause("lb", &error, &shutdown).await {
-                        continue;
-                    }
-                    break;
-                }
-            },
-            () = shutdown.requested() => break,
+                break;
+            }
         };
         let _ = stream.set_nodelay(true);
         let next = next.clone();
@@ -194,6 +212,7 @@ pub async fn serve(
             }
         });
     }
+    strata_core::listen::stop_listening(&listener, &shutdown);
     drop(listener);
     drop(open_tx);
     tokio::select! {

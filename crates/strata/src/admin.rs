@@ -5,7 +5,10 @@
 //! `POST /dbpool/pause?database=D` (every database without one) and `POST /dbpool/resume`.
 //!
 //! It listens on loopback by default; elsewhere every request must carry
-//! `Authorization: Bearer <admin.token>`.
+//! `Authorization: Bearer <admin.token>`, except the probes, which carry none: `GET /livez`
+//! (and its old name `/healthz`: the process answers) and `GET /readyz` (200 when every tier
+//! this node runs can serve: not stopping, warm workers, PostgreSQL reachable for the
+//! pooler; 503 with the reasons otherwise).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -32,12 +35,22 @@ pub async fn serve(
     let started = Instant::now();
     let token = config.admin.token.clone().map(|t| format!("Bearer {t}"));
     let tiers = config.tiers.clone();
+    let stopping = shutdown.clone();
     let service = HttpService::from_fn(move |request: Request<Body>| {
         let stack = stack.clone();
         let reloader = reloader.clone();
         let token = token.clone();
         let tiers = tiers.clone();
+        let stopping = stopping.clone();
         async move {
+            // Probes (kubelet, a balancer's health check) carry no token.
+            if request.method() == http::Method::GET {
+                match request.uri().path() {
+                    "/livez" | "/healthz" => return Ok(typed("ok\n".into(), "text/plain")),
+                    "/readyz" => return Ok(readiness(&stack, &stopping)),
+                    _ => {}
+                }
+            }
             let authorized = token.as_deref().is_none_or(|expected| {
                 request
                     .headers()
@@ -96,11 +109,10 @@ async fn route(
             stack.render_metrics(&mut out);
             typed(out, "text/plain; version=0.0.4")
         }
-        ("GET", "/healthz") => typed("ok\n".into(), "text/plain"),
         ("POST", "/reload") => reload_response(reloader.reload().await),
         ("POST", "/cache/purge") => purge(stack, query),
         ("POST", "/dbpool/pause" | "/dbpool/resume") => pause(stack, path, query),
-        (_, "/status" | "/metrics" | "/healthz") => {
+        (_, "/status" | "/metrics" | "/healthz" | "/livez" | "/readyz") => {
             status_response(StatusCode::METHOD_NOT_ALLOWED, "use GET")
         }
         (_, "/reload" | "/cache/purge" | "/dbpool/pause" | "/dbpool/resume") => {
@@ -108,6 +120,40 @@ async fn route(
         }
         _ => status_response(StatusCode::NOT_FOUND, "no such admin endpoint"),
     }
+}
+
+/// `/readyz`: 200 `ready` when this node can serve; otherwise 503 and one line per reason.
+fn readiness(stack: &Stack, shutdown: &Shutdown) -> Response<Body> {
+    let mut not_ready = Vec::new();
+    if shutdown.stage() != strata_core::shutdown::Stage::Running {
+        not_ready.push("stopping".to_owned());
+    }
+    if let Some(app) = &stack.app {
+        let workers = app.status().workers;
+        if !workers
+            .iter()
+            .any(|w| w.state != strata_appserver::WorkerState::Retiring)
+        {
+            not_ready.push("app: no worker ready".to_owned());
+        }
+    }
+    if let Some(dbpool) = &stack.dbpool {
+        let health = dbpool.health();
+        match health.up {
+            Some(true) => {}
+            Some(false) => not_ready.push(format!(
+                "dbpool: PostgreSQL unreachable ({})",
+                health.error.unwrap_or_default()
+            )),
+            None => not_ready.push("dbpool: PostgreSQL not checked yet".to_owned()),
+        }
+    }
+    if not_ready.is_empty() {
+        return typed("ready\n".into(), "text/plain");
+    }
+    let mut response = typed(format!("{}\n", not_ready.join("\n")), "text/plain");
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    response
 }
 
 /// `{"ok": true, "generation": N, "restart_needed": [...]}`, or 500 with the reason the old

@@ -1,9 +1,10 @@
 //! Binary upgrade without a closed socket: the running master hands its listening sockets to
 //! a new `strata run --upgrade` over a Unix socket (`SCM_RIGHTS`), then drains and exits.
 //!
-//! 1. The running master listens on `admin.upgrade_socket` (by default a path derived from
-//!    `lb.bind`'s port in the temporary directory).
-//! 2. The new master connects and receives the HTTP listener (if the node has HTTP tiers),
+//! 1. The running master listens on `admin.upgrade_socket` (by default a path named after
+//!    `admin.bind` in the temporary directory). A node refuses to start when a live master
+//!    already listens on its path (it asks with `P`, answered `Y`).
+//! 2. The new master connects, says `U`, and receives the HTTP listener (if the node has HTTP tiers),
 //!    the HTTPS listener (if it has one) and the admin listener, tagged by one byte: `L`
 //!    (HTTP, admin), `A` (admin), `T` (HTTP, HTTPS, admin), `S` (HTTPS, admin). It warms its own app
 //!    server while the old one keeps serving, then serves the same sockets and sends `R`.
@@ -41,9 +42,29 @@ use rustix::net::{
 };
 use strata_core::shutdown::{Shutdown, Stage};
 
-/// Where the upgrade socket of a node whose HTTP listener binds `port` lives by default.
-pub fn default_path(port: u16) -> PathBuf {
-    std::env::temp_dir().join(format!("strata-upgrade-{port}.sock"))
+/// Where a node's upgrade socket lives by default: named after its admin listener, which
+/// every node has and no two live nodes on a host share (a path named after `lb.bind`'s port
+/// made every node without HTTP tiers take the same socket).
+pub fn default_path(admin: std::net::SocketAddr) -> PathBuf {
+    let ip = admin.ip().to_string().replace(':', "_");
+    std::env::temp_dir().join(format!("strata-upgrade-{ip}-{}.sock", admin.port()))
+}
+
+/// What a connecting process says first: it wants the listeners (`U`), or only asks whether
+/// a master is listening here (`P`, answered `Y`).
+const WANT: u8 = b'U';
+const PROBE: u8 = b'P';
+
+/// Whether a live master offers upgrades on `path` (a socket file nobody listens on is left
+/// over from a master that died, and is not).
+pub fn in_use(path: &Path) -> bool {
+    let Ok(mut stream) = UnixStream::connect(path) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let mut answer = [0u8; 1];
+    // A master of an older build sends its listeners at once instead of answering: live too.
+    stream.write_all(&[PROBE]).is_ok() && stream.read(&mut answer).is_ok_and(|n| n == 1)
 }
 
 /// The listeners a new master inherits.
@@ -59,7 +80,8 @@ pub struct Inherited {
 
 /// Connects to the running master and takes its listeners.
 pub fn receive(path: &Path) -> std::io::Result<Inherited> {
-    let stream = UnixStream::connect(path)?;
+    let mut stream = UnixStream::connect(path)?;
+    stream.write_all(&[WANT])?;
     let mut byte = [0u8; 1];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -126,6 +148,12 @@ pub struct Listeners {
 /// of its own; returns whether it handed over.
 pub fn offer(path: PathBuf, listeners: Listeners, shutdown: Shutdown) -> bool {
     use std::os::unix::fs::PermissionsExt;
+    // Only a file nobody listens on is removed (the node checked at start; this is for a
+    // master that took the path since).
+    if in_use(&path) {
+        tracing::warn!(path = %path.display(), "binary upgrades unavailable: another master offers upgrades on this socket");
+        return false;
+    }
     let _ = std::fs::remove_file(&path);
     let listener = match UnixListener::bind(&path) {
         Ok(listener) => listener,
@@ -142,6 +170,18 @@ pub fn offer(path: PathBuf, listeners: Listeners, shutdown: Shutdown) -> bool {
         if shutdown.stage() != Stage::Running {
             break;
         }
+        // A client that says nothing must not hold the thread.
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        let mut want = [0u8; 1];
+        match stream.read_exact(&mut want).map(|()| want[0]) {
+            Ok(WANT) => {}
+            Ok(PROBE) => {
+                let _ = stream.write_all(b"Y");
+                continue;
+            }
+            _ => continue,
+        }
+        let _ = stream.set_read_timeout(None);
         let Listeners { http, https, admin } = &listeners;
         let fds: Vec<_> = http
             .iter()
@@ -158,18 +198,22 @@ pub fn offer(path: PathBuf, listeners: Listeners, shutdown: Shutdown) -> bool {
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(3))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         control.push(SendAncillaryMessage::ScmRights(&fds));
+        // From here a stop of this master must leave the sockets listening for the new one.
+        shutdown.share_listeners(true);
         if let Err(error) = rustix::net::sendmsg(
             &stream,
             &[IoSlice::new(tag)],
             &mut control,
             SendFlags::empty(),
         ) {
+            shutdown.share_listeners(false);
             tracing::warn!(%error, "upgrade handoff failed");
             continue;
         }
         tracing::info!("upgrade: listeners handed to a new master; waiting until it serves");
         let mut ready = [0u8; 1];
         if stream.read_exact(&mut ready).is_err() || ready[0] != b'R' {
+            shutdown.share_listeners(false);
             tracing::warn!("upgrade: the new master gave up; this one keeps serving");
             continue;
         }

@@ -55,7 +55,14 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
         .admin
         .upgrade_socket
         .clone()
-        .unwrap_or_else(|| handoff::default_path(config.lb.bind.port()));
+        .unwrap_or_else(|| handoff::default_path(config.admin.bind));
+    if !upgrade && handoff::in_use(&upgrade_path) {
+        anyhow::bail!(
+            "another Strata master is running with the upgrade socket {} (stop it, upgrade it \
+             with `strata run --upgrade`, or give this node its own admin.upgrade_socket)",
+            upgrade_path.display()
+        );
+    }
     let sockets = if upgrade {
         let inherited = handoff::receive(&upgrade_path).with_context(|| {
             format!(
