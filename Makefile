@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 CARGO  ?= cargo
 
-.PHONY: run test lint bench build venv clean
+.PHONY: run test lint bench fuzz build venv clean
 
 ## run: build, prepare the example site, serve it on http://127.0.0.1:8000/ (admin on :9000),
 ## on a private PostgreSQL (var/postgres) through the pooler when the machine has one
@@ -34,6 +34,10 @@ bench: build
 	bash benches/lb-instructions.sh
 	bash benches/app-instructions.sh
 	bash benches/dbpool-instructions.sh
+
+## fuzz: every fuzz target for 30 s (FUZZ_SECONDS) on its committed corpus; needs nightly
+fuzz:
+	bash fuzz/run.sh
 
 build:
 	$(CARGO) build --release --locked

@@ -24,12 +24,16 @@ def test_malformed_request_is_400(counted):
 
 
 def test_host_is_required_once_on_http_1_1(counted):
-    """RFC 9112 §3.2: no Host on HTTP/1.1, or two Hosts on any version, is a 400, at once,
-    even when a body is announced (the listener does not wait for it)."""
+    """RFC 9112 §3.2: no Host on HTTP/1.1, two Hosts on any version, or a Host that is not
+    `host[:port]` is a 400, at once, even when a body is announced (the listener does not wait
+    for it)."""
     for raw in [b"GET /count HTTP/1.1\r\n\r\n",
                 b"POST /count HTTP/1.1\r\nContent-Length: 10\r\n\r\n",
                 b"GET /count HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-                b"GET /count HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n"]:
+                b"GET /count HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: example.com/count\r\n\r\n",
+                b"GET /count HTTP/1.1\r\nHost: user@example.com\r\n\r\n",
+                b"GET /count HTTP/1.1\r\nHost: a b\r\n\r\n"]:
         answer = exchange(counted.port, raw)
         assert answer.split(b" ")[1] == b"400", (raw, answer)
     assert counted.count() == 0

@@ -52,6 +52,8 @@ mod fetch;
 mod fill;
 mod flight;
 mod freshness;
+#[cfg(fuzzing)]
+pub mod fuzz;
 mod invalidate;
 mod key;
 pub mod metrics;

@@ -114,6 +114,8 @@
 
 pub mod config;
 pub mod control;
+#[cfg(fuzzing)]
+pub mod fuzz;
 pub mod master;
 pub mod proctitle;
 pub mod proto;

@@ -28,6 +28,8 @@
 //! the worker's connection (`CACHE`/`CACHE_REPLY` frames).
 
 pub mod config;
+#[cfg(fuzzing)]
+pub mod fuzz;
 mod lru;
 mod meta;
 mod out;
@@ -38,7 +40,6 @@ mod text;
 mod watch;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use strata_core::Shutdown;
 use tokio::net::{TcpListener, TcpSocket, UnixListener};
@@ -86,17 +87,11 @@ pub struct Cache {
 impl Cache {
     /// Binds the listeners and serves until `shutdown`.
     pub async fn start(config: &CacheConfig, shutdown: Shutdown) -> Result<Self, StartError> {
-        let ctx = Arc::new(server::Context {
-            store: Arc::new(store::Store::new(config.capacity_bytes)),
-            max_item_bytes: config.max_item_bytes as usize,
-            capacity_bytes: std::sync::atomic::AtomicU64::new(config.capacity_bytes),
-            max_connections: config.max_connections,
-            started: Instant::now(),
-            connections: server::Connections::default(),
-            detail: Default::default(),
-            baseline: Default::default(),
-            watch: Default::default(),
-        });
+        let ctx = Arc::new(server::Context::new(
+            config.capacity_bytes,
+            config.max_item_bytes as usize,
+            config.max_connections,
+        ));
         let tcp = listen(config.bind).map_err(|source| StartError::Bind {
             addr: config.bind,
             source,

@@ -35,6 +35,23 @@ pub struct Context {
     pub watch: Arc<crate::watch::Watch>,
 }
 
+impl Context {
+    /// A store of `capacity_bytes` and the limits its connections are held to.
+    pub fn new(capacity_bytes: u64, max_item_bytes: usize, max_connections: usize) -> Self {
+        Self {
+            store: Arc::new(Store::new(capacity_bytes)),
+            max_item_bytes,
+            capacity_bytes: AtomicU64::new(capacity_bytes),
+            max_connections,
+            started: Instant::now(),
+            connections: Connections::default(),
+            detail: Default::default(),
+            baseline: Default::default(),
+            watch: Default::default(),
+        }
+    }
+}
+
 /// Connection counters for `stats`, and the open connections for `stats conns`.
 #[derive(Debug, Default)]
 pub struct Connections {
@@ -155,35 +172,17 @@ where
     // Bytes of a refused value still to be thrown away as they arrive.
     let mut skip = 0usize;
     loop {
-        loop {
-            if skip > 0 {
-                let n = skip.min(buf.len());
-                buf.advance(n);
-                skip -= n;
-                if skip > 0 {
-                    break;
-                }
+        match run_buffered(&mut buf, &mut skip, id, ctx, &mut out) {
+            Flow::Read => {}
+            Flow::Close => {
+                out.write_to(&mut stream).await?;
+                close_gently(stream).await;
+                return Ok(());
             }
-            if buf.is_empty() {
-                break;
-            }
-            match text::step(&buf, id, ctx, &mut out) {
-                Step::Need => break,
-                Step::Done(n) => buf.advance(n),
-                Step::Swallow { consumed, skip: s } => {
-                    buf.advance(consumed);
-                    skip = s;
-                }
-                Step::Close => {
-                    out.write_to(&mut stream).await?;
-                    close_gently(stream).await;
-                    return Ok(());
-                }
-                Step::Watch(kinds) => {
-                    out.extend_from_slice(b"OK\r\n");
-                    out.write_to(&mut stream).await?;
-                    return watch(stream, ctx.watch.subscribe(kinds), shutdown).await;
-                }
+            Flow::Watch(kinds) => {
+                out.extend_from_slice(b"OK\r\n");
+                out.write_to(&mut stream).await?;
+                return watch(stream, ctx.watch.subscribe(kinds), shutdown).await;
             }
         }
         if !out.is_empty() {
@@ -196,6 +195,50 @@ where
         };
         if read == 0 {
             return Ok(());
+        }
+    }
+}
+
+/// What a connection does once the commands in its buffer have run.
+pub(crate) enum Flow {
+    /// Write the answers, read more.
+    Read,
+    /// Write the answers, close.
+    Close,
+    /// Write the answers and `OK`, then serve log lines.
+    Watch(crate::watch::Kinds),
+}
+
+/// Runs every whole command in `buf` (after throwing away `skip` bytes of a refused value),
+/// answers into `out`: the connection's work between two reads, without the socket.
+pub(crate) fn run_buffered(
+    buf: &mut BytesMut,
+    skip: &mut usize,
+    id: u64,
+    ctx: &Context,
+    out: &mut Out,
+) -> Flow {
+    loop {
+        if *skip > 0 {
+            let n = (*skip).min(buf.len());
+            buf.advance(n);
+            *skip -= n;
+            if *skip > 0 {
+                return Flow::Read;
+            }
+        }
+        if buf.is_empty() {
+            return Flow::Read;
+        }
+        match text::step(buf, id, ctx, out) {
+            Step::Need => return Flow::Read,
+            Step::Done(n) => buf.advance(n),
+            Step::Swallow { consumed, skip: s } => {
+                buf.advance(consumed);
+                *skip = s;
+            }
+            Step::Close => return Flow::Close,
+            Step::Watch(kinds) => return Flow::Watch(kinds),
         }
     }
 }

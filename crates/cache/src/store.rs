@@ -98,12 +98,14 @@ impl Item {
         }
     }
 
-    /// Seconds of life left; -1 when it never expires (meta `t`).
+    /// Seconds of life left, rounded up as memcached's clock of whole seconds counts them
+    /// (an item just stored with `T60` has 60 left, not 59); -1 when it never expires (meta
+    /// `t`).
     pub fn ttl(&self, now_ms: u64) -> i64 {
         if self.expires_ms == 0 {
             -1
         } else {
-            (self.expires_ms.saturating_sub(now_ms) / 1000) as i64
+            self.expires_ms.saturating_sub(now_ms).div_ceil(1000) as i64
         }
     }
 }
@@ -705,6 +707,20 @@ mod tests {
             Expires::from_exptime(RELATIVE_MAX + 1, now),
             Expires::Already
         );
+    }
+
+    #[test]
+    fn ttl_counts_whole_seconds_up() {
+        let item = Item::new(Bytes::new(), 0, 1, 100_000, 0);
+        assert_eq!(item.ttl(40_000), 60);
+        assert_eq!(
+            item.ttl(40_001),
+            60,
+            "59.999 s left is reported as 60, as memcached does"
+        );
+        assert_eq!(item.ttl(99_999), 1);
+        assert_eq!(item.ttl(100_000), 0);
+        assert_eq!(Item::new(Bytes::new(), 0, 1, 0, 0).ttl(5), -1);
     }
 
     #[test]

@@ -94,6 +94,8 @@ mod cancel;
 mod client;
 pub mod config;
 mod flow;
+#[cfg(fuzzing)]
+pub mod fuzz;
 mod health;
 mod pool;
 mod prepared;

@@ -65,6 +65,8 @@ mod balance;
 mod conditional;
 mod config;
 mod forwarded;
+#[cfg(fuzzing)]
+pub mod fuzz;
 mod head_timer;
 mod health;
 mod listener;

@@ -324,14 +324,20 @@ fn head_bytes<B>(request: &Request<B>) -> usize {
 fn refuse<B>(request: &Request<B>, limits: Limits) -> Option<Response<Body>> {
     // RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or any request with more than
     // one, is a 400. (HTTP/2 names the host in `:authority`; HTTP/1.0 may omit it.)
-    let hosts = request.headers().get_all(header::HOST).iter().count();
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let (first, more) = (hosts.next(), hosts.next().is_some());
     let version = request.version();
-    if hosts > 1 || (hosts == 0 && version == http::Version::HTTP_11) {
-        let reason = if hosts > 1 {
-            "more than one Host header"
-        } else {
-            "an HTTP/1.1 request needs a Host header"
-        };
+    let reason = match first {
+        _ if more => Some("more than one Host header"),
+        None if version == http::Version::HTTP_11 => {
+            Some("an HTTP/1.1 request needs a Host header")
+        }
+        // A Host with `/`, `@`, spaces... would also make one cache key stand for another
+        // (`Host: example.com/admin` and `/` against `example.com` and `/admin/`).
+        Some(host) if !valid_host(host.as_bytes()) => Some("invalid Host header"),
+        _ => None,
+    };
+    if let Some(reason) = reason {
         return Some(closing(status_response(StatusCode::BAD_REQUEST, reason)));
     }
     if head_bytes(request) > limits.max_head {
@@ -341,6 +347,14 @@ fn refuse<B>(request: &Request<B>, limits: Limits) -> Option<Response<Body>> {
         )));
     }
     None
+}
+
+/// RFC 3986's `host [ ":" port ]`, loosely: the characters of a reg-name, an IP literal
+/// and a port, nothing else (no `/`, `?`, `#`, `@`, spaces or controls). Empty is allowed
+/// (RFC 9110 §7.2: a target without an authority).
+fn valid_host(host: &[u8]) -> bool {
+    host.iter()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(b))
 }
 
 /// `response` with `Connection: close`: the request's body, if any, stays unread on the

@@ -48,7 +48,10 @@ pub fn parse(bytes: &[u8]) -> Result<Option<Parsed>, ProxyError> {
             Err(ProxyError::Missing)
         };
     }
-    let Some(end) = bytes.windows(2).position(|w| w == b"\r\n") else {
+    // The line is at most 107 bytes with its CRLF, whether or not more bytes came with it
+    // (a longer line accepted when it arrived whole was refused when it came in pieces).
+    let window = &bytes[..bytes.len().min(V1_MAX)];
+    let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
         return if bytes.len() >= V1_MAX {
             Err(ProxyError::Malformed)
         } else {
@@ -172,6 +175,13 @@ mod tests {
             Some("[2001:db8::1]:4000".parse().unwrap())
         );
         assert_eq!(parse(b"PROXY UNKNOWN\r\n").unwrap(), Some((15, None)));
+        // Longer than 107 bytes is refused however it arrives (found by fuzzing: whole, it
+        // was accepted; in pieces, refused).
+        let mut long = b"PROXY UNKNOWN ".to_vec();
+        long.resize(130, b'x');
+        long.extend_from_slice(b"\r\n");
+        assert_eq!(parse(&long), Err(ProxyError::Malformed));
+        assert_eq!(parse(&long[..110]), Err(ProxyError::Malformed));
         assert_eq!(parse(b"PROXY TCP4 1.2.3.4"), Ok(None));
         assert_eq!(parse(b"PRO"), Ok(None));
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(ProxyError::Missing));

@@ -252,7 +252,7 @@ fn body(path: &Path, start: u64, end: u64) -> std::io::Result<Body> {
 
 /// The request path under the prefix, decoded and checked: `None` for a `..` or hidden
 /// segment, an encoded slash or NUL, or bytes that are not UTF-8.
-fn clean_path(raw: &str) -> Option<String> {
+pub(crate) fn clean_path(raw: &str) -> Option<String> {
     let mut segments = Vec::new();
     for segment in raw.split('/') {
         let segment = percent_decode(segment)?;
@@ -273,8 +273,12 @@ fn percent_decode(text: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // Exactly two hex digits (`from_str_radix` alone would take `%+f`).
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -371,6 +375,9 @@ mod tests {
             "",
         ] {
             assert_eq!(clean_path(bad), None, "{bad}");
+        }
+        for malformed in ["a%+fb", "a%-1", "a%2", "a%zz"] {
+            assert_eq!(clean_path(malformed), None, "{malformed}");
         }
     }
 

@@ -159,18 +159,11 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, String
     figment = figment
         .merge(Env::prefixed("STRATA_").split("__"))
         .merge(overrides.figment());
-    let mut config: Config = figment.extract().map_err(|error| {
-        error
-            .into_iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    })?;
     let origin = file
         .as_ref()
         .map(|f| format!(" (from {} and overrides)", f.display()))
         .unwrap_or_default();
-    config.validate().map_err(|e| format!("{e}{origin}"))?;
+    let mut config = extract(&figment, &origin)?;
     // Relative paths are relative to where strata was started; make them absolute once.
     for dir in [&mut config.app.chdir, &mut config.app.virtualenv]
         .into_iter()
@@ -181,6 +174,32 @@ pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, String
         }
     }
     Ok(config)
+}
+
+/// The configuration `figment` holds, validated; errors name the key at fault.
+fn extract(figment: &Figment, origin: &str) -> Result<Config, String> {
+    let config: Config = figment.extract().map_err(|error| {
+        error
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    config.validate().map_err(|e| format!("{e}{origin}"))?;
+    Ok(config)
+}
+
+/// A configuration file's text, as `strata check` reads it: the fuzz target's entry point.
+/// Whatever the text, the answer is a configuration or an error, never a panic.
+#[cfg(fuzzing)]
+pub fn fuzz_file(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
+    if let Ok(config) = extract(&figment, "") {
+        assert!(config.validate().is_ok());
+    }
 }
 
 impl Config {

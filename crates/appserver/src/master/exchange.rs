@@ -467,7 +467,7 @@ fn whole_body(mut chunks: Vec<Bytes>) -> Body {
 }
 
 /// The response for a `HEAD` frame; any other first frame means the worker is broken.
-fn head_response(kind: u8, payload: &[u8]) -> Result<Response<Body>, Failure> {
+pub(crate) fn head_response(kind: u8, payload: &[u8]) -> Result<Response<Body>, Failure> {
     if kind != kind::HEAD {
         return Err(Failure::Died(ProtoError::UnexpectedKind(kind)));
     }

@@ -23,6 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::control::{LogSpec, ZygoteSpec};
 use crate::AppConfig;
+#[cfg(fuzzing)]
+pub(crate) use exchange::head_response;
 pub use pool::{WorkerInfo, WorkerState};
 pub use supervisor::ReloadResult;
 use supervisor::{Cause, Event};

@@ -1,0 +1,4 @@
+//! Fuzz target `cache_key`: see `strata_accelerator::fuzz::cache_key` for what it feeds and what it checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| strata_accelerator::fuzz::cache_key(data));
