@@ -22,6 +22,7 @@ import requests
 
 from conftest import (EXAMPLE, PG_PASSWORD, ROOT, STRATA, Postgres, free_port, metric,
                       wait_for_port, wait_until)
+from test_wsgi import resident_kb
 
 
 @pytest.fixture
@@ -706,6 +707,29 @@ def test_truncated_and_oversized_messages_harm_no_one(pooler):
         sock.sendall(b"Q" + struct.pack("!i", 100) + b"select")  # then the client vanishes
     with connect(server) as conn:
         assert conn.execute("select 3").fetchone()[0] == 3
+
+
+def test_a_login_message_claiming_megabytes_costs_nothing(pooler):
+    """Before login a password or SASL message is at most 64 KiB (PostgreSQL's own limit): one
+    whose length claims 60 MiB is refused at once, and nothing is allocated ahead of the bytes
+    that came (20 such clients once cost the pooler 1.2 GB)."""
+    server = pooler()
+    before = resident_kb(server.process.pid)
+    params = b"user\0postgres\0database\0postgres\0\0"
+    clients = []
+    for _ in range(20):
+        sock = socket.create_connection(("127.0.0.1", server.dbpool_port), timeout=10)
+        sock.sendall(struct.pack("!ii", 8 + len(params), 196608) + params)
+        assert sock.recv(4096)[:1] == b"R", "asked to authenticate"
+        sock.sendall(b"p" + struct.pack("!i", 60 << 20) + b"0123456789")
+        clients.append(sock)
+    for sock in clients:
+        said = closed_by_peer(sock)
+        assert said is not None and b"too large" in said, said
+        sock.close()
+    assert resident_kb(server.process.pid) - before < 100_000
+    with connect(server) as conn:
+        assert conn.execute("select 4").fetchone()[0] == 4
 
 
 def test_tls_towards_clients(pooler, test_ca):

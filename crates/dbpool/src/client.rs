@@ -376,7 +376,7 @@ async fn authenticate_md5<S: Stream>(client: &mut S, stored: &str) -> Result<(),
     wire::authentication_md5(&mut out, salt);
     client.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut message = BytesMut::new();
-    let tag = wire::read_message(client, &mut message)
+    let tag = wire::read_message_up_to(client, &mut message, wire::MAX_AUTH_MESSAGE)
         .await
         .map_err(|e| e.to_string())?;
     let answer = message.get(5..).and_then(|b| b.strip_suffix(b"\0"));
@@ -397,7 +397,7 @@ async fn sasl_data<S: Stream>(
     message: &mut BytesMut,
     initial: bool,
 ) -> Result<Vec<u8>, String> {
-    let tag = wire::read_message(client, message)
+    let tag = wire::read_message_up_to(client, message, wire::MAX_AUTH_MESSAGE)
         .await
         .map_err(|e| e.to_string())?;
     if tag != b'p' {

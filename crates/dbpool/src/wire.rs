@@ -80,22 +80,43 @@ pub async fn read_startup<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Startu
     }
 }
 
+/// Longest message a client may send before it has logged in (a password or SASL
+/// message), as PostgreSQL's own limit for them (`PG_MAX_AUTH_TOKEN_LENGTH`).
+pub const MAX_AUTH_MESSAGE: usize = 65_535;
+
 /// Reads one typed message (tag, length, body) whole into `buf`; returns its tag.
 pub async fn read_message<R: AsyncRead + Unpin>(
     stream: &mut R,
     buf: &mut BytesMut,
 ) -> Result<u8, WireError> {
+    read_message_up_to(stream, buf, MAX_MESSAGE).await
+}
+
+/// As [`read_message`], refusing a message longer than `max` bytes. The buffer grows as the
+/// bytes arrive, never ahead of them: a length field that claims 64 MiB costs nothing until
+/// the 64 MiB come.
+pub async fn read_message_up_to<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<u8, WireError> {
     let tag = stream.read_u8().await?;
     let len = stream.read_i32().await?;
-    if len < 4 || len as usize > MAX_MESSAGE {
+    if len < 4 || len as usize > max {
         return Err(WireError::TooLarge(len.max(0) as usize));
     }
     buf.clear();
     buf.put_u8(tag);
     buf.put_i32(len);
-    let start = buf.len();
-    buf.resize(start + len as usize - 4, 0);
-    stream.read_exact(&mut buf[start..]).await?;
+    let mut remaining = len as usize - 4;
+    while remaining > 0 {
+        buf.reserve(remaining.min(64 * 1024));
+        let read = (&mut *stream).take(remaining as u64).read_buf(buf).await?;
+        if read == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        remaining -= read;
+    }
     Ok(tag)
 }
 
@@ -296,5 +317,31 @@ mod tests {
         assert!(read_message(&mut &b"Q\0\0\0\x01"[..], &mut buf)
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn a_claimed_length_costs_nothing_until_the_bytes_come() {
+        // A message that claims 60 MiB and brings 10 bytes: refused for its end, with no
+        // 60 MiB allocated (seen while fuzzing: the buffer was sized from the claim, before login too).
+        let mut claim = b"p".to_vec();
+        claim.extend_from_slice(&(60i32 << 20).to_be_bytes());
+        claim.extend_from_slice(b"0123456789");
+        let mut buf = BytesMut::new();
+        assert!(read_message(&mut &claim[..], &mut buf).await.is_err());
+        assert!(
+            buf.capacity() < 1 << 20,
+            "{} bytes reserved",
+            buf.capacity()
+        );
+        // Before login, 64 KiB is the most a message may be.
+        assert!(matches!(
+            read_message_up_to(&mut &claim[..], &mut buf, MAX_AUTH_MESSAGE).await,
+            Err(WireError::TooLarge(_))
+        ));
+        let mut whole = b"p".to_vec();
+        whole.extend_from_slice(&(4 + 200_000i32).to_be_bytes());
+        whole.extend(std::iter::repeat_n(b'x', 200_000));
+        assert_eq!(read_message(&mut &whole[..], &mut buf).await.unwrap(), b'p');
+        assert_eq!(buf.len(), 5 + 200_000);
     }
 }
