@@ -3,6 +3,7 @@
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -107,6 +108,20 @@ def test_upload_and_download(example, tmp_path):
     assert download.content == blob
     assert "attachment" in download.headers["Content-Disposition"]
     assert requests.get(server.url("/download/..%2Fdb.sqlite3")).status_code == 404
+
+
+def test_views_count_in_the_nodes_cache_tier(example):
+    """The example's `node` cache is the node's cache tier, reached from the workers: the
+    count goes up across workers, and memcached clients see the same item."""
+    server = example("--tiers", "lb,accelerator,app,cache", "--workers", "2")
+    counts = [requests.get(server.url("/visits/"), timeout=10).text for _ in range(5)]
+    assert counts == ["1\n", "2\n", "3\n", "4\n", "5\n"], counts
+    with socket.create_connection(("127.0.0.1", server.cache_port), timeout=10) as sock:
+        sock.sendall(b"get :1:visits\r\n")
+        answer = b""
+        while not answer.endswith(b"END\r\n"):
+            answer += sock.recv(4096)
+    assert answer.split(b"\r\n")[1] == b"5", answer
 
 
 def test_workers_start_warm(example):

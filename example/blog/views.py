@@ -4,8 +4,9 @@ import hashlib
 import time
 
 from django.conf import settings
+from django.core.cache import caches
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, Http404, StreamingHttpResponse
+from django.http import FileResponse, Http404, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.cache import cache_control
 
@@ -39,6 +40,15 @@ def article(request, pk):
 def me(request):
     """Personal: only for a logged-in user."""
     return render(request, "blog/me.html")
+
+
+def visits(request):
+    """Counts visits in the node's cache tier: memcached commands from the worker."""
+    cache = caches["node"]
+    cache.add("visits", 0, timeout=None)
+    count = cache.incr("visits")
+    cache.set(f"visit:{count % 100}", request.META.get("REMOTE_ADDR", ""), timeout=60)
+    return HttpResponse(f"{count}\n", content_type="text/plain")
 
 
 def slow(request):

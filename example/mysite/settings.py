@@ -58,6 +58,13 @@ TEMPLATES = [
 
 WSGI_APPLICATION = "mysite.wsgi.application"
 
+# "default" stays in the process; "node" is the node's cache tier, reached over the worker's
+# own connection to the master (outside a Strata worker it warns and stores nothing).
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "node": {"BACKEND": "strata.django.StrataCache"},
+}
+
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",

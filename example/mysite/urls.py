@@ -15,6 +15,7 @@ urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("slow/", views.slow, name="slow"),
+    path("visits/", views.visits, name="visits"),
     path("boom/", views.boom, name="boom"),
     path("stream/", views.stream, name="stream"),
     path("upload/", views.upload, name="upload"),
