@@ -176,11 +176,9 @@ impl<V> Lru<V> {
     }
 
     /// Removes every entry whose key `doomed` picks; returns how many.
-    pub fn remove_where(&mut self, mut doomed: impl FnMut(&[u8], &V) -> bool) -> usize {
+    pub fn remove_where(&mut self, mut doomed: impl FnMut(&[u8]) -> bool) -> usize {
         let picked: Vec<u32> = (0..self.slots.len() as u32)
-            .filter(|&at| {
-                matches!(&self.slots[at as usize], Some(slot) if doomed(&slot.key, &slot.value))
-            })
+            .filter(|&at| matches!(&self.slots[at as usize], Some(slot) if doomed(&slot.key)))
             .collect();
         picked.iter().for_each(|&at| drop(self.take(at)));
         picked.len()
@@ -294,7 +292,7 @@ mod tests {
             let key = format!("k{i}");
             lru.insert(hash(&key), key.as_bytes(), i, 7, 0);
         }
-        assert_eq!(lru.remove_where(|key, _| key.ends_with(b"7")), 100);
+        assert_eq!(lru.remove_where(|key| key.ends_with(b"7")), 100);
         for i in (0..1000).step_by(2) {
             let key = format!("k{i}");
             assert_eq!(lru.remove(hash(&key), key.as_bytes()), Some(i));

@@ -22,8 +22,6 @@ use crate::text::{self, Step};
 pub struct Context {
     pub store: Arc<Store>,
     pub max_item_bytes: usize,
-    /// The store's budget (`cache_memlimit` changes it).
-    pub capacity_bytes: AtomicU64,
     pub max_connections: usize,
     pub started: Instant,
     pub connections: Connections,
@@ -41,7 +39,6 @@ impl Context {
         Self {
             store: Arc::new(Store::new(capacity_bytes)),
             max_item_bytes,
-            capacity_bytes: AtomicU64::new(capacity_bytes),
             max_connections,
             started: Instant::now(),
             connections: Connections::default(),

@@ -151,10 +151,7 @@ fn general(ctx: &Context) -> Vec<(&'static str, Stat)> {
             "touch_misses",
             Counter(s.cmd_touch.get() - s.touch_hits.get()),
         ),
-        (
-            "limit_maxbytes",
-            Reading(ctx.capacity_bytes.load(Ordering::Relaxed).to_string()),
-        ),
+        ("limit_maxbytes", Reading(ctx.store.capacity().to_string())),
         ("threads", Reading("1".into())),
         ("bytes", Reading(bytes.to_string())),
         ("curr_items", Reading(items.to_string())),
@@ -192,7 +189,7 @@ pub fn write(line: &Line<'_>, ctx: &Context, out: &mut Out) {
             }
         }
         Some(b"settings") => {
-            stat("maxbytes", &ctx.capacity_bytes.load(Ordering::Relaxed));
+            stat("maxbytes", &ctx.store.capacity());
             stat("maxconns", &ctx.max_connections);
             stat("item_size_max", &ctx.max_item_bytes);
             stat("evictions", &"on");

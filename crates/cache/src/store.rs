@@ -232,6 +232,8 @@ const SHARD_MIN_BYTES: u64 = 4 * 1024 * 1024;
 pub struct Store {
     shards: Box<[Mutex<Lru<Arc<Item>>>]>,
     hasher: RandomState,
+    /// The whole budget (each shard has its share); `cache_memlimit` changes it.
+    capacity: AtomicU64,
     next_cas: AtomicU64,
     /// A delayed `flush_all`: items stored before this Unix millisecond are gone once it
     /// passes; 0 when none is pending.
@@ -263,6 +265,7 @@ impl Store {
                 .map(|_| Mutex::new(Lru::new(capacity_bytes / count)))
                 .collect(),
             hasher: RandomState::new(),
+            capacity: AtomicU64::new(capacity_bytes),
             next_cas: AtomicU64::new(1),
             flush_at: AtomicU64::new(0),
             stats: Arc::new(Stats::default()),
@@ -273,10 +276,7 @@ impl Store {
     fn shard(&self, key: &[u8]) -> (u64, MutexGuard<'_, Lru<Arc<Item>>>) {
         let hash = self.hasher.hash_one(key);
         let at = (hash >> 40) as usize & (self.shards.len() - 1);
-        let shard = self.shards[at]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        (hash, shard)
+        (hash, lock(&self.shards[at]))
     }
 
     fn cas(&self) -> u64 {
@@ -325,22 +325,23 @@ impl Store {
         let now = now_ms();
         let (hash, mut shard) = self.shard(key);
         let found = shard.get(hash, key, now / 1000).cloned();
+        let dead = found.as_ref().is_some_and(|item| !self.live(item, now));
+        if dead {
+            shard.remove(hash, key);
+        }
+        drop(shard);
         match found {
-            Some(item) if self.live(&item, now) => {
-                drop(shard);
+            Some(item) if !dead => {
                 self.stats.get_hits.inc();
                 Some((item, now))
             }
             Some(_) => {
-                shard.remove(hash, key);
-                drop(shard);
                 self.stats.expired.inc();
                 self.stats.get_expired.inc();
                 self.stats.get_misses.inc();
                 None
             }
             None => {
-                drop(shard);
                 self.stats.get_misses.inc();
                 None
             }
@@ -474,6 +475,7 @@ impl Store {
         }
         changed
     }
+
     /// `incr` (`decr` when `up` is false): the new value. Increments wrap at 2^64,
     /// decrements stop at 0; the item keeps its flags and expiry. With `cas`, only an item of
     /// that CAS is changed.
@@ -548,10 +550,7 @@ impl Store {
         if delay == 0 {
             self.flush_at.store(0, Ordering::Relaxed);
             for shard in &self.shards {
-                let gone = shard
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take_all();
+                let gone = lock(shard).take_all();
                 drop(gone);
             }
         } else {
@@ -651,32 +650,38 @@ impl Store {
     pub fn delete_prefix(&self, prefix: &[u8]) -> usize {
         self.shards
             .iter()
-            .map(|shard| {
-                let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
-                shard.remove_where(|key, _| key.starts_with(prefix))
-            })
+            .map(|shard| lock(shard).remove_where(|key| key.starts_with(prefix)))
             .sum()
     }
 
     /// Items and bytes held (as weighed).
     pub fn size(&self) -> (u64, u64) {
         self.shards.iter().fold((0, 0), |(items, bytes), shard| {
-            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let shard = lock(shard);
             (items + shard.len() as u64, bytes + shard.bytes())
         })
+    }
+
+    /// The whole budget in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed)
     }
 
     /// A new budget for the whole store (`cache_memlimit`); the excess goes as items are
     /// stored.
     pub fn set_capacity(&self, capacity_bytes: u64) {
+        self.capacity.store(capacity_bytes, Ordering::Relaxed);
         let share = capacity_bytes / self.shards.len() as u64;
         for shard in &self.shards {
-            shard
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .set_budget(share);
+            lock(shard).set_budget(share);
         }
     }
+}
+
+/// A shard, locked (a panic elsewhere while it was held leaves it usable: its links are
+/// changed only by code that cannot panic half-way).
+fn lock<V>(shard: &Mutex<Lru<V>>) -> MutexGuard<'_, Lru<V>> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

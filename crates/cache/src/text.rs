@@ -3,7 +3,6 @@
 //! every whole command it has before it writes.
 
 use std::io::Write;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
@@ -233,7 +232,6 @@ fn run(line: &Line<'_>, ctx: &Context, out: &mut Out) -> Step {
                 Some(m) => {
                     let bytes = u64::from(m) * 1024 * 1024;
                     ctx.store.set_capacity(bytes);
-                    ctx.capacity_bytes.store(bytes, Ordering::Relaxed);
                     b"OK\r\n"
                 }
             });
@@ -641,7 +639,7 @@ mod tests {
         ] {
             assert_eq!(run(&ctx, line.as_bytes()).0, answer, "{line:?}");
         }
-        assert_eq!(ctx.capacity_bytes.load(Ordering::Relaxed), 8 << 20);
+        assert_eq!(ctx.store.capacity(), 8 << 20);
         // 48 MB of values into what is now an 8 MiB store: the newest remain, within 8 MiB.
         // (Each of the 16 shards holds 5 of these values and gets 30 on average: the first
         // is gone from its shard whatever the hash seed.)

@@ -32,14 +32,14 @@ where
 {
     let mut got = Vec::with_capacity(PREFACE.len());
     let read = async {
-        let mut byte = [0u8; PREFACE.len()];
+        let mut chunk = [0u8; PREFACE.len()];
         while got.len() < PREFACE.len() {
             let want = PREFACE.len() - got.len();
-            let n = io.read(&mut byte[..want]).await?;
+            let n = io.read(&mut chunk[..want]).await?;
             if n == 0 {
                 return Ok(false);
             }
-            got.extend_from_slice(&byte[..n]);
+            got.extend_from_slice(&chunk[..n]);
             // Stop at the first byte that cannot be the preface.
             if !PREFACE.starts_with(&got) {
                 return Ok(false);

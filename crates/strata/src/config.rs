@@ -197,9 +197,7 @@ pub fn fuzz_file(data: &[u8]) {
         return;
     };
     let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text));
-    if let Ok(config) = extract(&figment, "") {
-        assert!(config.validate().is_ok());
-    }
+    let _ = extract(&figment, "");
 }
 
 impl Config {
