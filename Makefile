@@ -16,12 +16,14 @@ run: venv build
 test: venv
 	$(CARGO) build --locked
 	$(CARGO) test --workspace --locked
+	$(CARGO) test --locked -p strata-appserver --features loom --lib queue::model
 	$(PY) -m pytest tests -q
 
 ## lint: formatting and clippy, warnings denied
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy --locked -p strata-appserver --features loom --tests -- -D warnings
 
 ## bench: each tier against the tool it replaces, side by side (installs them for the run)
 bench: build

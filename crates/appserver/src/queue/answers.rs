@@ -10,9 +10,9 @@
 //! the worker took the request) and the response's frames. A record never wraps: the writer
 //! fills the ring's end with a skip record (id 0), or leaves it if even a header does not fit.
 
-use std::sync::atomic::{fence, Ordering};
-
-use super::{cells_end, Queue, ANSWERS, ARMED, READ, SLOTS, WRITTEN};
+use super::region::ANSWERS;
+use super::sync::{fence, Ordering};
+use super::Queue;
 
 const RECORD_HEAD: usize = 24;
 /// The largest response (its frames) a record carries; larger ones go over the socket.
@@ -26,112 +26,131 @@ pub struct Answer {
     pub started: u64,
 }
 
+/// A record's header: its length (padded to 8), its frames' length, the request's id (0 for
+/// a skip record) and when the worker took the request, little-endian.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RecordHead {
+    len: u32,
+    frames: u32,
+    id: u64,
+    started: u64,
+}
+
+impl RecordHead {
+    fn encode(self) -> [u8; RECORD_HEAD] {
+        let mut head = [0; RECORD_HEAD];
+        head[..4].copy_from_slice(&self.len.to_le_bytes());
+        head[4..8].copy_from_slice(&self.frames.to_le_bytes());
+        head[8..16].copy_from_slice(&self.id.to_le_bytes());
+        head[16..].copy_from_slice(&self.started.to_le_bytes());
+        head
+    }
+
+    fn decode(head: &[u8; RECORD_HEAD]) -> Self {
+        let word = |range: std::ops::Range<usize>| {
+            let mut bytes = [0; 8];
+            bytes[..range.len()].copy_from_slice(&head[range]);
+            u64::from_le_bytes(bytes)
+        };
+        Self {
+            len: word(0..4) as u32,
+            frames: word(4..8) as u32,
+            id: word(8..16),
+            started: word(16..24),
+        }
+    }
+}
+
 impl Queue {
-    fn ring_offset(&self, slot: u32) -> usize {
-        assert!((slot as usize) < SLOTS);
-        self.answers_start() + slot as usize * ANSWERS
-    }
-
-    fn answers_start(&self) -> usize {
-        cells_end(self.capacity as usize)
-    }
-
     /// Writes the response to request `id` into `slot`'s ring. `None` if it does not fit (the
     /// caller sends it over the socket instead); otherwise whether the caller must ring the
     /// master's doorbell.
-    #[allow(unsafe_code)]
     pub fn answer(&self, slot: u32, id: u64, started: u64, frames: &[u8]) -> Option<bool> {
         let need = (RECORD_HEAD + frames.len()).next_multiple_of(8);
         if frames.len() > MAX_ANSWER {
             return None;
         }
-        let written = self.slot_u64(slot, WRITTEN);
-        let head = written.load(Ordering::Relaxed);
-        let tail = self.slot_u64(slot, READ).load(Ordering::Acquire);
+        let positions = self.region.slot(slot);
+        let head = positions.written.load(Ordering::Relaxed);
+        let tail = positions.read.load(Ordering::Acquire);
         let at = head as usize % ANSWERS;
         let to_end = ANSWERS - at;
         let skip = if to_end < need { to_end } else { 0 };
         if (ANSWERS as u64) - (head - tail) < (skip + need) as u64 {
             return None;
         }
-        let ring = self.ring_offset(slot);
+        // The bytes between the read and write positions are this writer's until it
+        // publishes `written` below.
+        let ring = &self.region.ring(slot).0;
         if skip >= RECORD_HEAD {
-            self.u32_at(ring + at).store(skip as u32, Ordering::Relaxed);
-            self.u64_at(ring + at + 8).store(0, Ordering::Relaxed);
+            let filler = RecordHead {
+                len: skip as u32,
+                frames: 0,
+                id: 0,
+                started: 0,
+            };
+            ring.write(at, &filler.encode());
         }
         let at = (head as usize + skip) % ANSWERS;
-        self.u32_at(ring + at).store(need as u32, Ordering::Relaxed);
-        self.u32_at(ring + at + 4)
-            .store(frames.len() as u32, Ordering::Relaxed);
-        self.u64_at(ring + at + 8).store(id, Ordering::Relaxed);
-        self.u64_at(ring + at + 16)
-            .store(started, Ordering::Relaxed);
-        // SAFETY: the bytes between the read and write positions are this writer's until it
-        // publishes `written` below; the record lies inside this slot's ring (it fits before
-        // the ring's end, checked above) and does not overlap `frames`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                frames.as_ptr(),
-                self.base.as_ptr().add(ring + at + RECORD_HEAD),
-                frames.len(),
-            );
-        }
-        written.store(head + (skip + need) as u64, Ordering::Release);
+        let record = RecordHead {
+            len: need as u32,
+            frames: frames.len() as u32,
+            id,
+            started,
+        };
+        ring.write(at, &record.encode());
+        ring.write(at + RECORD_HEAD, frames);
+        positions
+            .written
+            .store(head + (skip + need) as u64, Ordering::Release);
         // Pairs with the fence in `arm`: either the collector sees this record, or this sees
         // it armed.
         fence(Ordering::SeqCst);
-        let armed = self.u32_at(ARMED);
+        let armed = &self.region.header().armed;
         Some(armed.load(Ordering::Relaxed) != 0 && armed.swap(0, Ordering::AcqRel) != 0)
     }
 
     /// Takes the next answer from `slot`'s ring into `frames`.
-    #[allow(unsafe_code)]
     pub fn next_answer(&self, slot: u32, frames: &mut Vec<u8>) -> Option<Answer> {
-        let read = self.slot_u64(slot, READ);
-        let ring = self.ring_offset(slot);
+        let positions = self.region.slot(slot);
+        let ring = &self.region.ring(slot).0;
         loop {
-            let tail = read.load(Ordering::Relaxed);
-            let head = self.slot_u64(slot, WRITTEN).load(Ordering::Acquire);
+            let tail = positions.read.load(Ordering::Relaxed);
+            let head = positions.written.load(Ordering::Acquire);
             if head <= tail {
                 return None;
             }
             let at = tail as usize % ANSWERS;
             let to_end = ANSWERS - at;
             if to_end < RECORD_HEAD {
-                read.store(tail + to_end as u64, Ordering::Release);
+                positions
+                    .read
+                    .store(tail + to_end as u64, Ordering::Release);
                 continue;
             }
-            let len = self.u32_at(ring + at).load(Ordering::Relaxed) as usize;
-            let frames_len = self.u32_at(ring + at + 4).load(Ordering::Relaxed) as usize;
-            let id = self.u64_at(ring + at + 8).load(Ordering::Relaxed);
-            let started = self.u64_at(ring + at + 16).load(Ordering::Relaxed);
-            let sane = len >= RECORD_HEAD.min(to_end)
+            // Between the read and write positions: the writer no longer touches it.
+            let mut record = [0; RECORD_HEAD];
+            ring.read_into(at, &mut record);
+            let record = RecordHead::decode(&record);
+            let len = record.len as usize;
+            let sane = len >= RECORD_HEAD
                 && len <= to_end
                 && (len as u64) <= head - tail
-                && (id == 0 || RECORD_HEAD + frames_len <= len);
+                && (record.id == 0 || RECORD_HEAD + record.frames as usize <= len);
             if !sane {
                 // Only a broken worker writes this; drop what it wrote.
-                read.store(head, Ordering::Release);
+                positions.read.store(head, Ordering::Release);
                 return None;
             }
-            if id != 0 {
-                frames.clear();
-                frames.reserve(frames_len);
-                // SAFETY: the record lies between the read and write positions (checked
-                // above), which the writer no longer touches, inside this slot's ring;
-                // `frames` has room for it.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.base.as_ptr().add(ring + at + RECORD_HEAD),
-                        frames.as_mut_ptr(),
-                        frames_len,
-                    );
-                    frames.set_len(frames_len);
-                }
+            if record.id != 0 {
+                ring.read(at + RECORD_HEAD, record.frames as usize, frames);
             }
-            read.store(tail + len as u64, Ordering::Release);
-            if id != 0 {
-                return Some(Answer { id, started });
+            positions.read.store(tail + len as u64, Ordering::Release);
+            if record.id != 0 {
+                return Some(Answer {
+                    id: record.id,
+                    started: record.started,
+                });
             }
         }
     }
@@ -139,24 +158,24 @@ impl Queue {
     /// Whether any worker's ring holds an answer.
     pub fn has_answers(&self) -> bool {
         (0..self.high()).any(|slot| {
-            self.slot_u64(slot, WRITTEN).load(Ordering::Acquire)
-                > self.slot_u64(slot, READ).load(Ordering::Relaxed)
+            let positions = self.region.slot(slot);
+            positions.written.load(Ordering::Acquire) > positions.read.load(Ordering::Relaxed)
         })
     }
 
     /// The collector is about to wait: the next answer rings the doorbell.
     pub fn arm(&self) {
-        self.u32_at(ARMED).store(1, Ordering::Release);
+        self.region.header().armed.store(1, Ordering::Release);
         fence(Ordering::SeqCst);
     }
 
     /// Stops the doorbell (the collector is draining anyway).
     pub fn disarm(&self) {
-        self.u32_at(ARMED).store(0, Ordering::Release);
+        self.region.header().armed.store(0, Ordering::Release);
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::super::Queue;
     use super::*;
