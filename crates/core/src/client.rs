@@ -29,15 +29,16 @@ use crate::seam::{
     status_response, strip_hop_by_hop, Body, BoxError, HttpService, UpstreamFailure,
 };
 
-/// Longest wait for a new connection to an origin.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a new connection to an origin, unless its caller says otherwise.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle connections kept per origin.
 const MAX_IDLE: usize = 256;
 
 /// An HTTP/1.1 origin at `base` (`http://host:port`) as a seam service: requests keep their
 /// path, query and `Host`; connection failures become 502, a missing response head within
-/// `timeout` 504, each marked with its [`UpstreamFailure`].
-pub fn upstream(base: &Uri, timeout: Duration) -> HttpService {
+/// `timeout` 504, each marked with its [`UpstreamFailure`]. A connection not made within
+/// `connect_timeout` is a connection failure (nothing was sent: the caller may retry).
+pub fn upstream(base: &Uri, timeout: Duration, connect_timeout: Duration) -> HttpService {
     let authority = base
         .authority()
         .map_or_else(|| "localhost:80".to_owned(), |a| a.as_str().to_owned());
@@ -48,6 +49,7 @@ pub fn upstream(base: &Uri, timeout: Duration) -> HttpService {
     };
     let origin = Arc::new(Origin {
         address,
+        connect_timeout,
         idle: Mutex::new(Vec::new()),
     });
     HttpService::from_fn(move |request: Request<Body>| {
@@ -76,6 +78,7 @@ fn failed(status: StatusCode, text: &str, failure: UpstreamFailure) -> Response<
 /// One origin and its idle connections.
 struct Origin {
     address: String,
+    connect_timeout: Duration,
     idle: Mutex<Vec<Pooled>>,
 }
 
@@ -147,7 +150,7 @@ impl Origin {
             });
             Ok::<_, std::io::Error>(sender)
         };
-        let limit = deadline.min(Instant::now() + CONNECT_TIMEOUT);
+        let limit = deadline.min(Instant::now() + self.connect_timeout);
         match tokio::time::timeout_at(limit, connect).await {
             Ok(Ok(sender)) => Ok(Pooled {
                 sender,

@@ -79,6 +79,10 @@ pub struct BackendConfig {
     /// How long a server has to send its response head; then 504.
     #[serde(with = "strata_core::duration")]
     pub timeout: Duration,
+    /// How long a new connection to a server may take; then the request counts as not sent
+    /// (retried on another server, within `retries`) and the server as failing.
+    #[serde(with = "strata_core::duration")]
+    pub connect_timeout: Duration,
     /// Active checks: `GET health_path` on remote servers (2xx/3xx passes); the local tier
     /// answers from its supervisor instead, without a request.
     pub health_path: String,
@@ -134,6 +138,7 @@ impl Default for BackendConfig {
             max_queue: 1024,
             queue_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(60),
+            connect_timeout: strata_core::client::CONNECT_TIMEOUT,
             health_path: "/".into(),
             health_interval: Duration::from_secs(2),
             health_timeout: Duration::from_secs(1),

@@ -72,7 +72,11 @@ impl Balancer {
                         url: server.url.clone(),
                         reason: format!("{e}"),
                     })?;
-                    let service = strata_core::client::upstream(&url, backend.timeout);
+                    let service = strata_core::client::upstream(
+                        &url,
+                        backend.timeout,
+                        backend.connect_timeout,
+                    );
                     (service, Some(url), None)
                 };
                 servers.push(Arc::new(Server::new(

@@ -156,6 +156,10 @@ impl Server {
             if !known.up && known.passes >= rise {
                 let now = Instant::now();
                 known.up = true;
+                // A server that went down and came back starts afresh: an ejection from
+                // the failures that took it down does not outlive them.
+                known.ejected_until = None;
+                known.errors_in_row = 0;
                 known.since = now;
                 known.latency = PeakEwma::new(FIRST_LATENCY, now);
                 tracing::info!(server = %self.name, "backend server is up");
@@ -460,5 +464,46 @@ pub struct RetryPermit(Arc<Pool>);
 impl Drop for RetryPermit {
     fn drop(&mut self) {
         self.0.retrying.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strata_core::seam::status_response;
+
+    fn server() -> Server {
+        let service =
+            HttpService::from_fn(|_| async { Ok(status_response(http::StatusCode::OK, "")) });
+        Server::new("a".into(), service, None, None, 1, None)
+    }
+
+    #[test]
+    fn a_server_that_comes_back_up_is_no_longer_ejected() {
+        let server = server();
+        let now = Instant::now();
+        server.known().ejected_until = Some(now + Duration::from_secs(30));
+        assert!(!server.healthy(now));
+        // Down (two failed checks), then up again (two passes).
+        for passed in [false, false, true] {
+            server.checked(passed, 2, 2);
+        }
+        assert!(!server.healthy(Instant::now()), "one pass is not enough");
+        server.checked(true, 2, 2);
+        assert!(
+            server.healthy(Instant::now()),
+            "back up: the old ejection is over"
+        );
+    }
+
+    #[test]
+    fn passing_checks_do_not_end_an_ejection_of_a_server_that_stayed_up() {
+        let server = server();
+        let now = Instant::now();
+        server.known().ejected_until = Some(now + Duration::from_secs(30));
+        for _ in 0..5 {
+            server.checked(true, 2, 2);
+        }
+        assert!(!server.healthy(Instant::now()));
     }
 }

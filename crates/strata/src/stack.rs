@@ -57,7 +57,11 @@ impl Stack {
                 let uri = upstream
                     .parse()
                     .with_context(|| format!("accelerator.upstream = {upstream:?}"))?;
-                Some(strata_core::client::upstream(&uri, UPSTREAM_TIMEOUT))
+                Some(strata_core::client::upstream(
+                    &uri,
+                    UPSTREAM_TIMEOUT,
+                    strata_core::client::CONNECT_TIMEOUT,
+                ))
             }
             _ => None,
         };

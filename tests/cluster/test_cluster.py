@@ -1,0 +1,164 @@
+"""The cluster: an edge host running only the balancer in front of three app hosts, each its
+own network namespace with its own address; app hosts killed, cut off and brought back under
+a steady load at the edge. Each test prints the figures it measures (failed requests,
+detection time) for `docs/cluster.md`."""
+
+import collections
+import os
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import APPS, VENV, wait_until
+from hosts import Cluster, missing
+
+# The edge's pool: checks every 250 ms (a check waits 250 ms at most), two in a row to go
+# down or up; a connection that cannot be made in 300 ms is retried on another host.
+HEALTH_INTERVAL = 0.25
+HEALTH_TIMEOUT = 0.25
+FALL = 2
+TIMEOUT = 1.0
+CONNECT_TIMEOUT = 0.3
+# Longest an app host that stopped answering keeps getting new requests: `fall` checks that
+# each wait their timeout, after up to one interval.
+DETECTION = HEALTH_INTERVAL + FALL * (HEALTH_INTERVAL + HEALTH_TIMEOUT)
+
+
+@pytest.fixture
+def cluster(tmp_path, request):
+    why = missing()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    made = Cluster(tmp_path)
+    yield made
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for host in made.hosts.values():
+            print(f"--- log of {host.name} ---\n{host.log()}")
+    made.close()
+
+
+def app_host(cluster, name):
+    host = cluster.host(name)
+    host.start_strata("--app", "node", "--chdir", str(APPS), "--virtualenv", str(VENV),
+                      "--tiers", "lb,app", "--workers", "2", env={"NODE_NAME": name})
+    return host
+
+
+def edge_host(cluster, apps, **settings):
+    pool = {"health_path": '"/"', "health_interval": f'"{int(HEALTH_INTERVAL * 1000)}ms"',
+            "health_timeout": f'"{int(HEALTH_TIMEOUT * 1000)}ms"', "rise": 2, "fall": FALL,
+            "timeout": f'"{int(TIMEOUT * 1000)}ms"',
+            "connect_timeout": f'"{int(CONNECT_TIMEOUT * 1000)}ms"', "retries": 1,
+            "slow_start": '"2s"', "eject_after": 2, **settings}
+    lines = ["[lb]", 'default_backend = "app"', "[[lb.backends]]", 'name = "app"']
+    lines += [f"{k} = {v}" for k, v in pool.items()]
+    for app in apps:
+        lines += ["[[lb.backends.servers]]", f'name = "{app.name}"', f'url = "{app.url("")}"']
+    edge = cluster.host("edge")
+    edge.start_strata("--tiers", "lb", config="\n".join(lines) + "\n")
+    return edge
+
+
+def servers(edge):
+    return {s["name"]: s for s in edge.admin("/status").json()["lb"]["backends"][0]["servers"]}
+
+
+class Load:
+    """Clients in the test's own namespace sending requests to the edge until stopped:
+    each result is (sent, finished, status or error, body)."""
+
+    def __init__(self, url, clients=6):
+        self.url = url
+        self.results = []
+        self.running = True
+        self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def run(self):
+        session = requests.Session()
+        while self.running:
+            sent = time.monotonic()
+            try:
+                response = session.get(self.url, timeout=30)
+                outcome, body = response.status_code, response.text
+            except requests.RequestException as error:
+                outcome, body = type(error).__name__, ""
+            self.results.append((sent, time.monotonic(), outcome, body))
+
+    def since(self, moment):
+        return [r for r in self.results if r[1] >= moment]
+
+    def served_by(self, name, after):
+        return sum(1 for sent, _, status, body in self.results
+                   if sent >= after and status == 200 and body == name)
+
+    def stop(self):
+        self.running = False
+        for thread in self.threads:
+            thread.join()
+
+
+def failures(results):
+    return [r for r in results if r[2] != 200]
+
+
+def test_an_app_host_killed_or_cut_off_costs_at_most_its_requests_in_flight(cluster):
+    apps = [app_host(cluster, f"app{i}") for i in (1, 2, 3)]
+    edge = edge_host(cluster, apps)
+    load = Load(edge.url("/?sleep=0.05"))
+    try:
+        assert wait_until(lambda: all(load.served_by(a.name, 0) > 5 for a in apps), 20), \
+            collections.Counter(r[3] for r in load.results)
+
+        # Killed: every process of app2 dies at once.
+        in_flight = servers(edge)["app2"]["in_flight"]
+        killed = time.monotonic()
+        apps[1].kill()
+        assert wait_until(lambda: not servers(edge)["app2"]["up"], 10)
+        detected = time.monotonic() - killed
+        time.sleep(0.5)
+        failed = failures(load.since(killed))
+        print(f"\nkilled app host: {len(failed)} failed requests ({in_flight} were in flight"
+              f" on it), detected down after {detected:.2f} s (bound {DETECTION:.2f} s)")
+        assert len(failed) <= max(in_flight, 1), failed
+        assert detected <= DETECTION + 0.5
+
+        # Back: it takes traffic again, starting slowly.
+        back = time.monotonic()
+        apps[1].restart_strata()
+        assert wait_until(lambda: servers(edge)["app2"]["up"], 20)
+        ramp = servers(edge)["app2"]["weight_now"]
+        assert wait_until(lambda: load.served_by("app2", back) > 5, 20)
+        print(f"app host back: up {time.monotonic() - back:.2f} s after its restart,"
+              f" weight {ramp:.2f} of 1 at first")
+        assert ramp < 1.0
+
+        # Cut off: its packets are dropped; nothing refuses, everything waits.
+        in_flight = servers(edge)["app3"]["in_flight"]
+        cut = time.monotonic()
+        apps[2].cut()
+        assert wait_until(lambda: not servers(edge)["app3"]["up"], 10)
+        detected = time.monotonic() - cut
+        time.sleep(TIMEOUT + 0.5)
+        after_cut = load.since(cut)
+        failed = failures(after_cut)
+        longest = max(done - sent for sent, done, _, _ in after_cut)
+        print(f"cut-off app host: {len(failed)} failed requests ({in_flight} were in flight"
+              f" on it), detected down after {detected:.2f} s, longest request"
+              f" {longest:.2f} s (timeout {TIMEOUT} s + connect {CONNECT_TIMEOUT} s)")
+        assert detected <= DETECTION + 0.5
+        assert longest <= TIMEOUT + CONNECT_TIMEOUT + 0.5
+        assert len(failed) <= max(in_flight, 1), collections.Counter(r[2] for r in failed)
+
+        apps[2].heal()
+        healed = time.monotonic()
+        assert wait_until(lambda: load.served_by("app3", healed) > 5, 20)
+    finally:
+        load.stop()
+    assert failures(load.results) == failures(load.since(0)), "bookkeeping"
