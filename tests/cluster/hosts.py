@@ -9,7 +9,7 @@ namespace, since this machine's kernel has no `sch_netem` for `tc netem loss 100
 brought back. Everything is removed when the cluster closes,
 even after a failed test.
 
-Needs root (CI has it), iproute2 and nftables.
+Needs root (CI has it), iproute2, nftables and dnsmasq.
 """
 
 import os
@@ -69,6 +69,11 @@ class Host:
         self.processes = []
         self.strata_args = None
         sh("ip", "netns", "add", self.ns)
+        # `ip netns exec` puts this over /etc/resolv.conf: the cluster's DNS server, if any.
+        self.etc = Path("/etc/netns") / self.ns
+        self.etc.mkdir(parents=True, exist_ok=True)
+        (self.etc / "resolv.conf").write_text(f"nameserver {cluster.prefix}.250\n"
+                                              "options timeout:1 attempts:2\n")
         sh("ip", "link", "add", self.outside, "type", "veth", "peer", "name", self.inside,
            "netns", self.ns)
         sh("ip", "link", "set", self.outside, "master", cluster.bridge, "up")
@@ -164,6 +169,34 @@ class Host:
         self.kill()
         sh("ip", "netns", "del", self.ns, check=False)
         sh("ip", "link", "del", self.outside, check=False)
+        shutil.rmtree(self.etc, ignore_errors=True)
+
+
+class Dns:
+    """dnsmasq answering from a hosts file the test rewrites (re-read on SIGHUP)."""
+
+    def __init__(self, cluster):
+        self.host = cluster.host("dns", index=250)
+        self.records = cluster.tmp / "dns-hosts"
+        self.records.write_text("")
+        self.process = self.host.popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+             f"--addn-hosts={self.records}", f"--listen-address={self.host.addr}",
+             "--bind-interfaces", "--local-ttl=0", "--log-queries", "--user=root",
+             f"--pid-file={cluster.tmp / 'dnsmasq.pid'}"],
+            log=cluster.tmp / "dns.log")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if f"{self.host.addr}:53" in sh("ip", "netns", "exec", self.host.ns, "ss", "-uln",
+                                               check=False).stdout:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"dnsmasq did not start: {(cluster.tmp / 'dns.log').read_text()}")
+
+    def set(self, name, hosts):
+        """`name` resolves to the addresses of `hosts` from now on."""
+        self.records.write_text("".join(f"{h.addr} {name}\n" for h in hosts))
+        self.process.send_signal(signal.SIGHUP)
 
 
 class Cluster:
@@ -195,10 +228,15 @@ class Cluster:
                 sh("ip", "netns", "del", name, check=False)
         sh("ip", "link", "del", self.bridge, check=False)
 
-    def host(self, name):
-        host = Host(self, name, len(self.hosts) + 2)
+    def host(self, name, index=None):
+        host = Host(self, name, index or len(self.hosts) + 2)
         self.hosts[name] = host
         return host
+
+    def dns(self):
+        """A DNS server (dnsmasq) for the cluster at `.250`, the one every host's resolver
+        asks; `Dns.set(name, hosts)` changes what a name resolves to."""
+        return Dns(self)
 
     def close(self):
         for host in self.hosts.values():

@@ -49,7 +49,7 @@ def app_host(cluster, name):
     return host
 
 
-def edge_host(cluster, apps, **settings):
+def edge_host(cluster, apps, url=None, **settings):
     pool = {"health_path": '"/"', "health_interval": f'"{int(HEALTH_INTERVAL * 1000)}ms"',
             "health_timeout": f'"{int(HEALTH_TIMEOUT * 1000)}ms"', "rise": 2, "fall": FALL,
             "timeout": f'"{int(TIMEOUT * 1000)}ms"',
@@ -57,6 +57,8 @@ def edge_host(cluster, apps, **settings):
             "slow_start": '"2s"', "eject_after": 2, **settings}
     lines = ["[lb]", 'default_backend = "app"', "[[lb.backends]]", 'name = "app"']
     lines += [f"{k} = {v}" for k, v in pool.items()]
+    if url is not None:
+        lines += ["[[lb.backends.servers]]", 'name = "app"', f'url = "{url}"']
     for app in apps:
         lines += ["[[lb.backends.servers]]", f'name = "{app.name}"', f'url = "{app.url("")}"']
     edge = cluster.host("edge")
@@ -162,3 +164,43 @@ def test_an_app_host_killed_or_cut_off_costs_at_most_its_requests_in_flight(clus
     finally:
         load.stop()
     assert failures(load.results) == failures(load.since(0)), "bookkeeping"
+
+
+def test_app_hosts_join_and_leave_by_dns_without_a_reload(cluster):
+    dns = cluster.dns()
+    app1, app2 = app_host(cluster, "app1"), app_host(cluster, "app2")
+    dns.set("app.cluster.test", [app1])
+    interval = 0.5
+    edge = edge_host(cluster, [], url="http://app.cluster.test:8000",
+                     resolve_interval=f'"{int(interval * 1000)}ms"')
+    assert list(servers(edge)) == [f"app/{app1.addr}:8000"]
+    load = Load(edge.url("/?sleep=0.02"), clients=4)
+    try:
+        assert wait_until(lambda: load.served_by("app1", 0) > 5, 20)
+
+        # A new host appears in DNS: it gets traffic within two resolve intervals.
+        added = time.monotonic()
+        dns.set("app.cluster.test", [app1, app2])
+        assert wait_until(lambda: load.served_by("app2", added) > 0, 10)
+        joined = time.monotonic() - added
+        assert wait_until(lambda: load.served_by("app2", added) > 5, 10)
+        print(f"\nhost added by DNS: first request after {joined:.2f} s"
+              f" (resolve interval {interval} s)")
+        assert joined <= 2 * interval + 0.5
+
+        # The first one leaves DNS: it gets no new requests; none fails.
+        removed = time.monotonic()
+        dns.set("app.cluster.test", [app2])
+        assert wait_until(lambda: list(servers(edge)) == [f"app/{app2.addr}:8000"], 10)
+        left = time.monotonic()
+        time.sleep(0.5)
+        assert load.served_by("app1", left + 0.2) == 0
+        print(f"host removed from DNS: gone from the pool after {left - removed:.2f} s")
+
+        # DNS fails: the members stay.
+        dns.process.kill()
+        assert wait_until(lambda: "did not resolve: its members are kept" in edge.log(), 20)
+        assert list(servers(edge)) == [f"app/{app2.addr}:8000"]
+    finally:
+        load.stop()
+    assert failures(load.results) == [], collections.Counter(r[2] for r in load.results)

@@ -79,6 +79,9 @@ pub struct BackendConfig {
     /// How long a server has to send its response head; then 504.
     #[serde(with = "strata_core::duration")]
     pub timeout: Duration,
+    /// How often the host names of `servers` are looked up again (members follow DNS).
+    #[serde(with = "strata_core::duration")]
+    pub resolve_interval: Duration,
     /// How long a new connection to a server may take; then the request counts as not sent
     /// (retried on another server, within `retries`) and the server as failing.
     #[serde(with = "strata_core::duration")]
@@ -122,6 +125,15 @@ pub struct ServerConfig {
     /// Most requests it is sent at once (HAProxy's `maxconn`); unlimited when absent.
     #[serde(default)]
     pub max_conn: Option<usize>,
+    /// When the URL names a host: one member per address it resolves to, looked up again
+    /// every `resolve_interval` (true, the default), or one member that connects to the
+    /// name (false).
+    #[serde(default = "yes")]
+    pub resolve: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> u32 {
@@ -139,6 +151,7 @@ impl Default for BackendConfig {
             queue_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(60),
             connect_timeout: strata_core::client::CONNECT_TIMEOUT,
+            resolve_interval: Duration::from_secs(5),
             health_path: "/".into(),
             health_interval: Duration::from_secs(2),
             health_timeout: Duration::from_secs(1),
@@ -191,6 +204,9 @@ impl BackendConfig {
                     "{at}.{key} = {share}: expected a share from 0 to 1"
                 ));
             }
+        }
+        if self.resolve_interval.is_zero() {
+            return Err(format!("{at}.resolve_interval = 0s: must be more than 0"));
         }
         if self.rise == 0 || self.fall == 0 || self.eject_after == 0 {
             return Err(format!(

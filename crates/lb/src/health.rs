@@ -22,7 +22,7 @@ pub async fn watch(pool: Arc<Pool>, shutdown: Shutdown) {
         }
         // The servers of a round are checked side by side.
         let round: Vec<_> = pool
-            .servers
+            .servers()
             .iter()
             .map(|server| {
                 let (server, path) = (server.clone(), config.health_path.clone());

@@ -42,9 +42,10 @@
 //! preconditions and single byte ranges as pure functions. Files up to 1 MiB are read whole;
 //! larger ones stream from a blocking reader through the core's `ChannelBody`.
 //!
-//! Backend pools (`[[lb.backends]]`): `proxy.rs` builds each pool's servers (a remote one is the
-//! core's HTTP client, `url = "local"` is the node's next tier with the app server's
-//! `Readiness`), gives routes a seam service per pool, handles `X-Strata-Backend` (direct
+//! Backend pools (`[[lb.backends]]`): `members.rs` makes each pool's servers (a remote one is
+//! the core's HTTP client, `url = "local"` is the node's next tier with the app server's
+//! `Readiness`, a host name is one member per address, followed every `resolve_interval`),
+//! `proxy.rs` gives routes a seam service per pool, handles `X-Strata-Backend` (direct
 //! access, trusted networks or the admin token) and retries: a request whose response carries
 //! `UpstreamFailure::Connect` (nothing was sent) is sent once more to another server when it is
 //! idempotent and bodiless and the pool's retry budget (20 % of requests in flight, at least 3)
@@ -70,6 +71,7 @@ pub mod fuzz;
 mod head_timer;
 mod health;
 mod listener;
+mod members;
 mod preface;
 mod proxy;
 mod proxy_protocol;
@@ -80,5 +82,6 @@ mod upstream;
 
 pub use config::{BackendConfig, LbConfig, RouteConfig, ServerConfig};
 pub use listener::serve;
-pub use proxy::{Balancer, PoolError, PoolStatus};
+pub use members::PoolError;
+pub use proxy::{Balancer, PoolStatus};
 pub use routes::{router, RouteError};

@@ -1,4 +1,5 @@
-//! Sending requests to backend pools: the pools of `[[lb.backends]]` built and checked, a
+//! Sending requests to backend pools: the pools of `[[lb.backends]]` built (`members.rs`) and
+//! checked, a
 //! server chosen per request, a request that never reached its server retried on another
 //! (idempotent, without a body, within the budget), and direct access to one named server
 //! (`X-Strata-Backend`) for whoever may debug it.
@@ -11,22 +12,13 @@ use strata_core::{Body, ConnInfo, HttpService, Readiness, Shutdown, UpstreamFail
 
 use crate::config::LbConfig;
 use crate::forwarded::Trusted;
-use crate::upstream::{Pool, Refused, Server, ServerStatus};
+use crate::members::{Members, PoolError};
+use crate::upstream::{Pool, Refused, ServerStatus};
 
 /// Names the one server a request asks for.
 pub static BACKEND_HEADER: HeaderName = HeaderName::from_static("x-strata-backend");
 /// The admin token that lets a client outside the trusted networks ask for one server.
 pub static TOKEN_HEADER: HeaderName = HeaderName::from_static("x-strata-token");
-
-/// Why the pools could not be built.
-#[derive(Debug, thiserror::Error)]
-#[error("lb.backends[{index}].servers[{server}].url = {url:?}: {reason}")]
-pub struct PoolError {
-    index: usize,
-    server: usize,
-    url: String,
-    reason: String,
-}
 
 /// Who may ask for one server.
 #[derive(Debug)]
@@ -61,35 +53,12 @@ impl Balancer {
     ) -> Result<Self, PoolError> {
         let mut pools = Vec::new();
         for (index, backend) in config.backends.iter().enumerate() {
-            let mut servers = Vec::new();
-            for (at, server) in backend.servers.iter().enumerate() {
-                let (service, url, ready) = if server.url == "local" {
-                    (local.clone(), None, readiness.clone())
-                } else {
-                    let url: http::Uri = server.url.parse().map_err(|e| PoolError {
-                        index,
-                        server: at,
-                        url: server.url.clone(),
-                        reason: format!("{e}"),
-                    })?;
-                    let service = strata_core::client::upstream(
-                        &url,
-                        backend.timeout,
-                        backend.connect_timeout,
-                    );
-                    (service, Some(url), None)
-                };
-                servers.push(Arc::new(Server::new(
-                    server.name.clone(),
-                    service,
-                    url,
-                    ready,
-                    server.weight,
-                    server.max_conn,
-                )));
-            }
-            let pool = Arc::new(Pool::new(backend.clone(), servers));
+            let members = Members::new(index, backend, local, readiness.clone())?;
+            let pool = Arc::new(Pool::new(backend.clone(), members.initial()));
             tokio::spawn(crate::health::watch(pool.clone(), shutdown.clone()));
+            if members.follows_names() {
+                tokio::spawn(members.follow(pool.clone(), shutdown.clone()));
+            }
             pools.push(pool);
         }
         let access = Arc::new(Access {
@@ -118,7 +87,7 @@ impl Balancer {
             .map(|pool| PoolStatus {
                 name: pool.name.clone(),
                 servers: pool
-                    .servers
+                    .servers()
                     .iter()
                     .map(|s| s.status(pool.config.slow_start))
                     .collect(),
@@ -131,7 +100,7 @@ impl Balancer {
         use std::fmt::Write;
         let _ = writeln!(out, "# HELP strata_lb_backend_requests_total Requests sent to each backend server.\n# TYPE strata_lb_backend_requests_total counter");
         for pool in &self.pools {
-            for s in &pool.servers {
+            for s in pool.servers().iter() {
                 let labels = format!("pool=\"{}\",server=\"{}\"", pool.name, s.name);
                 let _ = writeln!(
                     out,
@@ -143,7 +112,7 @@ impl Balancer {
         let _ = writeln!(out, "# HELP strata_lb_backend_events_total Failures, ejections, retries, panics and queue timeouts.\n# TYPE strata_lb_backend_events_total counter");
         for pool in &self.pools {
             let name = &pool.name;
-            for s in &pool.servers {
+            for s in pool.servers().iter() {
                 for (event, count) in [
                     ("failure", s.failures.get()),
                     ("ejection", s.ejections.get()),
@@ -238,12 +207,12 @@ async fn forward(pool: Arc<Pool>, access: &Access, mut request: Request<Body>) -
         };
         // A copy for a retry only where there is a retry to make and a server to make it on.
         let again = (tried.len() < pool.config.retries as usize
-            && tried.len() + 1 < pool.servers.len())
+            && tried.len() + 1 < pool.servers().len())
         .then(|| copy_head(&request))
         .flatten();
         let response = call(&lease.server().service, request).await;
         let response = response.unwrap_or_else(|never| match never {});
-        let index = lease.index;
+        let id = lease.server().id;
         lease.finish(is_failure(&response));
         let unsent =
             response.extensions().get::<UpstreamFailure>() == Some(&UpstreamFailure::Connect);
@@ -253,7 +222,7 @@ async fn forward(pool: Arc<Pool>, access: &Access, mut request: Request<Body>) -
                     return response;
                 };
                 _permit = Some(permit);
-                tried.push(index);
+                tried.push(id);
                 request = copy;
             }
             _ => return response,

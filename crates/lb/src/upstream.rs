@@ -6,8 +6,8 @@
 //! but when fewer than `panic_threshold` of them are, all are — a partial failure is never
 //! turned into an outage by the balancer itself.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use strata_core::metrics::Counter;
@@ -50,9 +50,19 @@ impl Known {
     }
 }
 
+/// Numbers servers for as long as the process lives, so a retry can tell which servers it
+/// tried even when the pool's members change in between.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// One server of a pool.
 pub struct Server {
+    /// Unique in the process.
+    pub id: u64,
     pub name: String,
+    /// The `[[lb.backends.servers]]` entry it comes from (one entry can be several members).
+    pub entry: usize,
+    /// The address it was resolved to, for a member of an entry that names a DNS name.
+    pub addr: Option<std::net::SocketAddr>,
     pub service: HttpService,
     /// The remote server's base URL for active checks; `None` for the local tier.
     pub url: Option<http::Uri>,
@@ -89,8 +99,11 @@ pub struct ServerStatus {
 }
 
 impl Server {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         name: String,
+        entry: usize,
+        addr: Option<std::net::SocketAddr>,
         service: HttpService,
         url: Option<http::Uri>,
         local: Option<Arc<dyn Readiness>>,
@@ -99,7 +112,10 @@ impl Server {
     ) -> Self {
         let now = Instant::now();
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name,
+            entry,
+            addr,
             service,
             url,
             local,
@@ -211,7 +227,8 @@ pub enum Refused {
 /// One backend pool.
 pub struct Pool {
     pub name: String,
-    pub servers: Vec<Arc<Server>>,
+    /// Its members now; replaced whole when a DNS name resolves to other addresses.
+    members: RwLock<Arc<[Arc<Server>]>>,
     pub config: BackendConfig,
     balance: Balance,
     turn: AtomicUsize,
@@ -236,13 +253,13 @@ impl std::fmt::Debug for Pool {
 #[derive(Debug)]
 pub struct Lease {
     pool: Arc<Pool>,
-    pub index: usize,
+    server: Arc<Server>,
     started: Instant,
 }
 
 impl Lease {
     pub fn server(&self) -> &Arc<Server> {
-        &self.pool.servers[self.index]
+        &self.server
     }
 
     /// Records how the request went: its latency, and whether it failed (passive checks).
@@ -286,7 +303,7 @@ impl Pool {
         Self {
             name: config.name.clone(),
             balance: Balance::parse(&config.balance),
-            servers,
+            members: RwLock::new(servers.into()),
             config,
             turn: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
@@ -299,15 +316,28 @@ impl Pool {
         }
     }
 
+    /// The members now (a snapshot: a request keeps the one it started with).
+    pub fn servers(&self) -> Arc<[Arc<Server>]> {
+        self.members
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Makes `servers` the members; requests in flight keep the servers they hold.
+    pub fn set_servers(&self, servers: Vec<Arc<Server>>) {
+        *self.members.write().unwrap_or_else(|e| e.into_inner()) = servers.into();
+    }
+
     /// Ejects `server` for `ejection_time`, unless that would eject more than
     /// `max_ejection` of the pool.
     fn eject(&self, server: &Server, now: Instant) {
-        let ejected = self
-            .servers
+        let servers = self.servers();
+        let ejected = servers
             .iter()
             .filter(|s| s.known().ejected_until.is_some_and(|until| now < until))
             .count();
-        let limit = (self.config.max_ejection * self.servers.len() as f64).floor() as usize;
+        let limit = (self.config.max_ejection * servers.len() as f64).floor() as usize;
         if ejected + 1 > limit {
             tracing::warn!(server = %server.name, "backend server failing, but max_ejection reached: kept");
             return;
@@ -319,9 +349,9 @@ impl Pool {
         tracing::warn!(server = %server.name, "backend server ejected after repeated failures");
     }
 
-    /// The server for one request (not one of `tried`), waiting in the pool's queue while
-    /// every candidate is at its `max_conn`.
-    pub async fn lease(self: &Arc<Self>, tried: &[usize]) -> Result<Lease, Refused> {
+    /// The server for one request (not one of `tried`, by [`Server::id`]), waiting in the
+    /// pool's queue while every candidate is at its `max_conn`.
+    pub async fn lease(self: &Arc<Self>, tried: &[u64]) -> Result<Lease, Refused> {
         match self.try_lease(tried) {
             Pick::Leased(lease) => return Ok(lease),
             Pick::Nobody => return Err(Refused::Exhausted),
@@ -350,35 +380,35 @@ impl Pool {
 
     /// The server named `name`, whatever its health (direct access, for debugging it).
     pub fn lease_named(self: &Arc<Self>, name: &str) -> Result<Lease, Refused> {
-        let index = self
-            .servers
+        let servers = self.servers();
+        let server = servers
             .iter()
-            .position(|s| s.name == name)
+            .find(|s| s.name == name)
             .ok_or(Refused::Unknown)?;
-        Ok(self.take(index))
+        Ok(self.take(server))
     }
 
-    fn take(self: &Arc<Self>, index: usize) -> Lease {
-        self.servers[index]
-            .in_flight
-            .fetch_add(1, Ordering::Relaxed);
-        self.servers[index].requests.inc();
+    fn take(self: &Arc<Self>, server: &Arc<Server>) -> Lease {
+        server.in_flight.fetch_add(1, Ordering::Relaxed);
+        server.requests.inc();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Lease {
             pool: self.clone(),
-            index,
+            server: server.clone(),
             started: Instant::now(),
         }
     }
 
-    fn try_lease(self: &Arc<Self>, tried: &[usize]) -> Pick {
-        let n = self.servers.len();
+    fn try_lease(self: &Arc<Self>, tried: &[u64]) -> Pick {
+        let servers = self.servers();
+        let n = servers.len();
         if n <= INLINE_SERVERS {
             let mut seen = [Seen::default(); INLINE_SERVERS];
             let mut candidates = [Candidate::default(); INLINE_SERVERS];
-            self.choose(tried, &mut seen[..n], &mut candidates[..n])
+            self.choose(&servers, tried, &mut seen[..n], &mut candidates[..n])
         } else {
             self.choose(
+                &servers,
                 tried,
                 &mut vec![Seen::default(); n],
                 &mut vec![Candidate::default(); n],
@@ -386,32 +416,33 @@ impl Pool {
         }
     }
 
-    /// [`Pool::try_lease`] with room for what it reads of each server (`seen`) and for the
-    /// candidates, one slot per server each.
+    /// [`Pool::try_lease`] among `servers`, with room for what it reads of each (`seen`) and
+    /// for the candidates, one slot per server each.
     fn choose(
         self: &Arc<Self>,
-        tried: &[usize],
+        servers: &[Arc<Server>],
+        tried: &[u64],
         seen: &mut [Seen],
         candidates: &mut [Candidate],
     ) -> Pick {
         let now = Instant::now();
         // Each server read once, under its lock once: healthy, and what choosing it weighs.
-        for (slot, server) in seen.iter_mut().zip(&self.servers) {
+        for (slot, server) in seen.iter_mut().zip(servers) {
             (slot.healthy, slot.candidate) = server.observe(now, self.config.slow_start);
         }
         let count = seen.iter().filter(|s| s.healthy).count();
-        let panic = (count as f64) < self.config.panic_threshold * self.servers.len() as f64;
+        let panic = (count as f64) < self.config.panic_threshold * servers.len() as f64;
         if panic {
             self.panics.inc();
         }
         let mut eligible = false;
         let mut kept = 0;
         for index in 0..seen.len() {
-            if tried.contains(&index) || !(panic || seen[index].healthy) {
+            if tried.contains(&servers[index].id) || !(panic || seen[index].healthy) {
                 continue;
             }
             eligible = true;
-            if !self.servers[index].has_room() {
+            if !servers[index].has_room() {
                 continue;
             }
             candidates[kept] = seen[index].candidate;
@@ -421,7 +452,7 @@ impl Pool {
         }
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         match balance::pick(self.balance, &candidates[..kept], turn) {
-            Some(chosen) => Pick::Leased(self.take(seen[chosen].index)),
+            Some(chosen) => Pick::Leased(self.take(&servers[seen[chosen].index])),
             None if eligible => Pick::Busy,
             None => Pick::Nobody,
         }
@@ -475,7 +506,7 @@ mod tests {
     fn server() -> Server {
         let service =
             HttpService::from_fn(|_| async { Ok(status_response(http::StatusCode::OK, "")) });
-        Server::new("a".into(), service, None, None, 1, None)
+        Server::new("a".into(), 0, None, service, None, None, 1, None)
     }
 
     #[test]
