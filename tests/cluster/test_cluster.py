@@ -42,10 +42,11 @@ def cluster(tmp_path, request):
     made.close()
 
 
-def app_host(cluster, name):
+def app_host(cluster, name, tiers="lb,app", config=None, env=None):
     host = cluster.host(name)
     host.start_strata("--app", "node", "--chdir", str(APPS), "--virtualenv", str(VENV),
-                      "--tiers", "lb,app", "--workers", "2", env={"NODE_NAME": name})
+                      "--tiers", tiers, "--workers", "2", config=config,
+                      env={"NODE_NAME": name, **(env or {})})
     return host
 
 
@@ -204,3 +205,102 @@ def test_app_hosts_join_and_leave_by_dns_without_a_reload(cluster):
     finally:
         load.stop()
     assert failures(load.results) == [], collections.Counter(r[2] for r in load.results)
+
+
+SITE = {"Host": "www.example.test"}
+SYNC_INTERVAL = 0.5
+
+
+def cached_page(host):
+    return requests.get(host.url("/page"), headers=SITE, timeout=5)
+
+
+def test_a_purge_on_one_app_host_reaches_every_app_host(cluster, tmp_path):
+    """Three app hosts with the accelerator, peers of each other through one DNS name (each
+    leaves itself out). A purge made on one (application code, `PURGE`, the admin API) is
+    applied on all before the call returns; a host cut off during a purge replays it once it
+    is back."""
+    dns = cluster.dns()
+    version = tmp_path / "version"
+    version.write_text("v1")
+    config = (
+        "[cluster]\n"
+        'peers = ["http://apps.cluster.test:9000"]\n'
+        'secret = "cluster-secret"\n'
+        'purge_timeout = "1s"\n'
+        f'sync_interval = "{int(SYNC_INTERVAL * 1000)}ms"\n'
+        'resolve_interval = "1s"\n'
+        "[accelerator]\n"
+        'purge_from = ["0.0.0.0/0"]\n'
+    )
+    names = ["app1", "app2", "app3"]
+    # DNS first: each host resolves its peers when it starts.
+    hosts = [cluster.host(name) for name in names]
+    dns.set("apps.cluster.test", hosts)
+    for host in hosts:
+        host.start_strata("--app", "node", "--chdir", str(APPS), "--virtualenv", str(VENV),
+                          "--tiers", "lb,accelerator,app", "--workers", "2", config=config,
+                          env={"NODE_NAME": host.name, "VERSION_FILE": str(version)})
+
+    def peers_reachable(host):
+        peers = host.admin("/status").json()["cluster"]["peers"]
+        return len(peers) == 2 and all(p["reachable"] for p in peers)
+
+    assert wait_until(lambda: all(peers_reachable(h) for h in hosts), 20), \
+        [h.admin("/status").json()["cluster"] for h in hosts]
+
+    def serve_version(expected):
+        return all(cached_page(h).text == f"{h.name} {expected}" for h in hosts)
+
+    def purge_everywhere(how, on):
+        """Bumps the site's version, purges through `how` on host `on`, and checks every
+        host serves the new version right after the call returns."""
+        before = version.read_text()
+        assert serve_version(before)
+        after = f"v{int(before[1:]) + 1}"
+        version.write_text(after)
+        assert serve_version(before), "still cached"
+        started = time.monotonic()
+        if how == "app":
+            answer = requests.get(on.url("/purge?url=/page"), headers=SITE, timeout=10)
+            assert answer.text == "1", answer.text
+        elif how == "PURGE":
+            answer = requests.request("PURGE", on.url("/page"), headers=SITE, timeout=10)
+            assert answer.headers["strata-purged"] == "1", answer.headers
+            assert "strata-purge-missed" not in answer.headers
+        else:
+            answer = requests.post(on.url("/cache/purge?url=www.example.test/page", 9000),
+                                   headers={"Authorization": "Bearer cluster-test-token"},
+                                   timeout=10)
+            assert answer.json()["missed"] == [], answer.json()
+        took = time.monotonic() - started
+        # Polled right after the call returned: no host may still serve the old page.
+        served = {h.name: cached_page(h).text for h in hosts}
+        assert served == {h.name: f"{h.name} {after}" for h in hosts}, (how, served)
+        return took
+
+    took = [purge_everywhere(how, on) for how, on in
+            [("app", hosts[0]), ("PURGE", hosts[1]), ("admin", hosts[2]), ("app", hosts[1])]]
+    print(f"\npurges across three hosts: slowest call {max(took) * 1000:.0f} ms")
+
+    # A host cut off while a purge is made serves the old page until it is back, then
+    # replays the purge it missed within a catch-up interval or two.
+    hosts[2].cut()
+    assert wait_until(lambda: not all(p["reachable"] for p in
+                                      hosts[0].admin("/status").json()["cluster"]["peers"]), 10)
+    version.write_text("v9")
+    started = time.monotonic()
+    answer = requests.post(hosts[0].url("/cache/purge?url=www.example.test/page", 9000),
+                           headers={"Authorization": "Bearer cluster-test-token"}, timeout=10)
+    took = time.monotonic() - started
+    assert answer.json()["missed"] == [f"http://{hosts[2].addr}:9000"], answer.json()
+    assert took < 0.5, "an unreachable peer is not waited for"
+    assert cached_page(hosts[0]).text == "app1 v9"
+    assert cached_page(hosts[1]).text == "app2 v9"
+    hosts[2].heal()
+    healed = time.monotonic()
+    assert wait_until(lambda: cached_page(hosts[2]).text == "app3 v9", 10)
+    caught_up = time.monotonic() - healed
+    print(f"cut-off host: purge missed, replayed {caught_up:.2f} s after it was back"
+          f" (catch-up every {SYNC_INTERVAL} s)")
+    assert caught_up <= 3 * SYNC_INTERVAL + 1

@@ -7,12 +7,47 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use strata_core::seam::{Purge, Purged};
 use strata_core::{seam, Body, ConnInfo};
 
 use crate::respond::{self, cache_status, is_safe};
 use crate::service::Shared;
 
 impl Shared {
+    /// Applies `purge` to this store; returns how many objects were affected.
+    pub(crate) fn apply_here(&self, purge: &Purge) -> usize {
+        let purged = if purge.all {
+            self.store.ban("*", false)
+        } else {
+            let urls: usize = purge
+                .urls
+                .iter()
+                .map(|url| self.store.purge(&self.url_key(url), purge.soft))
+                .sum();
+            let bans: usize = purge
+                .bans
+                .iter()
+                .map(|pattern| self.store.ban(pattern, purge.soft))
+                .sum();
+            self.store.purge_tags(&purge.tags, purge.soft) + urls + bans
+        };
+        for _ in 0..purged {
+            self.metrics.purged.inc();
+        }
+        purged
+    }
+
+    /// The primary key of `url` (`http://host/path?query` or `host/path?query`).
+    fn url_key(&self, url: &str) -> String {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let (host, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
+        let (path, query) = path
+            .split_once('?')
+            .map_or((path, None), |(p, q)| (p, Some(q)));
+        self.keyer
+            .primary_for(&host.to_ascii_lowercase(), path, query)
+    }
+
     /// Any method but GET, HEAD and PURGE: passed through; a successful unsafe one
     /// invalidates the target URI and its `Location`/`Content-Location` (RFC 9111 §4.4).
     pub(crate) async fn other_method(&self, request: Request<Body>) -> Response<Body> {
@@ -57,7 +92,7 @@ impl Shared {
     /// `PURGE <url>`: from trusted addresses, removes every variant of the URL, or with a
     /// `Surrogate-Key`/`xkey` header every object tagged with one of its keys; with
     /// `Strata-Purge: soft` marks them stale instead (they are refreshed in the background).
-    pub(crate) fn purge_request(&self, request: &Request<Body>) -> Response<Body> {
+    pub(crate) async fn purge_request(&self, request: Request<Body>) -> Response<Body> {
         let trusted = request
             .extensions()
             .get::<ConnInfo>()
@@ -79,33 +114,61 @@ impl Shared {
             .filter_map(|v| v.to_str().ok())
             .flat_map(split_tags)
             .collect();
-        let purged = if tags.is_empty() {
-            self.store
-                .purge(&self.keyer.primary(request.uri(), headers), soft)
-        } else {
-            self.store.purge_tags(&tags, soft)
-        };
-        for _ in 0..purged {
-            self.metrics.purged.inc();
-        }
-        if purged == 0 {
-            let host = host_of(request.uri(), headers);
-            if self.empty_purges.first_in_a_while(&host, Instant::now()) {
-                // The usual cause: the purging app names the site by another Host than the
-                // one visitors use (Wagtail sends its Site's `hostname:port`).
-                tracing::warn!(
-                    host,
-                    path = request.uri().path(),
-                    tags = tags.join(" "),
-                    "PURGE found nothing to remove; is this the Host visitors use? \
-                     (said once a minute per host)"
-                );
+        let host = host_of(request.uri(), headers);
+        let path = request.uri().path().to_owned();
+        let purge = if tags.is_empty() {
+            let query = request
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            Purge {
+                urls: vec![format!("{host}{path}{query}")],
+                soft,
+                ..Purge::default()
             }
+        } else {
+            Purge {
+                tags,
+                soft,
+                ..Purge::default()
+            }
+        };
+        // Not held across the wait: a request body is not `Sync`.
+        drop(request);
+        let Purged {
+            count: purged,
+            missed,
+        } = match self.invalidate.get() {
+            Some(target) => target.invalidate(purge.clone()).await,
+            None => Purged {
+                count: self.apply_here(&purge),
+                missed: Vec::new(),
+            },
+        };
+        if purged == 0
+            && missed.is_empty()
+            && self.empty_purges.first_in_a_while(&host, Instant::now())
+        {
+            // The usual cause: the purging app names the site by another Host than the one
+            // visitors use (Wagtail sends its Site's `hostname:port`).
+            tracing::warn!(
+                host,
+                path,
+                tags = purge.tags.join(" "),
+                "PURGE found nothing to remove; is this the Host visitors use? \
+                 (said once a minute per host)"
+            );
         }
         let mut response = seam::status_response(StatusCode::OK, &format!("Purged {purged}"));
         response
             .headers_mut()
             .insert("strata-purged", HeaderValue::from(purged as u64));
+        if let Ok(missed) = HeaderValue::from_str(&missed.join(", ")) {
+            if !missed.is_empty() {
+                response.headers_mut().insert("strata-purge-missed", missed);
+            }
+        }
         response
     }
 }

@@ -69,6 +69,7 @@ mod testutil;
 use std::sync::Arc;
 
 use http::Request;
+use strata_core::seam::{Invalidate, Purge, Purged, Purging};
 use strata_core::{Body, HttpService};
 
 pub use config::AcceleratorConfig;
@@ -105,6 +106,7 @@ impl Accelerator {
             metrics: metrics::Metrics::default(),
             purge_from: config.purge_networks(),
             empty_purges: invalidate::EmptyPurges::default(),
+            invalidate: std::sync::OnceLock::new(),
             config,
         };
         Self {
@@ -121,39 +123,6 @@ impl Accelerator {
         })
     }
 
-    /// Removes (or with `soft`, marks stale) every variant of `url` (`http://host/path?query`
-    /// or `host/path?query`); returns how many objects were affected.
-    pub fn purge_url(&self, url: &str, soft: bool) -> usize {
-        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-        let (host, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
-        let (path, query) = path
-            .split_once('?')
-            .map_or((path, None), |(p, q)| (p, Some(q)));
-        let key = self
-            .shared
-            .keyer
-            .primary_for(&host.to_ascii_lowercase(), path, query);
-        self.count_purged(self.shared.store.purge(&key, soft))
-    }
-
-    /// Removes (or marks stale) every object tagged with one of `tags`.
-    pub fn purge_tags(&self, tags: &[String], soft: bool) -> usize {
-        self.count_purged(self.shared.store.purge_tags(tags, soft))
-    }
-
-    /// Removes (or marks stale) every URL matching `pattern` (`host/path?query`, `*` matches
-    /// any run of characters).
-    pub fn ban(&self, pattern: &str, soft: bool) -> usize {
-        self.count_purged(self.shared.store.ban(pattern, soft))
-    }
-
-    fn count_purged(&self, purged: usize) -> usize {
-        for _ in 0..purged {
-            self.shared.metrics.purged.inc();
-        }
-        purged
-    }
-
     /// Hit ratio per route (first path segment), busiest first, for `/status`.
     pub fn routes(&self) -> Vec<metrics::RouteStatus> {
         self.shared.metrics.routes()
@@ -165,12 +134,26 @@ impl Accelerator {
     }
 }
 
-impl strata_core::seam::Invalidate for Accelerator {
-    fn purge_urls(&self, urls: &[String], soft: bool) -> usize {
-        urls.iter().map(|url| self.purge_url(url, soft)).sum()
+impl Accelerator {
+    /// Applies `purge` to this store; returns how many objects were affected.
+    pub fn apply(&self, purge: &Purge) -> usize {
+        self.shared.apply_here(purge)
     }
 
-    fn purge_tags(&self, tags: &[String], soft: bool) -> usize {
-        Accelerator::purge_tags(self, tags, soft)
+    /// Sends this node's `PURGE` requests to `target` (the cluster, which applies them here
+    /// and on every other node) instead of this store alone. Set once.
+    pub fn set_invalidate(&self, target: Arc<dyn Invalidate>) {
+        let _ = self.shared.invalidate.set(target);
+    }
+}
+
+/// This store alone: the cluster wraps it to reach the other nodes.
+impl Invalidate for Accelerator {
+    fn invalidate(&self, purge: Purge) -> Purging {
+        let count = self.apply(&purge);
+        Box::pin(std::future::ready(Purged {
+            count,
+            missed: Vec::new(),
+        }))
     }
 }

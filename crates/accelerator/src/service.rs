@@ -37,6 +37,9 @@ pub struct Shared {
     pub purge_from: Vec<Network>,
     /// PURGEs that found nothing, logged at most once a minute per host.
     pub empty_purges: crate::invalidate::EmptyPurges,
+    /// Where a `PURGE` goes when the stack gives one (the cluster: this store and every
+    /// other node's); this store alone otherwise.
+    pub invalidate: std::sync::OnceLock<Arc<dyn strata_core::seam::Invalidate>>,
 }
 
 /// A request head kept to build origin requests, including background refreshes.
@@ -90,7 +93,7 @@ impl Shared {
     pub async fn handle(self: Arc<Self>, request: Request<Body>) -> Response<Body> {
         let method = request.method().clone();
         if method.as_str() == "PURGE" {
-            return self.purge_request(&request);
+            return self.purge_request(request).await;
         }
         if method != Method::GET && method != Method::HEAD {
             return self.other_method(request).await;

@@ -89,14 +89,38 @@ impl Service<Request<Body>> for HttpService {
     }
 }
 
-/// Invalidation one tier offers the others: the accelerator implements it, the app server's
-/// workers call it from application code (`strata.purge_url`), with no network hop.
+/// One invalidation: every stored variant of each URL (`host/path?query`, or with a
+/// scheme), every object tagged with one of `tags`, every URL matching one of `bans` (`*`
+/// matches any run); with `soft`, marked stale instead of removed. `all` drops everything (a
+/// node that missed purges it can no longer learn).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Purge {
+    pub urls: Vec<String>,
+    pub tags: Vec<String>,
+    pub bans: Vec<String>,
+    pub soft: bool,
+    pub all: bool,
+}
+
+/// What a purge did: objects affected here, and the cluster's nodes it did not reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub count: usize,
+    /// The peers that had not applied it when the purge timeout passed (they catch up when
+    /// they can reach this node again).
+    pub missed: Vec<String>,
+}
+
+/// A purge in progress.
+pub type Purging = Pin<Box<dyn Future<Output = Purged> + Send>>;
+
+/// Invalidation one tier offers the others, with no network hop: the accelerator implements
+/// it for its own store; the cluster wraps it to reach every node. The app server's workers
+/// (`strata.purge_url`), `PURGE` requests and the admin API all purge through it.
 pub trait Invalidate: Send + Sync {
-    /// Removes (or with `soft`, marks stale) every stored variant of each URL
-    /// (`host/path?query`, or with a scheme); returns how many objects were affected.
-    fn purge_urls(&self, urls: &[String], soft: bool) -> usize;
-    /// The same for every object tagged with one of `tags`.
-    fn purge_tags(&self, tags: &[String], soft: bool) -> usize;
+    /// Applies `purge` here, and wherever else this target reaches.
+    fn invalidate(&self, purge: Purge) -> Purging;
 }
 
 /// The cache tier as other tiers reach it in-process: memcached protocol commands (text or

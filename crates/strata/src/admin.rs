@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use strata_core::seam::{full, status_response};
+use strata_core::seam::{full, status_response, Purge, Purged};
 use strata_core::{Body, HttpService, Shutdown};
 use strata_lb::LbConfig;
 use tokio::net::TcpListener;
@@ -34,12 +34,14 @@ pub async fn serve(
 ) {
     let started = Instant::now();
     let token = config.admin.token.clone().map(|t| format!("Bearer {t}"));
+    let secret = config.cluster.secret.clone().map(|s| format!("Bearer {s}"));
     let tiers = config.tiers.clone();
     let stopping = shutdown.clone();
     let service = HttpService::from_fn(move |request: Request<Body>| {
         let stack = stack.clone();
         let reloader = reloader.clone();
         let token = token.clone();
+        let secret = secret.clone();
         let tiers = tiers.clone();
         let stopping = stopping.clone();
         async move {
@@ -50,6 +52,10 @@ pub async fn serve(
                     "/readyz" => return Ok(readiness(&stack, &stopping)),
                     _ => {}
                 }
+            }
+            // Other nodes of the cluster carry its shared secret, and reach only this.
+            if request.uri().path().starts_with("/cluster/") {
+                return Ok(cluster_route(&stack, secret.as_deref(), request).await);
             }
             let authorized = token.as_deref().is_none_or(|expected| {
                 request
@@ -101,6 +107,7 @@ async fn route(
                 "lb": stack.balancer.as_ref().map(|b| serde_json::json!({
                     "backends": b.status(),
                 })),
+                "cluster": stack.cluster.as_ref().map(|c| c.status()),
             });
             typed(status.to_string(), "application/json")
         }
@@ -110,7 +117,7 @@ async fn route(
             typed(out, "text/plain; version=0.0.4")
         }
         ("POST", "/reload") => reload_response(reloader.reload().await),
-        ("POST", "/cache/purge") => purge(stack, query),
+        ("POST", "/cache/purge") => purge(stack, query).await,
         ("POST", "/dbpool/pause" | "/dbpool/resume") => pause(stack, path, query),
         (_, "/status" | "/metrics" | "/healthz" | "/livez" | "/readyz") => {
             status_response(StatusCode::METHOD_NOT_ALLOWED, "use GET")
@@ -178,9 +185,11 @@ fn reload_response(outcome: Result<Reloaded, String>) -> Response<Body> {
     response
 }
 
-/// `POST /cache/purge`: `url=`, `tag=` (repeatable) or `ban=`, optionally `soft=1`.
-fn purge(stack: &Stack, query: &str) -> Response<Body> {
-    let Some(accelerator) = &stack.accelerator else {
+/// `POST /cache/purge`: `url=`, `tag=` (repeatable) or `ban=`, optionally `soft=1`. In a
+/// cluster it answers once every reachable node applied it (or `cluster.purge_timeout`
+/// passed), naming the nodes it missed.
+async fn purge(stack: &Stack, query: &str) -> Response<Body> {
+    let Some(target) = &stack.invalidate else {
         return status_response(
             StatusCode::CONFLICT,
             "this node does not run the accelerator",
@@ -207,16 +216,58 @@ fn purge(stack: &Stack, query: &str) -> Response<Body> {
     if urls.is_empty() && tags.is_empty() && bans.is_empty() {
         return status_response(StatusCode::BAD_REQUEST, "give url=, tag= or ban=");
     }
-    let mut purged = accelerator.purge_tags(&tags, soft);
-    purged += urls
-        .iter()
-        .map(|u| accelerator.purge_url(u, soft))
-        .sum::<usize>();
-    purged += bans.iter().map(|b| accelerator.ban(b, soft)).sum::<usize>();
+    let purge = Purge {
+        urls,
+        tags,
+        bans,
+        soft,
+        all: false,
+    };
+    let Purged { count, missed } = target.invalidate(purge).await;
     typed(
-        serde_json::json!({ "purged": purged, "soft": soft }).to_string(),
+        serde_json::json!({ "purged": count, "soft": soft, "missed": missed }).to_string(),
         "application/json",
     )
+}
+
+/// `/cluster/...`: what the other nodes of the cluster ask, with the cluster's secret.
+async fn cluster_route(
+    stack: &Stack,
+    secret: Option<&str>,
+    request: Request<Body>,
+) -> Response<Body> {
+    let (Some(cluster), Some(secret)) = (&stack.cluster, secret) else {
+        return status_response(StatusCode::NOT_FOUND, "this node is not in a cluster");
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if given != Some(secret.as_bytes()) {
+        return status_response(StatusCode::UNAUTHORIZED, "cluster secret required");
+    }
+    let query = request.uri().query().unwrap_or("").to_owned();
+    match (request.method().as_str(), request.uri().path()) {
+        ("GET", "/cluster/purges") => cluster.since(&query),
+        ("POST", "/cluster/purge") => {
+            let mut body = request.into_body();
+            let mut bytes = Vec::new();
+            while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                let Ok(data) = frame.map(|f| f.into_data().unwrap_or_default()) else {
+                    return status_response(StatusCode::BAD_REQUEST, "unreadable purge");
+                };
+                if bytes.len() + data.len() > 1 << 20 {
+                    return status_response(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "a purge is under 1 MiB",
+                    );
+                }
+                bytes.extend_from_slice(&data);
+            }
+            cluster.receive(&bytes).await
+        }
+        _ => status_response(StatusCode::NOT_FOUND, "no such cluster endpoint"),
+    }
 }
 
 /// `POST /dbpool/pause` or `/dbpool/resume`, for one `database=` or all of them.

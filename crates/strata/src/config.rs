@@ -14,6 +14,8 @@ use strata_cache::CacheConfig;
 use strata_dbpool::DbPoolConfig;
 use strata_lb::LbConfig;
 
+use crate::cluster::ClusterConfig;
+
 /// Tiers a node can run.
 pub const TIERS: &[&str] = &["lb", "accelerator", "app", "cache", "dbpool"];
 
@@ -36,6 +38,7 @@ pub struct Config {
     pub dbpool: DbPoolConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -49,6 +52,7 @@ impl Default for Config {
             dbpool: DbPoolConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -234,6 +238,7 @@ impl Config {
         }
         self.lb.validate()?;
         self.accelerator.validate()?;
+        self.cluster.validate()?;
         self.cache.validate()?;
         if has("dbpool") {
             // Its login settings only make sense where it runs.

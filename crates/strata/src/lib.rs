@@ -6,11 +6,14 @@
 //! - [`node`]: starts the selected tiers, listens, handles signals and shutdown.
 //! - `stack`: the tiers of this node and which calls which.
 //! - `admin`: the admin listener (`/status`, `/metrics`, `/healthz`, `/reload`, cache purges).
+//! - `cluster`: purges that reach every node's accelerator, and catch-up for nodes that
+//!   missed some.
 //! - `reload`: reload in the node, and the client side of `strata reload`.
 //! - `handoff`: binary upgrade, the listening sockets passed to a new master.
 
 mod admin;
 pub mod cli;
+mod cluster;
 pub mod config;
 mod handoff;
 pub mod node;

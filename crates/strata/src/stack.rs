@@ -12,9 +12,11 @@ use anyhow::Context;
 use strata_accelerator::Accelerator;
 use strata_appserver::{AppServer, LogSpec};
 use strata_cache::Cache;
+use strata_core::seam::Invalidate;
 use strata_core::{HttpService, Shutdown};
 use strata_dbpool::DbPool;
 
+use crate::cluster::{Broadcast, Cluster};
 use crate::config::Config;
 
 /// How long the accelerator waits for an upstream's response head.
@@ -28,6 +30,9 @@ pub struct Stack {
     pub dbpool: Option<DbPool>,
     /// The listener's backend pools.
     pub balancer: Option<strata_lb::Balancer>,
+    /// Where purges go: the accelerator, or with `[cluster] peers` every node's.
+    pub invalidate: Option<Arc<dyn Invalidate>>,
+    pub cluster: Option<Arc<Cluster>>,
     /// What the HTTP listener hands every request to; `None` on a node of non-HTTP tiers.
     pub front: Option<HttpService>,
 }
@@ -69,8 +74,23 @@ impl Stack {
             .as_ref()
             .filter(|_| runs("accelerator"))
             .map(|backend| Accelerator::new(config.accelerator.clone(), backend.clone()));
-        if let (Some(app), Some(accelerator)) = (&app, &accelerator) {
-            app.set_invalidate(Arc::new(accelerator.clone()));
+        let cluster = accelerator
+            .as_ref()
+            .filter(|_| !config.cluster.peers.is_empty())
+            .map(|accelerator| {
+                Cluster::start(&config.cluster, Arc::new(accelerator.clone()), shutdown)
+            });
+        let invalidate: Option<Arc<dyn Invalidate>> = match (&cluster, &accelerator) {
+            (Some(cluster), Some(accelerator)) => {
+                let broadcast: Arc<dyn Invalidate> = Arc::new(Broadcast(cluster.clone()));
+                accelerator.set_invalidate(broadcast.clone());
+                Some(broadcast)
+            }
+            (None, Some(accelerator)) => Some(Arc::new(accelerator.clone())),
+            _ => None,
+        };
+        if let (Some(app), Some(invalidate)) = (&app, &invalidate) {
+            app.set_invalidate(invalidate.clone());
         }
         if let (Some(app), Some(cache)) = (&app, &cache) {
             app.set_memcache(Arc::new(cache.clone()));
@@ -111,6 +131,8 @@ impl Stack {
             cache,
             dbpool,
             balancer,
+            invalidate,
+            cluster,
             front,
         })
     }
@@ -131,6 +153,9 @@ impl Stack {
         }
         if let Some(balancer) = &self.balancer {
             balancer.render_metrics(out);
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.render_metrics(out);
         }
     }
 

@@ -49,8 +49,10 @@ if _embedded_sources:
 
 
 def purge_url(*urls, soft=False):
-    """Removes every cached variant of each URL from the accelerator of this node; returns
-    how many cached responses were affected.  A URL is a path (``"/blog/"``, the host of the
+    """Removes every cached variant of each URL from the accelerator of this node, and in a
+    cluster (``[cluster] peers``) from every node's, returning once they applied it or
+    ``cluster.purge_timeout`` passed (nodes it missed catch up when they can); returns how
+    many cached responses were affected on this node.  A URL is a path (``"/blog/"``, the host of the
     request being served) or absolute (``"https://example.com/blog/?page=2"``).  With
     ``soft=True`` the responses are marked stale instead: visitors keep getting them while one
     background refresh replaces each.

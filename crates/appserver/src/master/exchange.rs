@@ -38,7 +38,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use strata_core::seam::{empty, full, status_response};
+use strata_core::seam::{empty, full, status_response, Purge};
 use strata_core::{Body, BodyStalled, BodyTooLarge, BoxError, ConnInfo};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -339,7 +339,9 @@ async fn next_frame(
         match kind {
             kind::READ => body_reply(&mut enc, rest, deadline).await?,
             kind::PURGE => {
-                let purged = purge(shared, payload, rest.host.as_ref()).map_err(Failure::Died)?;
+                let purged = purge(shared, payload, rest.host.as_ref())
+                    .await
+                    .map_err(Failure::Died)?;
                 enc.begin(kind::PURGED).u32(purged as u32).finish();
             }
             kind::CACHE => {
@@ -359,31 +361,46 @@ async fn next_frame(
 }
 
 /// Applies a worker's `PURGE`; paths are taken relative to the request's host. Without an
-/// accelerator in this node nothing is stored, so nothing is purged.
-fn purge(shared: &Shared, payload: &[u8], host: Option<&HeaderValue>) -> Result<usize, ProtoError> {
+/// accelerator in this node nothing is stored, so nothing is purged. In a cluster the target
+/// reaches every node: this waits until they applied it or the cluster's purge timeout passed.
+async fn purge(
+    shared: &Shared,
+    payload: &[u8],
+    host: Option<&HeaderValue>,
+) -> Result<usize, ProtoError> {
     let (flags, items) = proto::decode_purge(payload)?;
     let Some(target) = shared.invalidate.get() else {
         return Ok(0);
     };
     let soft = flags & proto::PURGE_SOFT != 0;
-    if flags & proto::PURGE_TAGS != 0 {
-        return Ok(target.purge_tags(&items, soft));
-    }
-    let host = host
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    let urls: Vec<String> = items
-        .into_iter()
-        .map(|url| {
-            if url.starts_with('/') {
-                format!("{host}{url}")
-            } else {
-                url
-            }
-        })
-        .collect();
-    Ok(target.purge_urls(&urls, soft))
+    let purge = if flags & proto::PURGE_TAGS != 0 {
+        Purge {
+            tags: items,
+            soft,
+            ..Purge::default()
+        }
+    } else {
+        let host = host
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let urls = items
+            .into_iter()
+            .map(|url| {
+                if url.starts_with('/') {
+                    format!("{host}{url}")
+                } else {
+                    url
+                }
+            })
+            .collect();
+        Purge {
+            urls,
+            soft,
+            ..Purge::default()
+        }
+    };
+    Ok(target.invalidate(purge).await.count)
 }
 
 /// Encodes the answer to a worker's body read: the next bytes, the end, or an error.
