@@ -1,7 +1,8 @@
 """A WSGI app using Django's cache API through `strata.django.StrataCache` (configured here,
 without a project). `/hot` calls `get_or_set` on one key with an expensive function that
 logs each run to DOGPILE_LOG; `/mark-stale` marks the key stale over the raw protocol;
-`/ops` exercises the rest of the API and answers "ok"."""
+`/ops` exercises the rest of the API and answers "ok"; `/fill?n=N` sets `k0`..`k{N-1}` and
+`/count?n=N` answers how many of them are still there."""
 
 import os
 import time
@@ -79,6 +80,13 @@ def application(environ, start_response):
         body = strata._channel.cache(b"md %s I\r\n" % key).decode()
     elif path == "/ops":
         body = ops()
+    elif path in ("/fill", "/count"):
+        n = int(environ["QUERY_STRING"].split("=")[1])
+        keys = [f"k{i}" for i in range(n)]
+        if path == "/fill":
+            body = str(len(keys) - len(cache.set_many({k: k for k in keys}, 600)))
+        else:
+            body = str(len(cache.get_many(keys)))
     else:
         body = "?"
     start_response("200 OK", [("Content-Type", "text/plain")])

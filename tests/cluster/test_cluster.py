@@ -4,6 +4,7 @@ a steady load at the edge. Each test prints the figures it measures (failed requ
 detection time) for `docs/cluster.md`."""
 
 import collections
+from concurrent.futures import ThreadPoolExecutor
 import os
 import threading
 import time
@@ -42,9 +43,9 @@ def cluster(tmp_path, request):
     made.close()
 
 
-def app_host(cluster, name, tiers="lb,app", config=None, env=None):
+def app_host(cluster, name, tiers="lb,app", config=None, env=None, app="node"):
     host = cluster.host(name)
-    host.start_strata("--app", "node", "--chdir", str(APPS), "--virtualenv", str(VENV),
+    host.start_strata("--app", app, "--chdir", str(APPS), "--virtualenv", str(VENV),
                       "--tiers", tiers, "--workers", "2", config=config,
                       env={"NODE_NAME": name, **(env or {})})
     return host
@@ -304,3 +305,66 @@ def test_a_purge_on_one_app_host_reaches_every_app_host(cluster, tmp_path):
     print(f"cut-off host: purge missed, replayed {caught_up:.2f} s after it was back"
           f" (catch-up every {SYNC_INTERVAL} s)")
     assert caught_up <= 3 * SYNC_INTERVAL + 1
+
+
+def test_a_cache_tier_of_two_hosts(cluster, tmp_path):
+    """Two cache hosts behind StrataCache on two app hosts: keys placed as pymemcache's
+    HashClient places them, get_or_set computed once across hosts, and a cache host killed
+    costs misses (only its keys), never an error."""
+    from pymemcache.client.base import Client
+    from pymemcache.client.hash import HashClient
+    from pymemcache.client.rendezvous import RendezvousHash
+
+    caches = [cluster.host(name) for name in ("cache1", "cache2")]
+    for host in caches:
+        host.start_strata("--tiers", "cache")
+    nodes = [f"{h.addr}:11211" for h in caches]
+    config = ("[cache]\n" f"nodes = {nodes!r}\n".replace("'", '"')
+              + 'node_timeout = "300ms"\ndead_time = "30s"\n')
+    log = tmp_path / "dogpile.log"
+    log.touch()
+    apps = [app_host(cluster, name, config=config, env={"DOGPILE_LOG": str(log)},
+                     app="dogpile") for name in ("app1", "app2")]
+    get = lambda host, path: requests.get(host.url(path), timeout=10)  # noqa: E731
+
+    assert get(apps[0], "/ops").text == "ok"
+    n = 300
+    assert get(apps[0], f"/fill?n={n}").text == str(n)
+    assert get(apps[1], f"/count?n={n}").text == str(n)
+
+    # Where each key is: where pymemcache's HashClient looks for it.
+    hashing = HashClient([(h.addr, 11211) for h in caches])
+    assert all(hashing.get(f":1:k{i}") == f"k{i}".encode() for i in range(n))
+    direct = {h.addr: Client((h.addr, 11211)) for h in caches}
+    ring = RendezvousHash([f"{h.addr}:11211" for h in caches])
+    on_second = [i for i in range(n) if ring.get_node(f":1:k{i}") == nodes[1]]
+    for i in range(n):
+        owner = ring.get_node(f":1:k{i}").split(":")[0]
+        assert [a for a, c in direct.items() if c.get(f":1:k{i}") is not None] == [owner]
+    print(f"\ncache keys: {n - len(on_second)} on cache1, {len(on_second)} on cache2")
+
+    # get_or_set: computed once across every worker of both app hosts.
+    def hot_round():
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda i: get(apps[i % 2], "/hot"), range(24)))
+        assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
+        return {a.text for a in answers}
+
+    assert len(hot_round()) == 1
+    assert len(log.read_text().split()) == 1
+
+    # A cache host dies: misses for its keys, no errors, the others' keys stay put.
+    caches[1].kill()
+    killed = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(lambda i: get(apps[i % 2], f"/count?n={n}"), range(8)))
+    assert all(c.status_code == 200 for c in counts), [c.status_code for c in counts]
+    assert {int(c.text) for c in counts} == {n - len(on_second)}, [c.text for c in counts]
+    took = time.monotonic() - killed
+    print(f"cache host killed: {len(on_second)} of {n} keys missed ({len(on_second) / n:.0%}),"
+          f" the rest found; no error; first answers within {took:.2f} s")
+    runs = len(log.read_text().split())
+    hot_owner_dead = ring.get_node(":1:hot") == nodes[1]
+    assert len(hot_round()) == 1
+    assert len(log.read_text().split()) == runs + (1 if hot_owner_dead else 0)
+    assert get(apps[1], "/ops").text == "ok"

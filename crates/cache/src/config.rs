@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +20,18 @@ pub struct CacheConfig {
     pub max_item_bytes: u32,
     /// Most simultaneous client connections; more are refused.
     pub max_connections: usize,
+    /// The cache nodes `StrataCache` spreads keys over (`host:port` of their memcached
+    /// listeners; a host name is every address it resolves to), placed as pymemcache's
+    /// `HashClient` places them. Empty: this node's own cache tier.
+    pub nodes: Vec<String>,
+    /// A node that does not answer within this is down for `dead_time`: its keys miss.
+    #[serde(with = "strata_core::duration")]
+    pub node_timeout: Duration,
+    #[serde(with = "strata_core::duration")]
+    pub dead_time: Duration,
+    /// How often the host names of `nodes` are looked up again.
+    #[serde(with = "strata_core::duration")]
+    pub resolve_interval: Duration,
 }
 
 impl Default for CacheConfig {
@@ -29,6 +42,10 @@ impl Default for CacheConfig {
             capacity_bytes: 64 * 1024 * 1024,
             max_item_bytes: 1024 * 1024,
             max_connections: 1024,
+            nodes: Vec::new(),
+            node_timeout: Duration::from_millis(500),
+            dead_time: Duration::from_secs(10),
+            resolve_interval: Duration::from_secs(5),
         }
     }
 }
@@ -50,6 +67,27 @@ impl CacheConfig {
         }
         if self.max_connections == 0 {
             return Err("cache.max_connections = 0: must be at least 1".into());
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            let port = node.rsplit_once(':').and_then(|(host, port)| {
+                (!host.is_empty())
+                    .then(|| port.parse::<u16>().ok())
+                    .flatten()
+            });
+            if port.is_none() {
+                return Err(format!(
+                    "cache.nodes[{i}] = {node:?}: expected host:port (a memcached listener)"
+                ));
+            }
+        }
+        for (key, value) in [
+            ("node_timeout", self.node_timeout),
+            ("dead_time", self.dead_time),
+            ("resolve_interval", self.resolve_interval),
+        ] {
+            if value.is_zero() {
+                return Err(format!("cache.{key} = 0s: must be more than 0"));
+            }
         }
         Ok(())
     }

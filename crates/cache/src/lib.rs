@@ -33,6 +33,7 @@ pub mod fuzz;
 mod lru;
 mod meta;
 mod out;
+pub mod ring;
 mod server;
 mod stats;
 mod store;
@@ -117,7 +118,14 @@ impl Cache {
 }
 
 impl strata_core::seam::Memcache for Cache {
-    fn execute(&self, commands: &[u8]) -> Vec<u8> {
+    fn execute(&self, commands: Vec<u8>) -> strata_core::seam::Answering {
+        Box::pin(std::future::ready(self.execute_here(&commands)))
+    }
+}
+
+impl Cache {
+    /// Runs `commands` on this node's store; the answers as memcached writes them.
+    pub fn execute_here(&self, commands: &[u8]) -> Vec<u8> {
         let mut out = out::Out::default();
         let mut rest = commands;
         while !rest.is_empty() {

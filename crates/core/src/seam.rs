@@ -129,8 +129,11 @@ pub trait Invalidate: Send + Sync {
 pub trait Memcache: Send + Sync {
     /// Runs every command in `commands` (each complete, values included) and returns the
     /// answers as a memcached server would write them.
-    fn execute(&self, commands: &[u8]) -> Vec<u8>;
+    fn execute(&self, commands: Vec<u8>) -> Answering;
 }
+
+/// Memcached answers on their way.
+pub type Answering = Pin<Box<dyn Future<Output = Vec<u8>> + Send>>;
 
 /// Whether a local tier can take traffic, answered out of band by its supervisor: a health
 /// check never waits behind busy workers to learn it.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use strata_accelerator::Accelerator;
 use strata_appserver::{AppServer, LogSpec};
+use strata_cache::ring::{Nodes, Ring};
 use strata_cache::Cache;
 use strata_core::seam::Invalidate;
 use strata_core::{HttpService, Shutdown};
@@ -92,8 +93,15 @@ impl Stack {
         if let (Some(app), Some(invalidate)) = (&app, &invalidate) {
             app.set_invalidate(invalidate.clone());
         }
-        if let (Some(app), Some(cache)) = (&app, &cache) {
-            app.set_memcache(Arc::new(cache.clone()));
+        // StrataCache: spread over `cache.nodes` when given, else this node's own tier.
+        if let Some(app) = &app {
+            if !config.cache.nodes.is_empty() {
+                let ring = Ring::new(&config.cache);
+                tokio::spawn(ring.clone().follow(shutdown.clone()));
+                app.set_memcache(Arc::new(Nodes(ring)));
+            } else if let Some(cache) = &cache {
+                app.set_memcache(Arc::new(cache.clone()));
+            }
         }
         let front = accelerator.as_ref().map(Accelerator::service).or(backend);
         // A balancer alone (`--tiers lb` with lb.default_backend) has no next tier of its own.
