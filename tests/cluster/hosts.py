@@ -144,6 +144,13 @@ class Host:
             time.sleep(0.05)
         self.processes = []
 
+    def stop_strata(self, timeout=60):
+        """SIGTERM to this host's strata, as a deploy or `systemctl stop` sends; waits for it."""
+        process = self.processes[-1]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=timeout)
+        self.processes.remove(process)
+
     def restart_strata(self):
         args, config, env = self.strata_args
         return self.start_strata(*args, config=config, env=env)

@@ -368,3 +368,38 @@ def test_a_cache_tier_of_two_hosts(cluster, tmp_path):
     assert len(hot_round()) == 1
     assert len(log.read_text().split()) == runs + (1 if hot_owner_dead else 0)
     assert get(apps[1], "/ops").text == "ok"
+
+
+def test_rolling_reloads_and_restarts_of_the_app_hosts_cost_no_request(cluster):
+    """The edge checks each app host's `/readyz` on its admin port; an app host told to stop
+    stays up for `lb.shutdown_delay` while saying it is not ready, so the edge takes it out
+    before it stops accepting. Reloads, then restarts, host by host, under load."""
+    delay = DETECTION + 0.5
+    config = f'[lb]\nshutdown_delay = "{int(delay * 1000)}ms"\n'
+    apps = [app_host(cluster, f"app{i}", config=config) for i in (1, 2, 3)]
+    edge = edge_host(cluster, apps, health_path='"/readyz"', health_port=9000)
+    load = Load(edge.url("/?sleep=0.02"))
+    try:
+        assert wait_until(lambda: all(load.served_by(a.name, 0) > 5 for a in apps), 20)
+        for app in apps:
+            answer = requests.post(app.url("/reload", 9000), timeout=60,
+                                   headers={"Authorization": "Bearer cluster-test-token"})
+            assert answer.json()["ok"], answer.text
+        reloaded = len(load.results)
+        for app in apps:
+            stopping = time.monotonic()
+            app.stop_strata()
+            stopped = time.monotonic() - stopping
+            app.restart_strata()
+            back = time.monotonic()
+            assert wait_until(lambda: load.served_by(app.name, back) > 5, 20)
+            print(f"\n{app.name}: stopped in {stopped:.2f} s (shutdown_delay {delay:.2f} s),"
+                  f" serving again {time.monotonic() - back:.2f} s after its start")
+            # Its idle connections (the reload's, from the test) do not hold the stop up.
+            assert stopped < delay + 5
+    finally:
+        load.stop()
+    failed = failures(load.results)
+    print(f"rolling reload then restart of 3 app hosts: {len(load.results)} requests"
+          f" ({reloaded} through the reloads), {len(failed)} failed")
+    assert failed == [], collections.Counter(r[2] for r in failed)

@@ -17,6 +17,9 @@ use tokio::sync::watch;
 pub enum Stage {
     /// Serving normally.
     Running,
+    /// Leaving soon (`lb.shutdown_delay`): not ready (`/readyz` says so, responses close their
+    /// connections) but still accepting, so that balancers in front stop sending first.
+    Leaving,
     /// Stop accepting; finish in-flight work within the grace period.
     Graceful,
     /// Stop now.
@@ -98,7 +101,6 @@ impl Shutdown {
             work,
             reached: Box::pin(self.reached(stage)),
             shutdown: self,
-            stage,
             registered: None,
         }
     }
@@ -115,7 +117,6 @@ pub struct Unless<'a, F> {
     work: F,
     reached: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
     shutdown: &'a Shutdown,
-    stage: Stage,
     /// The waker the shutdown channel knows; another one must register again.
     registered: Option<Waker>,
 }
@@ -132,7 +133,10 @@ impl<F: Future + Unpin> Future for Unless<'_, F> {
             .registered
             .as_ref()
             .is_none_or(|waker| !waker.will_wake(cx.waker()));
-        if fresh || this.shutdown.stage() >= this.stage {
+        // Once any stage of shutdown began, `reached` is polled every time: a change to an
+        // earlier stage than ours (`Leaving`) used up its registration, and only a poll
+        // registers it again for the next change.
+        if fresh || this.shutdown.stage() != Stage::Running {
             this.registered = Some(cx.waker().clone());
             if this.reached.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(None);
@@ -156,6 +160,23 @@ mod tests {
         shutdown.forced().await;
     }
 
+    /// Waits, in a task of its own, on work that never ends unless `Graceful` comes.
+    fn never_unless_graceful(shutdown: &Shutdown) -> tokio::task::JoinHandle<Option<()>> {
+        let observer = shutdown.clone();
+        tokio::spawn(async move {
+            let never = std::pin::pin!(std::future::pending::<()>());
+            observer.unless(Stage::Graceful, never).await
+        })
+    }
+
+    /// What such a wait ended with, within 5 s.
+    async fn ended(waiting: tokio::task::JoinHandle<Option<()>>) -> Option<()> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("shutdown ends the wait")
+            .expect("the task")
+    }
+
     #[tokio::test]
     async fn unless_returns_the_work_or_gives_way_to_shutdown() {
         let shutdown = Shutdown::new();
@@ -165,32 +186,24 @@ mod tests {
                 .await,
             Some(7)
         );
-        let observer = shutdown.clone();
-        let waiting = tokio::spawn(async move {
-            observer
-                .unless(
-                    Stage::Graceful,
-                    std::pin::pin!(std::future::pending::<()>()),
-                )
-                .await
-        });
+        let waiting = never_unless_graceful(&shutdown);
         tokio::task::yield_now().await;
         shutdown.trigger(Stage::Graceful);
-        let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
-            .await
-            .expect("shutdown ends the wait")
-            .unwrap();
-        assert_eq!(outcome, None);
+        assert_eq!(ended(waiting).await, None);
         // Already past the stage: the work still gets its first poll, then gives way.
-        assert_eq!(
-            shutdown
-                .unless(
-                    Stage::Graceful,
-                    std::pin::pin!(std::future::pending::<()>())
-                )
-                .await,
-            None
-        );
+        assert_eq!(ended(never_unless_graceful(&shutdown)).await, None);
+    }
+
+    #[tokio::test]
+    async fn unless_gives_way_after_an_earlier_stage_came_first() {
+        let shutdown = Shutdown::new();
+        let waiting = never_unless_graceful(&shutdown);
+        tokio::task::yield_now().await;
+        // Leaving wakes the wait without ending it; Graceful must still reach it.
+        shutdown.trigger(Stage::Leaving);
+        tokio::task::yield_now().await;
+        shutdown.trigger(Stage::Graceful);
+        assert_eq!(ended(waiting).await, None);
     }
 
     #[tokio::test]

@@ -45,6 +45,11 @@ pub struct LbConfig {
     /// clients are already sending on them).
     #[serde(with = "strata_core::duration")]
     pub drain_linger: Duration,
+    /// On SIGTERM, how long the node keeps accepting while `/readyz` says it is stopping, so
+    /// that balancers in front take it out first (HAProxy's `grace`, a Kubernetes `preStop`
+    /// sleep); 0 stops accepting at once.
+    #[serde(with = "strata_core::duration")]
+    pub shutdown_delay: Duration,
     /// Routes, tried in order; a request none claims goes to `default_backend`, or to the
     /// next tier of this node.
     pub routes: Vec<RouteConfig>,
@@ -89,6 +94,9 @@ pub struct BackendConfig {
     /// Active checks: `GET health_path` on remote servers (2xx/3xx passes); the local tier
     /// answers from its supervisor instead, without a request.
     pub health_path: String,
+    /// Checks go to this port of each server instead of its URL's (HAProxy's `check port`):
+    /// another Strata node's admin listener, whose `/readyz` goes not-ready as it stops.
+    pub health_port: Option<u16>,
     #[serde(with = "strata_core::duration")]
     pub health_interval: Duration,
     #[serde(with = "strata_core::duration")]
@@ -153,6 +161,7 @@ impl Default for BackendConfig {
             connect_timeout: strata_core::client::CONNECT_TIMEOUT,
             resolve_interval: Duration::from_secs(5),
             health_path: "/".into(),
+            health_port: None,
             health_interval: Duration::from_secs(2),
             health_timeout: Duration::from_secs(1),
             rise: 2,
@@ -265,6 +274,7 @@ impl Default for LbConfig {
             body_read_timeout: Duration::from_secs(60),
             keepalive: true,
             drain_linger: Duration::from_secs(1),
+            shutdown_delay: Duration::ZERO,
             routes: Vec::new(),
             backends: Vec::new(),
             default_backend: None,

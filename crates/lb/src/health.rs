@@ -27,8 +27,9 @@ pub async fn watch(pool: Arc<Pool>, shutdown: Shutdown) {
             .map(|server| {
                 let (server, path) = (server.clone(), config.health_path.clone());
                 let (timeout, rise, fall) = (config.health_timeout, config.rise, config.fall);
+                let port = config.health_port;
                 tokio::spawn(async move {
-                    let passed = check(&server, &path, timeout).await;
+                    let passed = check(&server, &path, port, timeout).await;
                     server.checked(passed, rise, fall);
                 })
             })
@@ -39,22 +40,42 @@ pub async fn watch(pool: Arc<Pool>, shutdown: Shutdown) {
     }
 }
 
-async fn check(server: &Server, path: &str, timeout: std::time::Duration) -> bool {
+async fn check(
+    server: &Server,
+    path: &str,
+    port: Option<u16>,
+    timeout: std::time::Duration,
+) -> bool {
     if let Some(local) = &server.local {
         return local.readiness().ready;
     }
     let Some(url) = &server.url else {
         return true;
     };
-    let host = url.authority().map(|a| a.as_str()).unwrap_or("localhost");
+    let host = url.host().unwrap_or("localhost");
+    let (authority, service) = match port {
+        // A connection of its own to the other port, for this check.
+        Some(port) => {
+            let authority = format!("{host}:{port}");
+            let Ok(base) = format!("http://{authority}").parse() else {
+                return false;
+            };
+            let service = strata_core::client::upstream(&base, timeout, timeout);
+            (authority, service)
+        }
+        None => (
+            url.authority().map_or_else(|| host.to_owned(), |a| a.to_string()),
+            server.service.clone(),
+        ),
+    };
     let request = Request::builder()
         .method(Method::GET)
         .uri(path)
-        .header(header::HOST, host)
+        .header(header::HOST, authority)
         .header(header::USER_AGENT, "strata-health-check")
         .body(empty());
     let Ok(request) = request else { return false };
-    match tokio::time::timeout(timeout, call(&server.service, request)).await {
+    match tokio::time::timeout(timeout, call(&service, request)).await {
         Ok(Ok(response)) => {
             let status = response.status();
             status.is_success() || status.is_redirection()

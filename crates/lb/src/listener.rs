@@ -113,7 +113,7 @@ pub async fn serve(
     loop {
         // Once shutdown is requested, the connections the kernel already queued are still
         // taken (they were accepted before the stop); then the socket stops listening.
-        let stopping = shutdown.stage() != Stage::Running;
+        let stopping = shutdown.stage() >= Stage::Graceful;
         let permit = if stopping {
             match slots.clone().try_acquire_owned() {
                 Ok(permit) => permit,
@@ -282,8 +282,12 @@ impl Connection {
             () = self.shutdown.forced() => return,
         }
         graceful(connection.as_mut());
+        // A connection still waiting for a request head (hyper leaves one that has not sent
+        // its first bytes open) is closed once it has waited `drain_linger`; one serving a
+        // request finishes it.
         tokio::select! {
             result = connection.as_mut() => log_connection_end(result),
+            () = self.activity.overdue(self.linger) => tracing::debug!("idle while draining: closed"),
             () = self.shutdown.forced() => {}
         }
     }

@@ -121,6 +121,7 @@ async fn serve(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Resul
     };
     tokio::spawn(handle_signals(
         shutdown.clone(),
+        config.lb.shutdown_delay,
         config.app.graceful_timeout,
     ));
     let reloader = Arc::new(Reloader::new(stack.app.clone(), config.clone(), load));
@@ -299,8 +300,13 @@ async fn reload_on_hangup(reloader: Arc<Reloader>) {
     }
 }
 
-/// SIGTERM or SIGINT: graceful; a second SIGINT or the grace period running out: forced.
-async fn handle_signals(shutdown: Shutdown, grace: std::time::Duration) {
+/// SIGTERM or SIGINT: leaving for `delay` (not ready, still accepting), then graceful; a
+/// second SIGINT or the grace period running out: forced.
+async fn handle_signals(
+    shutdown: Shutdown,
+    delay: std::time::Duration,
+    grace: std::time::Duration,
+) {
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -311,6 +317,21 @@ async fn handle_signals(shutdown: Shutdown, grace: std::time::Duration) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight requests"),
         _ = int.recv() => tracing::info!("SIGINT: finishing in-flight requests (again to stop now)"),
+    }
+    if !delay.is_zero() {
+        shutdown.trigger(Stage::Leaving);
+        tracing::info!(
+            ?delay,
+            "not ready: still accepting while balancers take this node out"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = int.recv() => {
+                tracing::warn!("second SIGINT: stopping now");
+                shutdown.trigger(Stage::Forced);
+                return;
+            }
+        }
     }
     shutdown.trigger(Stage::Graceful);
     tokio::select! {
