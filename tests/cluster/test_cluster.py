@@ -403,3 +403,23 @@ def test_rolling_reloads_and_restarts_of_the_app_hosts_cost_no_request(cluster):
     print(f"rolling reload then restart of 3 app hosts: {len(load.results)} requests"
           f" ({reloaded} through the reloads), {len(failed)} failed")
     assert failed == [], collections.Counter(r[2] for r in failed)
+
+
+def test_every_app_host_failing_its_checks_at_once_leaves_the_edge_serving(cluster):
+    """A check that fails everywhere at once (here: the port it asks is closed on every host,
+    as a broken shared dependency or check would) puts the pool in panic: the edge keeps
+    sending to all hosts rather than take the site down."""
+    apps = [app_host(cluster, f"app{i}") for i in (1, 2, 3)]
+    edge = edge_host(cluster, apps, health_port=9999)
+    assert wait_until(lambda: not any(s["up"] for s in servers(edge).values()), 10)
+    load = Load(edge.url("/?sleep=0.01"), clients=3)
+    try:
+        assert wait_until(lambda: all(load.served_by(a.name, 0) > 3 for a in apps), 20)
+    finally:
+        load.stop()
+    panics = [line for line in edge.admin("/metrics").text.splitlines()
+              if 'event="panic"' in line]
+    print(f"\nevery check failing: {len(load.results)} requests served by all three hosts,"
+          f" {failures(load.results)} failed; {panics}")
+    assert failures(load.results) == []
+    assert float(panics[0].split()[-1]) > 0
