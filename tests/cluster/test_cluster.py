@@ -1,18 +1,21 @@
-"""The cluster: an edge host running only the balancer in front of three app hosts, each its
-own network namespace with its own address; app hosts killed, cut off and brought back under
-a steady load at the edge. Each test prints the figures it measures (failed requests,
-detection time) for `docs/cluster.md`."""
+"""The cluster, each host its own network namespace with its own address (`hosts.py`): an
+edge host running only the balancer in front of app hosts killed, cut off, failing their
+checks together, added and removed by DNS, reloaded and restarted under load; purges made on
+one app host reaching all; a cache tier of two hosts; a pooler host in front of a PostgreSQL
+that restarts. Each test prints the figures it measures for `docs/cluster.md`."""
 
 import collections
-from concurrent.futures import ThreadPoolExecutor
 import os
+import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
-from conftest import APPS, VENV, wait_until
+from conftest import APPS, EXAMPLE, PG_PASSWORD, VENV, Postgres, wait_until
 from hosts import Cluster, missing
 
 # The edge's pool: checks every 250 ms (a check waits 250 ms at most), two in a row to go
@@ -76,8 +79,9 @@ class Load:
     """Clients in the test's own namespace sending requests to the edge until stopped:
     each result is (sent, finished, status or error, body)."""
 
-    def __init__(self, url, clients=6):
+    def __init__(self, url, clients=6, headers=None):
         self.url = url
+        self.headers = headers
         self.results = []
         self.running = True
         self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
@@ -89,7 +93,7 @@ class Load:
         while self.running:
             sent = time.monotonic()
             try:
-                response = session.get(self.url, timeout=30)
+                response = session.get(self.url, timeout=30, headers=self.headers)
                 outcome, body = response.status_code, response.text
             except requests.RequestException as error:
                 outcome, body = type(error).__name__, ""
@@ -423,3 +427,79 @@ def test_every_app_host_failing_its_checks_at_once_leaves_the_edge_serving(clust
           f" {failures(load.results)} failed; {panics}")
     assert failures(load.results) == []
     assert float(panics[0].split()[-1]) > 0
+
+
+class NetPostgres(Postgres):
+    """The test PostgreSQL, run inside `host` and listening on its address, accepting
+    password logins from the cluster's subnet."""
+
+    def __init__(self, host):
+        self.host = host
+        super().__init__()
+
+    def run(self, tool, *args):
+        if tool in ("pg_ctl",):
+            args = [a.replace("listen_addresses=127.0.0.1", f"listen_addresses={self.host.addr}")
+                    for a in args]
+            hba = self.data / "pg_hba.conf"
+            line = f"host all all {self.host.cluster.prefix}.0/24 scram-sha-256\n"
+            if line not in hba.read_text():
+                with open(hba, "a") as out:
+                    out.write(line)
+            command = ["ip", "netns", "exec", self.host.ns, *self.as_user, str(self.bin / tool),
+                       *args]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+            return
+        super().run(tool, *args)
+
+
+def test_the_pooler_host_rides_out_a_postgres_restart(cluster):
+    """The example Django site on an app host, its database through a pooler host in front of
+    PostgreSQL on a third host. PostgreSQL restarts under load: requests fail cleanly and
+    quickly meanwhile, and everything recovers without touching Strata."""
+    db, pooler, app = cluster.host("db"), cluster.host("pooler"), cluster.host("app1")
+    pg = NetPostgres(db)
+    try:
+        env = {"EXAMPLE_PG_HOST": db.addr, "EXAMPLE_PG_PORT": str(pg.port),
+               "EXAMPLE_PG_PASSWORD": PG_PASSWORD, "EXAMPLE_DB": "unused"}
+        import psycopg
+        with psycopg.connect(host=db.addr, port=pg.port, user="postgres",
+                             password=PG_PASSWORD, dbname="postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE example")
+        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=EXAMPLE,
+                       env={**os.environ, **env}, check=True, timeout=300)
+        pooler.start_strata("--tiers", "dbpool", config=(
+            "[dbpool]\n"
+            f'bind = "{pooler.addr}:6432"\n'
+            f'server = "{db.addr}:{pg.port}"\n'
+            f'server_user = "postgres"\nserver_password = "{PG_PASSWORD}"\n'
+            'auth = "trust"\ndatabases = ["example"]\n'))
+        app.start_strata("--app", "mysite.wsgi", "--chdir", str(EXAMPLE), "--virtualenv",
+                         str(VENV), "--tiers", "lb,app", "--workers", "2",
+                         env={**env, "EXAMPLE_PG_HOST": pooler.addr, "EXAMPLE_PG_PORT": "6432"})
+        load = Load(app.url("/"), clients=4, headers={"Host": "localhost"})
+        try:
+            assert wait_until(lambda: len(load.results) > 20 and not failures(load.results), 30)
+            restarting = time.monotonic()
+            pg.restart()
+            restarted = time.monotonic()
+            assert wait_until(lambda: any(r[0] > restarted and r[2] == 200
+                                          for r in load.results), 30)
+            recovered = time.monotonic()
+            time.sleep(1)
+        finally:
+            load.stop()
+        during = [r for r in load.results if r[1] >= restarting]
+        failed = failures(during)
+        longest = max(done - sent for sent, done, _, _ in during)
+        late = failures([r for r in load.results if r[0] >= recovered])
+        print(f"\npostgres restart ({restarted - restarting:.2f} s) behind the pooler host:"
+              f" {len(failed)} of {len(during)} requests failed"
+              f" ({collections.Counter(r[2] for r in failed)}), longest {longest:.2f} s,"
+              f" serving again {recovered - restarted:.2f} s after it was back")
+        assert all(r[2] in (500, 502, 503) for r in failed), failed
+        assert longest < 10
+        assert late == [], late
+    finally:
+        pg.stop()
