@@ -124,17 +124,21 @@ def test_an_app_host_killed_or_cut_off_costs_at_most_its_requests_in_flight(clus
         assert wait_until(lambda: all(load.served_by(a.name, 0) > 5 for a in apps), 20), \
             collections.Counter(r[3] for r in load.results)
 
-        # Killed: every process of app2 dies at once.
-        in_flight = servers(edge)["app2"]["in_flight"]
+        # Killed: every process of app2 dies at once. What was in flight on it is lost (the
+        # edge logs each such request: its connection closed before the response); a
+        # request sent afterwards is refused and retried on another host.
+        cut_short = f"connection closed before message completed origin={apps[1].addr}:8000"
+        before = edge.log().count(cut_short)
         killed = time.monotonic()
         apps[1].kill()
         assert wait_until(lambda: not servers(edge)["app2"]["up"], 10)
         detected = time.monotonic() - killed
         time.sleep(0.5)
         failed = failures(load.since(killed))
+        in_flight = edge.log().count(cut_short) - before
         print(f"\nkilled app host: {len(failed)} failed requests ({in_flight} were in flight"
               f" on it), detected down after {detected:.2f} s (bound {DETECTION:.2f} s)")
-        assert len(failed) <= max(in_flight, 1), failed
+        assert len(failed) <= in_flight, failed
         assert detected <= DETECTION + 0.5
 
         # Back: it takes traffic again, starting slowly.
@@ -147,22 +151,25 @@ def test_an_app_host_killed_or_cut_off_costs_at_most_its_requests_in_flight(clus
               f" weight {ramp:.2f} of 1 at first")
         assert ramp < 1.0
 
-        # Cut off: its packets are dropped; nothing refuses, everything waits.
-        in_flight = servers(edge)["app3"]["in_flight"]
+        # Cut off: its packets are dropped; nothing refuses, everything waits. What is in
+        # flight on it then, and what the edge still sends it until it finds it down, stays
+        # in flight until `timeout`: that many requests is what the cut may cost.
+        seen = servers(edge)["app3"]
         cut = time.monotonic()
         apps[2].cut()
         assert wait_until(lambda: not servers(edge)["app3"]["up"], 10)
         detected = time.monotonic() - cut
         time.sleep(TIMEOUT + 0.5)
+        in_flight = seen["in_flight"] + servers(edge)["app3"]["requests"] - seen["requests"]
         after_cut = load.since(cut)
         failed = failures(after_cut)
         longest = max(done - sent for sent, done, _, _ in after_cut)
         print(f"cut-off app host: {len(failed)} failed requests ({in_flight} were in flight"
-              f" on it), detected down after {detected:.2f} s, longest request"
+              f" on it or sent to it before it was found down), detected down after {detected:.2f} s, longest request"
               f" {longest:.2f} s (timeout {TIMEOUT} s + connect {CONNECT_TIMEOUT} s)")
         assert detected <= DETECTION + 0.5
         assert longest <= TIMEOUT + CONNECT_TIMEOUT + 0.5
-        assert len(failed) <= max(in_flight, 1), collections.Counter(r[2] for r in failed)
+        assert len(failed) <= in_flight, collections.Counter(r[2] for r in failed)
 
         apps[2].heal()
         healed = time.monotonic()
