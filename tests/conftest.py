@@ -312,7 +312,9 @@ class Postgres:
 @pytest.fixture(scope="session")
 def test_ca(tmp_path_factory):
     """A throwaway certificate authority and a server certificate it signed for localhost and
-    127.0.0.1 (openssl): paths `ca`, `cert`, `key`, plus `other_ca` that signed nothing."""
+    127.0.0.1 (openssl): paths `ca`, `cert`, `key`, plus `other_ca` that signed nothing, and
+    two client certificates it signed (`client1`/`client2`: `_cert`, `_key`; CN
+    strata-client-1 and -2) for mutual TLS."""
     root = tmp_path_factory.mktemp("tls")
 
     def openssl(*args):
@@ -326,8 +328,17 @@ def test_ca(tmp_path_factory):
     (root / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf")
-    return {"ca": root / "ca.pem", "cert": root / "server.pem", "key": root / "server.key",
+    made = {"ca": root / "ca.pem", "cert": root / "server.pem", "key": root / "server.key",
             "other_ca": root / "other_ca.pem"}
+    (root / "client.cnf").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    for n in (1, 2):
+        openssl("req", *ec, "-keyout", f"client{n}.key", "-out", f"client{n}.csr",
+                "-subj", f"/CN=strata-client-{n}")
+        openssl("x509", "-req", "-in", f"client{n}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"client{n}.pem", "-days", "2",
+                "-extfile", "client.cnf")
+        made[f"client{n}_cert"], made[f"client{n}_key"] = root / f"client{n}.pem", root / f"client{n}.key"
+    return made
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ node's own app server), one killed, one slow, one coming up under load, most unh
 retries, queueing, direct access and forwarded headers."""
 
 import collections
+import shutil
 import subprocess
 import sys
 import threading
@@ -254,3 +255,73 @@ def test_the_local_app_server_is_a_backend_checked_by_its_supervisor(strata, bac
     assert set(bodies) == {"Hello, World!", "remote"}, bodies
     time.sleep(0.5)
     assert servers_of(server)["local"]["up"]
+
+
+def tls_pool(servers, ca, cert=None, key=None, **settings):
+    """`pool_config` for https:// servers ((name, url) pairs) checked against `ca`."""
+    lines = ["[lb]", 'default_backend = "web"', "[[lb.backends]]", 'name = "web"',
+             'health_path = "/"', 'health_interval = "200ms"', "rise = 1", "fall = 1",
+             'slow_start = "0s"']
+    lines += [f"{k} = {v}" for k, v in settings.items()]
+    lines += ["[lb.backends.tls]", f'ca_file = "{ca}"']
+    if cert:
+        lines += [f'cert_file = "{cert}"', f'key_file = "{key}"']
+    for name, url in servers:
+        lines += ["[[lb.backends.servers]]", f'name = "{name}"', f'url = "{url}"']
+    return "\n".join(lines) + "\n"
+
+
+def test_https_backends_are_verified_and_kept_alive(strata, test_ca, tmp_path):
+    """The pool reaches another node's HTTPS listener: its certificate checked against the
+    pool's CA (another CA's certificate is refused, 502), connections kept alive."""
+    port = free_port()
+    backend = strata(*app("probe"), config=(
+        "[lb]\n"
+        f'tls_bind = "127.0.0.1:{port}"\n'
+        f'tls_cert_file = "{test_ca["cert"]}"\ntls_key_file = "{test_ca["key"]}"\n'))
+    good = strata("--tiers", "lb", config=tls_pool(
+        [("node", f"https://localhost:{port}")], test_ca["ca"]))
+    session = requests.Session()
+    answers = [session.get(good.url("/environ"), timeout=10) for _ in range(20)]
+    assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
+    environ = answers[-1].json()
+    assert environ["wsgi.url_scheme"] == "https"
+    # Twenty requests (and the health checks) over kept-alive TLS connections: a few at most.
+    established = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+                                 capture_output=True, text=True).stdout.splitlines()
+    assert 1 <= len(established) <= 2, established
+    wrong = strata("--tiers", "lb", config=tls_pool(
+        [("node", f"https://localhost:{port}")], test_ca["other_ca"], eject_after=100))
+    assert requests.get(wrong.url("/environ"), timeout=10).status_code == 502
+    # The accelerator fronting the same node over HTTPS.
+    front = strata("--tiers", "lb,accelerator", "--upstream", f"https://localhost:{port}",
+                   config=f'[accelerator.upstream_tls]\nca_file = "{test_ca["ca"]}"\n')
+    fronted = requests.get(front.url("/environ"), timeout=10)
+    assert fronted.status_code == 200 and fronted.json()["wsgi.url_scheme"] == "https"
+
+
+def test_mutual_tls_to_a_backend_and_a_new_client_certificate_without_restart(
+        strata, test_ca, tmp_path):
+    port = free_port()
+    backend = subprocess.Popen([sys.executable, str(APPS / "tls_backend.py"), str(port),
+                                str(test_ca["cert"]), str(test_ca["key"]), str(test_ca["ca"])])
+    try:
+        assert wait_for_port(port, 10, backend)
+        cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+        shutil.copy(test_ca["client1_cert"], cert)
+        shutil.copy(test_ca["client1_key"], key)
+        edge = strata("--tiers", "lb", config=tls_pool(
+            [("mtls", f"https://127.0.0.1:{port}")], test_ca["ca"], cert, key))
+        assert requests.get(edge.url("/"), timeout=10).text == "strata-client-1"
+        # A renewed client certificate is used by new connections, without a restart.
+        shutil.copy(test_ca["client2_cert"], cert)
+        shutil.copy(test_ca["client2_key"], key)
+        assert wait_until(
+            lambda: requests.get(edge.url("/"), timeout=10).text == "strata-client-2", 20)
+        # Without a client certificate the backend refuses the handshake: 502.
+        bare = strata("--tiers", "lb", config=tls_pool(
+            [("mtls", f"https://127.0.0.1:{port}")], test_ca["ca"], eject_after=100))
+        assert requests.get(bare.url("/"), timeout=10).status_code == 502
+    finally:
+        backend.kill()
+        backend.wait()

@@ -10,8 +10,11 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct AcceleratorConfig {
     /// Origin to fetch from when this node does not run the app tier
-    /// (`http://host:port`); ignored when it does.
+    /// (`http://host:port` or `https://host:port`); ignored when it does.
     pub upstream: Option<String>,
+    /// For an `https://` upstream: the CAs that sign its certificate, and this side's
+    /// certificate if it requires one (`[accelerator.upstream_tls]`).
+    pub upstream_tls: strata_core::tls::ClientTls,
     /// Memory for stored responses (keys, headers and bodies), in bytes.
     pub capacity_bytes: u64,
     /// Responses larger than this stream through without being stored.
@@ -58,6 +61,7 @@ impl Default for AcceleratorConfig {
     fn default() -> Self {
         Self {
             upstream: None,
+            upstream_tls: strata_core::tls::ClientTls::default(),
             capacity_bytes: 256 * 1024 * 1024,
             max_object_bytes: 8 * 1024 * 1024,
             default_ttl: Duration::ZERO,
@@ -141,12 +145,13 @@ impl AcceleratorConfig {
             let uri: http::Uri = upstream
                 .parse()
                 .map_err(|_| format!("accelerator.upstream = {upstream:?}: not a URL"))?;
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
                 return Err(format!(
-                    "accelerator.upstream = {upstream:?}: expected http://host:port"
+                    "accelerator.upstream = {upstream:?}: expected http://host:port or https://host:port"
                 ));
             }
         }
+        self.upstream_tls.validate("accelerator.upstream_tls")?;
         if self.max_object_bytes > self.capacity_bytes {
             return Err(format!(
                 "accelerator.max_object_bytes = {}: larger than capacity_bytes = {}",

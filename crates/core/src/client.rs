@@ -39,17 +39,40 @@ const MAX_IDLE: usize = 256;
 /// `timeout` 504, each marked with its [`UpstreamFailure`]. A connection not made within
 /// `connect_timeout` is a connection failure (nothing was sent: the caller may retry).
 pub fn upstream(base: &Uri, timeout: Duration, connect_timeout: Duration) -> HttpService {
+    upstream_tls(base, timeout, connect_timeout, None)
+}
+
+/// [`upstream`] for an origin that may be `https://`: `tls` is the connector and the name
+/// the origin's certificate must be valid for (the URL's host, or the name a member's
+/// address was resolved from). An `https://` origin without `tls` fails every request (502).
+pub fn upstream_tls(
+    base: &Uri,
+    timeout: Duration,
+    connect_timeout: Duration,
+    tls: Option<(Arc<crate::tls::Connector>, String)>,
+) -> HttpService {
+    let secure = base.scheme_str() == Some("https");
+    let default_port = if secure { 443 } else { 80 };
     let authority = base
         .authority()
-        .map_or_else(|| "localhost:80".to_owned(), |a| a.as_str().to_owned());
-    let address = if authority.contains(':') {
+        .map_or_else(|| "localhost".to_owned(), |a| a.as_str().to_owned());
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+    let address = if has_port {
         authority.clone()
     } else {
-        format!("{authority}:80")
+        format!("{authority}:{default_port}")
     };
+    if secure && tls.is_none() {
+        tracing::error!(origin = %base, "an https origin without TLS settings: every request fails");
+    }
+    let refuse = secure && tls.is_none();
     let origin = Arc::new(Origin {
         address,
         connect_timeout,
+        tls: if secure { tls } else { None },
+        refuse,
         idle: Mutex::new(Vec::new()),
     });
     HttpService::from_fn(move |request: Request<Body>| {
@@ -75,10 +98,33 @@ fn failed(status: StatusCode, text: &str, failure: UpstreamFailure) -> Response<
     response
 }
 
+/// An HTTP/1.1 client connection over `io`, its connection task spawned.
+async fn handshake<I>(io: I) -> std::io::Result<SendRequest<Body>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    // One buffer, one write per request (see the listener's writev).
+    let (sender, connection) = http1::Builder::new()
+        .writev(false)
+        .handshake(io)
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
 /// One origin and its idle connections.
 struct Origin {
     address: String,
     connect_timeout: Duration,
+    /// For an `https://` origin: the connector and the name its certificate must carry.
+    tls: Option<(Arc<crate::tls::Connector>, String)>,
+    /// An `https://` origin with no TLS settings: nothing is sent.
+    refuse: bool,
     idle: Mutex<Vec<Pooled>>,
 }
 
@@ -135,20 +181,18 @@ impl Origin {
 
     async fn connect(&self, deadline: Instant) -> Result<Pooled, UpstreamFailure> {
         let connect = async {
+            if self.refuse {
+                return Err(std::io::Error::other("https origin without TLS settings"));
+            }
             let stream = TcpStream::connect(&self.address).await?;
             stream.set_nodelay(true)?;
-            // One buffer, one write per request (see the listener's writev).
-            let (sender, connection) = http1::Builder::new()
-                .writev(false)
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(std::io::Error::other)?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "upstream connection ended");
+            match &self.tls {
+                Some((connector, name)) => {
+                    let secure = connector.connect(name, stream).await?;
+                    handshake(TokioIo::new(secure)).await
                 }
-            });
-            Ok::<_, std::io::Error>(sender)
+                None => handshake(TokioIo::new(stream)).await,
+            }
         };
         let limit = deadline.min(Instant::now() + self.connect_timeout);
         match tokio::time::timeout_at(limit, connect).await {

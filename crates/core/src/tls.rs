@@ -55,37 +55,62 @@ fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// The certificate in use, replaced when its files change.
-#[derive(Debug)]
-pub struct Certificate {
-    cert: PathBuf,
-    key: PathBuf,
-    current: RwLock<(Arc<CertifiedKey>, [Option<SystemTime>; 2])>,
+/// A value built from files, built again when one of them changes; a build that fails
+/// keeps the old value (and is not retried until the files change again).
+pub struct Reloading<T> {
+    files: Vec<PathBuf>,
+    build: Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>,
+    current: RwLock<(T, Vec<Option<SystemTime>>)>,
 }
 
-impl Certificate {
-    fn stamps(&self) -> [Option<SystemTime>; 2] {
-        [modified(&self.cert), modified(&self.key)]
+impl<T> std::fmt::Debug for Reloading<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloading")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Reloading<T> {
+    fn build_from(
+        files: Vec<PathBuf>,
+        build: impl Fn() -> Result<T, TlsError> + Send + Sync + 'static,
+    ) -> Result<Arc<Self>, TlsError> {
+        let value = build()?;
+        let stamps = files.iter().map(|f| modified(f)).collect();
+        Ok(Arc::new(Self {
+            files,
+            build: Box::new(build),
+            current: RwLock::new((value, stamps)),
+        }))
     }
 
-    /// Loads the files again if either changed since the last load; true when the
-    /// certificate was replaced.
+    /// The value in use.
+    pub fn get(&self) -> T {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Builds the value again if a file changed since the last build; true when replaced.
     pub fn reload_if_changed(&self) -> bool {
-        let stamps = self.stamps();
+        let stamps: Vec<_> = self.files.iter().map(|f| modified(f)).collect();
         if self.current.read().unwrap_or_else(|e| e.into_inner()).1 == stamps {
             return false;
         }
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        // A failed load is not retried until the files change again.
         current.1 = stamps;
-        match load(&self.cert, &self.key) {
-            Ok(certified) => {
-                current.0 = certified;
-                tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+        let first = self.files.first().map(|f| f.display().to_string());
+        match (self.build)() {
+            Ok(value) => {
+                current.0 = value;
+                tracing::info!(file = first, "TLS files reloaded");
                 true
             }
             Err(error) => {
-                tracing::error!(%error, "TLS certificate files changed but do not load; keeping the old pair");
+                tracing::error!(%error, "TLS files changed but do not load; keeping the old ones");
                 false
             }
         }
@@ -104,15 +129,12 @@ impl Certificate {
     }
 }
 
+/// The certificate a listener presents, replaced when its files change.
+pub type Certificate = Reloading<Arc<CertifiedKey>>;
+
 impl ResolvesServerCert for Certificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .0
-                .clone(),
-        )
+        Some(self.get())
     }
 }
 
@@ -123,16 +145,122 @@ pub fn acceptor(
     key: &Path,
     alpn: &[&[u8]],
 ) -> Result<(TlsAcceptor, Arc<Certificate>), TlsError> {
-    let certified = load(cert, key)?;
-    let certificate = Arc::new(Certificate {
-        cert: cert.to_owned(),
-        key: key.to_owned(),
-        current: RwLock::new((certified, [modified(cert), modified(key)])),
-    });
+    let (cert, key) = (cert.to_owned(), key.to_owned());
+    let files = vec![cert.clone(), key.clone()];
+    let certificate = Certificate::build_from(files, move || load(&cert, &key))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(certificate.clone());
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok((TlsAcceptor::from(Arc::new(config)), certificate))
+}
+
+/// TLS towards servers (a backend or an origin at an `https://` URL): the CAs their
+/// certificates must chain to, and this side's own certificate when they ask for one
+/// (mutual TLS). The files are watched like a listener's: new connections use new files.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientTls {
+    /// PEM file of the CAs that sign the servers' certificates (default: the system's).
+    pub ca_file: PathBuf,
+    /// This side's certificate chain and key (PEM), for servers that require one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for ClientTls {
+    fn default() -> Self {
+        Self {
+            ca_file: PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            cert_file: None,
+            key_file: None,
+        }
+    }
+}
+
+impl ClientTls {
+    /// Checks what serde cannot; `at` names the section.
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(format!("{at}: cert_file and key_file go together"));
+        }
+        Ok(())
+    }
+}
+
+/// Makes TLS connections to servers with a [`ClientTls`]'s files, reloaded when they change.
+pub type Connector = Reloading<Arc<rustls::ClientConfig>>;
+
+impl Connector {
+    /// A connector for `settings` offering `alpn` protocols; an error names the file that
+    /// does not load.
+    pub fn new(settings: &ClientTls, alpn: &[&[u8]]) -> Result<Arc<Self>, TlsError> {
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+        let files = [
+            Some(&settings.ca_file),
+            settings.cert_file.as_ref(),
+            settings.key_file.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        let settings = settings.clone();
+        Self::build_from(files, move || client_config(&settings, &alpn))
+    }
+
+    /// A TLS session over `stream` with the server `name` (a host name or an address),
+    /// whose certificate must be valid for it.
+    pub async fn connect<S>(
+        &self,
+        name: &str,
+        stream: S,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let name = rustls_pki_types::ServerName::try_from(name.to_owned())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        tokio_rustls::TlsConnector::from(self.get())
+            .connect(name, stream)
+            .await
+    }
+}
+
+fn client_config(
+    settings: &ClientTls,
+    alpn: &[Vec<u8>],
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let read_error = |path: &Path, reason: String| TlsError::Read {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let cas = CertificateDer::pem_file_iter(&settings.ca_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| read_error(&settings.ca_file, e.to_string()))?;
+    let (added, _) = roots.add_parsable_certificates(cas);
+    if added == 0 {
+        return Err(read_error(
+            &settings.ca_file,
+            "no CA certificate in it".into(),
+        ));
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match (&settings.cert_file, &settings.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| read_error(cert, e.to_string()))?;
+            let key_der =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| read_error(key, e.to_string()))?;
+            builder.with_client_auth_cert(chain, key_der)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.to_vec();
+    Ok(Arc::new(config))
 }

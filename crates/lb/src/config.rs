@@ -117,6 +117,9 @@ pub struct BackendConfig {
     /// Times an idempotent request that could not reach a server is sent to another; within
     /// a budget of 20 % of requests in flight (at least 3).
     pub retries: u32,
+    /// For `https://` servers: the CAs that sign their certificates, and this side's
+    /// certificate if they require one (`[lb.backends.tls]`).
+    pub tls: strata_core::tls::ClientTls,
 }
 
 /// One server of a pool.
@@ -171,6 +174,7 @@ impl Default for BackendConfig {
             max_ejection: 0.5,
             panic_threshold: 0.5,
             retries: 1,
+            tls: strata_core::tls::ClientTls::default(),
         }
     }
 }
@@ -194,9 +198,10 @@ impl BackendConfig {
             return Err(format!("{at}.servers: a pool needs at least one server"));
         }
         for (i, server) in self.servers.iter().enumerate() {
-            if server.url != "local" && !server.url.starts_with("http://") {
+            let web = server.url.starts_with("http://") || server.url.starts_with("https://");
+            if server.url != "local" && !web {
                 return Err(format!(
-                    "{at}.servers[{i}].url = {:?}: expected http://host:port or \"local\"",
+                    "{at}.servers[{i}].url = {:?}: expected http://host:port, https://host:port or \"local\"",
                     server.url
                 ));
             }
@@ -214,6 +219,7 @@ impl BackendConfig {
                 ));
             }
         }
+        self.tls.validate(&format!("{at}.tls"))?;
         if self.resolve_interval.is_zero() {
             return Err(format!("{at}.resolve_interval = 0s: must be more than 0"));
         }

@@ -64,7 +64,8 @@ async fn check(
             (authority, service)
         }
         None => (
-            url.authority().map_or_else(|| host.to_owned(), |a| a.to_string()),
+            url.authority()
+                .map_or_else(|| host.to_owned(), |a| a.to_string()),
             server.service.clone(),
         ),
     };

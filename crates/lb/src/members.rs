@@ -42,6 +42,10 @@ enum Source {
 struct Entry {
     config: ServerConfig,
     source: Source,
+    /// `https://`: members are reached over TLS, their certificates valid for `host`.
+    secure: bool,
+    /// The URL's host (a name or an address, without brackets).
+    host: String,
 }
 
 impl Entry {
@@ -56,6 +60,8 @@ impl Entry {
             return Ok(Self {
                 config: config.clone(),
                 source: Source::Local,
+                secure: false,
+                host: String::new(),
             });
         }
         let url: http::Uri = config.url.parse().map_err(|e| error(format!("{e}")))?;
@@ -65,17 +71,24 @@ impl Entry {
             .trim_end_matches(']')
             .parse::<IpAddr>()
             .is_ok();
+        let secure = url.scheme_str() == Some("https");
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         let source = if literal || !config.resolve {
             Source::Fixed(url)
         } else {
             Source::Name {
                 host: host.to_owned(),
-                port: url.port_u16().unwrap_or(80),
+                port: url.port_u16().unwrap_or(if secure { 443 } else { 80 }),
             }
         };
         Ok(Self {
             config: config.clone(),
             source,
+            secure,
+            host: bare,
         })
     }
 }
@@ -83,6 +96,8 @@ impl Entry {
 /// Makes a pool's members and keeps them following DNS.
 pub struct Members {
     backend: BackendConfig,
+    /// For `https://` entries.
+    tls: Option<Arc<strata_core::tls::Connector>>,
     entries: Vec<Entry>,
     local: HttpService,
     readiness: Option<Arc<dyn Readiness>>,
@@ -95,18 +110,37 @@ impl Members {
         local: &HttpService,
         readiness: Option<Arc<dyn Readiness>>,
     ) -> Result<Self, PoolError> {
-        let entries = backend
+        let entries: Vec<Entry> = backend
             .servers
             .iter()
             .enumerate()
             .map(|(at, server)| Entry::parse(pool, at, server))
             .collect::<Result<_, _>>()?;
+        let tls = match entries.iter().position(|e| e.secure) {
+            Some(at) => Some(
+                strata_core::tls::Connector::new(&backend.tls, &[b"http/1.1"]).map_err(|e| {
+                    PoolError {
+                        index: pool,
+                        server: at,
+                        url: backend.servers[at].url.clone(),
+                        reason: format!("lb.backends[{pool}].tls: {e}"),
+                    }
+                })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             backend: backend.clone(),
+            tls,
             entries,
             local: local.clone(),
             readiness,
         })
+    }
+
+    /// The TLS connector of the pool's `https://` servers, to watch for new files.
+    pub fn tls(&self) -> Option<Arc<strata_core::tls::Connector>> {
+        self.tls.clone()
     }
 
     /// Whether any entry follows a DNS name.
@@ -146,14 +180,23 @@ impl Members {
         let config = &self.entries[at].config;
         let (service, readiness) = match &url {
             None => (self.local.clone(), self.readiness.clone()),
-            Some(url) => (
-                strata_core::client::upstream(
-                    url,
-                    self.backend.timeout,
-                    self.backend.connect_timeout,
-                ),
-                None,
-            ),
+            Some(url) => {
+                let entry = &self.entries[at];
+                let tls = self
+                    .tls
+                    .clone()
+                    .filter(|_| entry.secure)
+                    .map(|connector| (connector, entry.host.clone()));
+                (
+                    strata_core::client::upstream_tls(
+                        url,
+                        self.backend.timeout,
+                        self.backend.connect_timeout,
+                        tls,
+                    ),
+                    None,
+                )
+            }
         };
         let name = match addr {
             Some(addr) => format!("{}/{addr}", config.name),
@@ -172,7 +215,12 @@ impl Members {
     }
 
     fn member(&self, at: usize, addr: SocketAddr) -> Arc<Server> {
-        let url = format!("http://{addr}")
+        let scheme = if self.entries[at].secure {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{addr}")
             .parse()
             .expect("a socket address is an authority");
         self.server(at, Some(url), Some(addr))

@@ -56,6 +56,9 @@ impl Balancer {
             let members = Members::new(index, backend, local, readiness.clone())?;
             let pool = Arc::new(Pool::new(backend.clone(), members.initial()));
             tokio::spawn(crate::health::watch(pool.clone(), shutdown.clone()));
+            if let Some(tls) = members.tls() {
+                tokio::spawn(tls.watch(shutdown.clone()));
+            }
             if members.follows_names() {
                 tokio::spawn(members.follow(pool.clone(), shutdown.clone()));
             }

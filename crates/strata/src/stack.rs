@@ -60,13 +60,26 @@ impl Stack {
         let backend = match (&app, &config.accelerator.upstream) {
             (Some(app), _) => Some(app.service()),
             (None, Some(upstream)) if runs("accelerator") => {
-                let uri = upstream
+                let uri: http::Uri = upstream
                     .parse()
                     .with_context(|| format!("accelerator.upstream = {upstream:?}"))?;
-                Some(strata_core::client::upstream(
+                let tls = if uri.scheme_str() == Some("https") {
+                    let connector = strata_core::tls::Connector::new(
+                        &config.accelerator.upstream_tls,
+                        &[b"http/1.1"],
+                    )
+                    .context("accelerator.upstream_tls")?;
+                    tokio::spawn(connector.clone().watch(shutdown.clone()));
+                    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+                    Some((connector, host.to_owned()))
+                } else {
+                    None
+                };
+                Some(strata_core::client::upstream_tls(
                     &uri,
                     UPSTREAM_TIMEOUT,
                     strata_core::client::CONNECT_TIMEOUT,
+                    tls,
                 ))
             }
             _ => None,
