@@ -286,6 +286,8 @@ def test_https_backends_are_verified_and_kept_alive(strata, test_ca, tmp_path):
     assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
     environ = answers[-1].json()
     assert environ["wsgi.url_scheme"] == "https"
+    # The backend offers HTTP/2 by ALPN: the pool speaks it, one connection for every request.
+    assert environ["SERVER_PROTOCOL"] == "HTTP/2", environ
     # Twenty requests (and the health checks) over kept-alive TLS connections: a few at most.
     established = subprocess.run(["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
                                  capture_output=True, text=True).stdout.splitlines()

@@ -21,6 +21,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -70,6 +71,7 @@ pub fn upstream_tls(
     let refuse = secure && tls.is_none();
     let origin = Arc::new(Origin {
         address,
+        h2: Mutex::new(None),
         connect_timeout,
         tls: if secure { tls } else { None },
         refuse,
@@ -120,6 +122,8 @@ where
 /// One origin and its idle connections.
 struct Origin {
     address: String,
+    /// The HTTP/2 connection, when the origin chose `h2` by ALPN: shared by every request.
+    h2: Mutex<Option<http2::SendRequest<Body>>>,
     connect_timeout: Duration,
     /// For an `https://` origin: the connector and the name its certificate must carry.
     tls: Option<(Arc<crate::tls::Connector>, String)>,
@@ -179,7 +183,7 @@ impl Origin {
         }
     }
 
-    async fn connect(&self, deadline: Instant) -> Result<Pooled, UpstreamFailure> {
+    async fn connect(&self, deadline: Instant) -> Result<Connected, UpstreamFailure> {
         let connect = async {
             if self.refuse {
                 return Err(std::io::Error::other("https origin without TLS settings"));
@@ -189,17 +193,21 @@ impl Origin {
             match &self.tls {
                 Some((connector, name)) => {
                     let secure = connector.connect(name, stream).await?;
-                    handshake(TokioIo::new(secure)).await
+                    if secure.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        return handshake_h2(TokioIo::new(secure)).await.map(Connected::H2);
+                    }
+                    handshake(TokioIo::new(secure)).await.map(Connected::H1)
                 }
-                None => handshake(TokioIo::new(stream)).await,
+                None => handshake(TokioIo::new(stream)).await.map(Connected::H1),
             }
         };
         let limit = deadline.min(Instant::now() + self.connect_timeout);
         match tokio::time::timeout_at(limit, connect).await {
-            Ok(Ok(sender)) => Ok(Pooled {
+            Ok(Ok(Connected::H1(sender))) => Ok(Connected::Pooled(Pooled {
                 sender,
                 timer: Box::pin(tokio::time::sleep_until(deadline)),
-            }),
+            })),
+            Ok(Ok(connected)) => Ok(connected),
             Ok(Err(error)) => {
                 tracing::warn!(%error, origin = %self.address, "cannot connect upstream");
                 Err(UpstreamFailure::Connect)
@@ -221,11 +229,22 @@ impl Origin {
     ) -> Result<Response<Body>, UpstreamFailure> {
         let mut fresh = false;
         loop {
+            if let Some(sender) = self.h2_sender() {
+                return self.send_h2(sender, request, deadline).await;
+            }
             let mut pooled = match self.take_idle() {
                 Some(pooled) => pooled,
                 None => {
                     fresh = true;
-                    self.connect(deadline).await?
+                    match self.connect(deadline).await? {
+                        Connected::Pooled(pooled) => pooled,
+                        Connected::H2(sender) => {
+                            *self.h2.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(sender.clone());
+                            return self.send_h2(sender, request, deadline).await;
+                        }
+                        Connected::H1(_) => return Err(UpstreamFailure::Connect),
+                    }
                 }
             };
             let ready = poll_fn(|cx| pooled.sender.poll_ready(cx));
@@ -269,6 +288,98 @@ impl Origin {
             }
         }
     }
+}
+
+impl Origin {
+    /// The origin's HTTP/2 connection, if it has a live one.
+    fn h2_sender(&self) -> Option<http2::SendRequest<Body>> {
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        match h2.as_ref() {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                *h2 = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Sends `request` as one stream of the origin's HTTP/2 connection.
+    async fn send_h2(
+        &self,
+        mut sender: http2::SendRequest<Body>,
+        request: Request<Body>,
+        deadline: Instant,
+    ) -> Result<Response<Body>, UpstreamFailure> {
+        // HTTP/2 names the origin in `:authority` (from the URI), not in `Host`.
+        let (mut parts, body) = request.into_parts();
+        let authority = parts
+            .headers
+            .remove(header::HOST)
+            .and_then(|h| h.to_str().ok().map(str::to_owned))
+            .unwrap_or_else(|| self.address.clone());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        parts.uri = Uri::builder()
+            .scheme("https")
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .map_err(|_| UpstreamFailure::Connect)?;
+        parts.version = http::Version::HTTP_2;
+        let request = Request::from_parts(parts, body);
+        let sent = async {
+            poll_fn(|cx| sender.poll_ready(cx))
+                .await
+                .map_err(|_| UpstreamFailure::Connect)?;
+            sender.send_request(request).await.map_err(|error| {
+                tracing::warn!(%error, origin = %self.address, "upstream request failed");
+                UpstreamFailure::Broken
+            })
+        };
+        match tokio::time::timeout_at(deadline, sent).await {
+            Ok(Ok(response)) => {
+                let (mut parts, body) = response.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(
+                    parts,
+                    body.map_err(Into::into).boxed_unsync(),
+                ))
+            }
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(UpstreamFailure::Timeout),
+        }
+    }
+}
+
+/// A new connection to the origin.
+enum Connected {
+    /// HTTP/1.1, before it has its timer.
+    H1(SendRequest<Body>),
+    /// HTTP/1.1, ready to be lent.
+    Pooled(Pooled),
+    /// HTTP/2: shared.
+    H2(http2::SendRequest<Body>),
+}
+
+/// An HTTP/2 client connection over `io`, its connection task spawned.
+async fn handshake_h2<I>(io: I) -> std::io::Result<http2::SendRequest<Body>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake(io)
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream HTTP/2 connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 /// A response body that gives its connection back to the pool at its end.

@@ -118,14 +118,14 @@ impl Members {
             .collect::<Result<_, _>>()?;
         let tls = match entries.iter().position(|e| e.secure) {
             Some(at) => Some(
-                strata_core::tls::Connector::new(&backend.tls, &[b"http/1.1"]).map_err(|e| {
-                    PoolError {
+                strata_core::tls::Connector::new(&backend.tls, &[b"h2", b"http/1.1"]).map_err(
+                    |e| PoolError {
                         index: pool,
                         server: at,
                         url: backend.servers[at].url.clone(),
                         reason: format!("lb.backends[{pool}].tls: {e}"),
-                    }
-                })?,
+                    },
+                )?,
             ),
             None => None,
         };

@@ -66,7 +66,7 @@ impl Stack {
                 let tls = if uri.scheme_str() == Some("https") {
                     let connector = strata_core::tls::Connector::new(
                         &config.accelerator.upstream_tls,
-                        &[b"http/1.1"],
+                        &[b"h2", b"http/1.1"],
                     )
                     .context("accelerator.upstream_tls")?;
                     tokio::spawn(connector.clone().watch(shutdown.clone()));
