@@ -858,3 +858,43 @@ def test_a_terminated_server_connection_reaches_its_client_as_a_broken_connectio
                 victim.execute("select 1")
     with connect(server) as conn:
         assert conn.execute("select 1").fetchone()[0] == 1
+
+
+def test_the_pooler_reaches_postgres_over_tls_with_verify_full(pooler, test_ca):
+    """A PostgreSQL that takes TLS connections only (`hostnossl ... reject`): with
+    `server_sslmode = "verify-full"` and its CA the pooler logs in over TLS (pg_stat_ssl says
+    so), its health checks too; against another CA it refuses the server, a clean error."""
+    own = Postgres()
+    try:
+        for name in ("cert", "key"):
+            target = own.data / f"server.{name}"
+            shutil.copy(test_ca[name], target)
+            target.chmod(0o600)
+            if os.geteuid() == 0:
+                shutil.chown(target, "postgres", "postgres")
+        (own.data / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "hostssl all all 127.0.0.1/32 scram-sha-256\n"
+            "hostnossl all all 127.0.0.1/32 reject\n")
+        with open(own.data / "postgresql.conf", "a") as conf:
+            conf.write("ssl = on\nssl_cert_file = 'server.cert'\nssl_key_file = 'server.key'\n")
+        own.restart()
+        tls = ('server_sslmode = "verify-full"\n'
+               "[dbpool.server_tls]\n"
+               f'ca_file = "{test_ca["ca"]}"\n')
+        server = pooler(tls, server=own)
+        with connect(server) as conn:
+            ssl = conn.execute(
+                "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()").fetchone()
+            assert ssl[0] is True and ssl[1].startswith("TLS"), ssl
+        assert wait_until(lambda: server.status()["dbpool"]["server"]["up"] is True)
+        # Without TLS the same server refuses the pooler; with another CA the pooler refuses it.
+        plain = pooler("", server=own)
+        with pytest.raises(psycopg.OperationalError):
+            connect(plain).close()
+        wrong = pooler(tls.replace(str(test_ca["ca"]), str(test_ca["other_ca"])), server=own)
+        with pytest.raises(psycopg.OperationalError) as refused:
+            connect(wrong).close()
+        assert "invalid peer certificate: UnknownIssuer" in str(refused.value), refused.value
+    finally:
+        own.stop()

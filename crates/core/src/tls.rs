@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+pub use tokio_rustls::client::TlsStream as ClientTlsStream;
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::{self, ServerConfig};
@@ -159,7 +160,7 @@ pub fn acceptor(
 /// TLS towards servers (a backend or an origin at an `https://` URL): the CAs their
 /// certificates must chain to, and this side's own certificate when they ask for one
 /// (mutual TLS). The files are watched like a listener's: new connections use new files.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClientTls {
     /// PEM file of the CAs that sign the servers' certificates (default: the system's).

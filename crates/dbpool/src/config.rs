@@ -16,6 +16,12 @@ pub struct DbPoolConfig {
     pub unix_socket_dir: Option<std::path::PathBuf>,
     /// The PostgreSQL server, as `host:port`.
     pub server: String,
+    /// TLS to the server, as libpq's `sslmode`: `disable` (the default) or `verify-full`
+    /// (TLS required, the certificate checked against `server_tls.ca_file` and valid for
+    /// the host in `server`).
+    pub server_sslmode: String,
+    /// The CAs for `verify-full`, and a client certificate if the server asks for one.
+    pub server_tls: strata_core::tls::ClientTls,
     /// The role the pooler logs into PostgreSQL as; clients name it too.
     pub server_user: String,
     /// Its password (SCRAM-SHA-256, md5 or cleartext, whichever the server asks for).
@@ -102,6 +108,8 @@ impl Default for DbPoolConfig {
             unix_socket_dir: None,
             server: "127.0.0.1:5432".into(),
             server_user: "postgres".into(),
+            server_sslmode: "disable".into(),
+            server_tls: strata_core::tls::ClientTls::default(),
             server_password: None,
             users: Vec::new(),
             auth: "scram-sha-256".into(),
@@ -175,6 +183,13 @@ impl DbPoolConfig {
                 self.min_idle, self.pool_size
             ));
         }
+        if !matches!(self.server_sslmode.as_str(), "disable" | "verify-full") {
+            return Err(format!(
+                "dbpool.server_sslmode = {:?}: expected \"disable\" or \"verify-full\"",
+                self.server_sslmode
+            ));
+        }
+        self.server_tls.validate("dbpool.server_tls")?;
         match self.auth.as_str() {
             "trust" => {}
             "scram-sha-256" | "md5" if self.server_password.is_some() => {}

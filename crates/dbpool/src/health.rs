@@ -119,23 +119,27 @@ async fn check(config: &DbPoolConfig, client: &mut Option<Client>) -> Result<Dur
 }
 
 /// A control connection as `server_user` to `health_check_database`.
+/// Made over the pooler's own connection to the server (TLS as `server_sslmode` says).
 pub(crate) async fn connect(config: &DbPoolConfig, name: &str) -> Result<Client, String> {
-    let (host, port) = config
-        .server
-        .rsplit_once(':')
-        .ok_or("dbpool.server is not host:port")?;
-    let port: u16 = port.parse().map_err(|_| "dbpool.server has a bad port")?;
     let mut pg = tokio_postgres::Config::new();
-    pg.host(host.trim_matches(['[', ']']))
-        .port(port)
-        .user(&config.server_user)
+    pg.user(&config.server_user)
         .dbname(&config.health_check_database)
         .application_name(name)
-        .connect_timeout(Duration::from_secs(5));
+        .ssl_mode(tokio_postgres::config::SslMode::Disable);
     if let Some(password) = &config.server_password {
         pg.password(password);
     }
-    let (client, connection) = pg.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let login = async {
+        let stream = crate::upstream::open(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        pg.connect_raw(stream, NoTls)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let (client, connection) = tokio::time::timeout(Duration::from_secs(5), login)
+        .await
+        .map_err(|_| "no answer within 5s".to_owned())??;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "dbpool: health connection closed");

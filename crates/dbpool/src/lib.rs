@@ -13,6 +13,8 @@
 //! - [`config`]: the `[dbpool]` section.
 //! - `wire`: startup packets, message framing, the messages the pooler writes itself.
 //! - `server`: logging into PostgreSQL, resetting a connection.
+//! - `upstream`: the connection to PostgreSQL, TCP or TLS (`server_sslmode = "verify-full"`;
+//!   a TLS session stays on the runtime that made it).
 //! - `pool`: connections per database, bounded, with a wait timeout, a reserve, lifetimes,
 //!   `min_idle` and pausing.
 //! - `flow`: the answers a server owes a client, to know where a transaction ends.
@@ -104,6 +106,7 @@ mod runners;
 mod scram;
 mod server;
 mod state;
+mod upstream;
 mod wire;
 
 use std::fmt::Write as _;

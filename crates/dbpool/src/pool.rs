@@ -286,7 +286,7 @@ impl Pool {
         let c = &self.config;
         let key = &entry.key;
         let credential = self.credential_of(&key.user);
-        let conn = ServerConn::connect(&c.server, &key.user, &key.database, credential.as_ref())
+        let conn = ServerConn::connect(c, &key.user, &key.database, credential.as_ref())
             .await
             .inspect_err(|_| self.counts.server_errors.inc())?;
         self.counts.opened.inc();

@@ -7,6 +7,8 @@ use postgres_protocol::message::{backend, frontend};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use crate::upstream::ServerStream;
+
 use crate::auth::{self, Credential};
 use crate::prepared::OnServer;
 use crate::scram;
@@ -15,7 +17,7 @@ use crate::wire::{self, WireError};
 /// One logged-in server connection.
 #[derive(Debug)]
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// `ParameterStatus` values the server reported, for the clients that get this connection.
     pub params: Vec<(String, String)>,
     /// The tracked ones among them, for comparing with a client's.
@@ -70,20 +72,21 @@ pub fn error_text(message: &[u8]) -> String {
 }
 
 impl ServerConn {
-    /// Connects to `addr` and logs in as `user` to `database`.
+    /// Connects to the server (TLS as `server_sslmode` says) and logs in as `user` to
+    /// `database`.
     pub async fn connect(
-        addr: &str,
+        config: &crate::config::DbPoolConfig,
         user: &str,
         database: &str,
         credential: Option<&Credential>,
     ) -> Result<Self, ServerError> {
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ServerError::Connect {
-                addr: addr.to_owned(),
-                source,
-            })?;
-        stream.set_nodelay(true)?;
+        let mut stream =
+            crate::upstream::open(config)
+                .await
+                .map_err(|source| ServerError::Connect {
+                    addr: config.server.clone(),
+                    source,
+                })?;
         let mut out = BytesMut::new();
         let params = [
             ("user", user),
@@ -189,12 +192,7 @@ impl ServerConn {
     /// the socket (a short read clears readiness), so any byte or close since then has made
     /// it readable. Only then is the socket itself asked.
     pub fn is_quiet(&self) -> bool {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if self.stream.poll_read_ready(&mut cx).is_pending() {
-            return true;
-        }
-        let mut byte = [0u8; 1];
-        matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.stream.is_quiet()
     }
 
     /// Registers the socket with the calling thread's runtime, if it is another's.
@@ -204,9 +202,15 @@ impl ServerConn {
             return Ok(self);
         }
         let mut conn = *self;
-        let socket = conn.stream.into_std()?;
-        conn.stream = TcpStream::from_std(socket)?;
-        conn.home = here;
+        match conn.stream {
+            ServerStream::Plain(tcp) => {
+                conn.stream = ServerStream::Plain(TcpStream::from_std(tcp.into_std()?)?);
+                conn.home = here;
+            }
+            // A TLS session stays with the runtime it was made on (whose reactor still
+            // serves it from any thread).
+            tls @ ServerStream::Tls(_) => conn.stream = tls,
+        }
         Ok(Box::new(conn))
     }
 
