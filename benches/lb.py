@@ -3,9 +3,10 @@
 A fast backend (crates/lb/examples/fixed_body.rs, a bare hyper server answering 13 bytes) on
 core 1 beside wrk; in front of it, each pinned to core 0: Strata (`--tiers lb`, a pool of one
 server), HAProxy (one thread, `http-reuse always`) and nginx (one worker, upstream
-keepalive). Two workloads: plain HTTP/1.1 keep-alive, and TLS termination (TLS 1.3, ECDSA
-P-256, HTTP/1.1 to the backend). The method of benchlib.measure; the ceiling is the backend
-hit directly by the same wrk.
+keepalive). Three workloads: plain HTTP/1.1 keep-alive, TLS termination (TLS 1.3, ECDSA
+P-256, HTTP/1.1 to the backend), and plain HTTP in with TLS to the backend (the same server
+over TLS, its certificate verified: Strata and HAProxy only). The method of
+benchlib.measure; the ceiling is the backend hit directly by the same wrk.
 """
 
 import argparse
@@ -35,9 +36,14 @@ frontend plain
 frontend secure
     bind 127.0.0.1:{tls_port} ssl crt {tmp}/haproxy.pem alpn http/1.1
     default_backend origin
+    acl to_tls path_beg /tls/
+    use_backend origin_tls if to_tls
 backend origin
     http-reuse always
     server o 127.0.0.1:{origin}
+backend origin_tls
+    http-reuse always
+    server o 127.0.0.1:{tls_origin} ssl verify required ca-file {tmp}/ca.pem verifyhost localhost sni str(localhost) alpn http/1.1
 """
 
 NGINX = """
@@ -79,6 +85,18 @@ health_interval = "1h"
 [[lb.backends.servers]]
 name = "o"
 url = "http://127.0.0.1:{origin}"
+[[lb.backends]]
+name = "origin-tls"
+health_interval = "1h"
+[lb.backends.tls]
+ca_file = "{tmp}/ca.pem"
+[[lb.backends.servers]]
+name = "o"
+url = "https://localhost:{tls_origin}"
+resolve = false
+[[lb.routes]]
+path_prefix = "/tls/"
+backend = "origin-tls"
 [admin]
 bind = "127.0.0.1:{admin}"
 """
@@ -90,18 +108,34 @@ def main():
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="strata-bench-lb-"))
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(tmp / "key.pem"),
-                    "-out", str(tmp / "cert.pem"), "-days", "2", "-subj", "/CN=localhost"],
-                   check=True, capture_output=True)
+
+    def openssl(*more):
+        subprocess.run(["openssl", *more], cwd=tmp, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "key.pem", "-out", "cert.pem", "-days", "2",
+            "-subj", "/CN=localhost")
+    # The TLS backend's certificate, from a CA of its own (a CA cannot be a server's).
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=bench CA")
+    openssl("req", *ec, "-keyout", "origin.key", "-out", "origin.csr", "-subj", "/CN=localhost")
+    (tmp / "ext.cnf").write_text("subjectAltName=DNS:localhost\n")
+    openssl("x509", "-req", "-in", "origin.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "origin.pem", "-days", "2", "-extfile", "ext.cnf")
     (tmp / "haproxy.pem").write_text((tmp / "cert.pem").read_text() + (tmp / "key.pem").read_text())
     origin = free_port()
     fixed_body = ROOT / "target" / "release" / "examples" / "fixed_body"
     backend = subprocess.Popen(["taskset", "-c", "1", str(fixed_body), f"127.0.0.1:{origin}",
                                 str(BODY)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tls_origin = free_port()
+    tls_backend = subprocess.Popen(["taskset", "-c", "1", str(fixed_body),
+                                    f"127.0.0.1:{tls_origin}", str(BODY), str(tmp / "origin.pem"),
+                                    str(tmp / "origin.key")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ports = {name: (free_port(), free_port()) for name in ("strata", "haproxy", "nginx")}
     fill = lambda name, text: text.format(port=ports[name][0], tls_port=ports[name][1],
-                                          tmp=tmp, origin=origin, admin=free_port())
+                                          tmp=tmp, origin=origin, tls_origin=tls_origin,
+                                          admin=free_port())
     (tmp / "strata.toml").write_text(fill("strata", STRATA_CONFIG))
     (tmp / "haproxy.cfg").write_text(fill("haproxy", HAPROXY))
     (tmp / "nginx.conf").write_text(fill("nginx", NGINX))
@@ -118,18 +152,23 @@ def main():
              f"{args.rounds} rounds.", ""]
     report = {}
     try:
-        for workload, scheme, index in (("proxy-http", "http", 0), ("proxy-tls", "https", 1)):
-            servers = {name: (ports[name][index], command) for name, command in commands.items()}
-            summary = measure(servers, "/", args.rounds, args.seconds, env, scheme=scheme)
-            ceiling = measure({"backend direct": (origin, ["sleep", "infinity"])}, "/",
-                              args.rounds, args.seconds, env)
+        for workload, scheme, index, path in (("proxy-http", "http", 0, "/"),
+                                              ("proxy-tls", "https", 1, "/"),
+                                              ("proxy-to-tls-backend", "http", 0, "/tls/")):
+            servers = {name: (ports[name][index], command) for name, command in commands.items()
+                       if path == "/" or name != "nginx"}
+            summary = measure(servers, path, args.rounds, args.seconds, env, scheme=scheme)
+            direct = (tls_origin, "https") if path == "/tls/" else (origin, "http")
+            ceiling = measure({"backend direct": (direct[0], ["sleep", "infinity"])}, "/",
+                              args.rounds, args.seconds, env, scheme=direct[1])
             report[workload] = {"servers": summary, "ceiling": ceiling}
             lines += [f"## {workload}", ""] + table(summary) + [
                 "", f"Ceiling (backend hit directly): {ceiling['backend direct']['rps']:.0f} "
                 f"req/s, p99 {ceiling['backend direct']['p99_ms']:.2f} ms.", ""]
     finally:
-        backend.terminate()
-        backend.wait()
+        for process in (backend, tls_backend):
+            process.terminate()
+            process.wait()
     lines.append("Ratios are Strata's figure over the other's, the median of the rounds' ratios "
                  "(both measured in the same minute): req/s above 1 and p99 below 1 favour Strata.")
     save("lb", lines, report)

@@ -1,7 +1,8 @@
 //! The benchmarks' ceiling for cache hits: a bare hyper HTTP/1.1 server answering every
-//! request with the same body, on the same runtime Strata uses.
+//! request with the same body, on the same runtime Strata uses; with a certificate and key,
+//! over TLS (rustls, ALPN `http/1.1`), as a TLS backend.
 //!
-//! `fixed_body ADDR BYTES`
+//! `fixed_body ADDR BYTES [CERT KEY]`
 
 use std::convert::Infallible;
 
@@ -18,6 +19,14 @@ fn main() -> std::io::Result<()> {
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:8090".into());
     let size: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1024);
     let body = Bytes::from(vec![b'x'; size]);
+    let tls = match (args.next(), args.next()) {
+        (Some(cert), Some(key)) => Some(
+            strata_core::tls::acceptor(cert.as_ref(), key.as_ref(), &[b"http/1.1"])
+                .map_err(std::io::Error::other)?
+                .0,
+        ),
+        _ => None,
+    };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -27,15 +36,24 @@ fn main() -> std::io::Result<()> {
                 let (stream, _) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
                 let body = body.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |_request| {
                         let mut response = Response::new(Full::new(body.clone()));
                         *response.status_mut() = StatusCode::OK;
                         async move { Ok::<_, Infallible>(response) }
                     });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = http1::Builder::new();
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(secure) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(secure), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         })
