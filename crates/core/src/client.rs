@@ -229,19 +229,21 @@ impl Origin {
     ) -> Result<Response<Body>, UpstreamFailure> {
         let mut fresh = false;
         loop {
-            if let Some(sender) = self.h2_sender() {
-                return self.send_h2(sender, request, deadline).await;
+            if let Some(sender) = self.tls.as_ref().and_then(|_| self.h2_sender()) {
+                return Box::pin(self.send_h2(sender, request, deadline)).await;
             }
             let mut pooled = match self.take_idle() {
                 Some(pooled) => pooled,
                 None => {
                     fresh = true;
-                    match self.connect(deadline).await? {
+                    // Boxed: a new connection (a TLS handshake's state is kilobytes) is rare;
+                    // inline, its state would be copied with every request's future.
+                    match Box::pin(self.connect(deadline)).await? {
                         Connected::Pooled(pooled) => pooled,
                         Connected::H2(sender) => {
                             *self.h2.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(sender.clone());
-                            return self.send_h2(sender, request, deadline).await;
+                            return Box::pin(self.send_h2(sender, request, deadline)).await;
                         }
                         Connected::H1(_) => return Err(UpstreamFailure::Connect),
                     }

@@ -209,10 +209,9 @@ async fn forward(pool: Arc<Pool>, access: &Access, mut request: Request<Body>) -
             Err(refused) => return status_response(StatusCode::BAD_GATEWAY, &refused.to_string()),
         };
         // A copy for a retry only where there is a retry to make and a server to make it on.
-        let again = (tried.len() < pool.config.retries as usize
-            && tried.len() + 1 < pool.servers().len())
-        .then(|| copy_head(&request))
-        .flatten();
+        let again = (tried.len() < pool.config.retries as usize && tried.len() + 1 < pool.len())
+            .then(|| copy_head(&request))
+            .flatten();
         let response = call(&lease.server().service, request).await;
         let response = response.unwrap_or_else(|never| match never {});
         let id = lease.server().id;

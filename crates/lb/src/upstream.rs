@@ -324,6 +324,11 @@ impl Pool {
             .clone()
     }
 
+    /// How many members there are now.
+    pub fn len(&self) -> usize {
+        self.members.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Makes `servers` the members; requests in flight keep the servers they hold.
     pub fn set_servers(&self, servers: Vec<Arc<Server>>) {
         *self.members.write().unwrap_or_else(|e| e.into_inner()) = servers.into();
@@ -400,15 +405,17 @@ impl Pool {
     }
 
     fn try_lease(self: &Arc<Self>, tried: &[u64]) -> Pick {
-        let servers = self.servers();
+        // Read in place (no await while it is held): cheaper than a snapshot per request.
+        let members = self.members.read().unwrap_or_else(|e| e.into_inner());
+        let servers: &[Arc<Server>] = &members;
         let n = servers.len();
         if n <= INLINE_SERVERS {
             let mut seen = [Seen::default(); INLINE_SERVERS];
             let mut candidates = [Candidate::default(); INLINE_SERVERS];
-            self.choose(&servers, tried, &mut seen[..n], &mut candidates[..n])
+            self.choose(servers, tried, &mut seen[..n], &mut candidates[..n])
         } else {
             self.choose(
-                &servers,
+                servers,
                 tried,
                 &mut vec![Seen::default(); n],
                 &mut vec![Candidate::default(); n],
