@@ -321,19 +321,22 @@ def test_a_purge_on_one_app_host_reaches_every_app_host(cluster, tmp_path):
 
 
 def test_a_cache_tier_of_two_hosts(cluster, tmp_path):
-    """Two cache hosts behind StrataCache on two app hosts: keys placed as pymemcache's
-    HashClient places them, get_or_set computed once across hosts, and a cache host killed
+    """Two cache hosts, named by one DNS name, behind StrataCache on two app hosts: keys
+    placed as pymemcache's HashClient places them, get_or_set computed once across hosts, and a cache host killed
     costs misses (only its keys), never an error."""
     from pymemcache.client.base import Client
     from pymemcache.client.hash import HashClient
     from pymemcache.client.rendezvous import RendezvousHash
 
+    dns = cluster.dns()
     caches = [cluster.host(name) for name in ("cache1", "cache2")]
     for host in caches:
         host.start_strata("--tiers", "cache")
     nodes = [f"{h.addr}:11211" for h in caches]
-    config = ("[cache]\n" f"nodes = {nodes!r}\n".replace("'", '"')
-              + 'node_timeout = "300ms"\ndead_time = "30s"\n')
+    # One name for the cache tier, as a headless Service gives: every address a node.
+    dns.set("cache.cluster.test", caches)
+    config = ('[cache]\nnodes = ["cache.cluster.test:11211"]\n'
+              'node_timeout = "300ms"\ndead_time = "30s"\n')
     log = tmp_path / "dogpile.log"
     log.touch()
     apps = [app_host(cluster, name, config=config, env={"DOGPILE_LOG": str(log)},
