@@ -151,6 +151,16 @@ class Host:
         process.wait(timeout=timeout)
         self.processes.remove(process)
 
+    def upgrade_strata(self, timeout=60):
+        """A binary upgrade: a new strata takes this host's listening sockets over
+        (`--upgrade`) and the old one drains and exits; waits for that."""
+        old = self.processes[-1]
+        args, config, env = self.strata_args
+        self.start_strata(*args, "--upgrade", config=config, env=env, wait=False)
+        self.strata_args = (args, config, env)
+        old.wait(timeout=timeout)
+        self.processes.remove(old)
+
     def restart_strata(self):
         args, config, env = self.strata_args
         return self.start_strata(*args, config=config, env=env)

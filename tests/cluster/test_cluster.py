@@ -386,10 +386,11 @@ def test_a_cache_tier_of_two_hosts(cluster, tmp_path):
     assert get(apps[1], "/ops").text == "ok"
 
 
-def test_rolling_reloads_and_restarts_of_the_app_hosts_cost_no_request(cluster):
+def test_rolling_reloads_upgrades_and_restarts_of_the_app_hosts_cost_no_request(cluster):
     """The edge checks each app host's `/readyz` on its admin port; an app host told to stop
     stays up for `lb.shutdown_delay` while saying it is not ready, so the edge takes it out
-    before it stops accepting. Reloads, then restarts, host by host, under load."""
+    before it stops accepting. Reloads, then binary upgrades (a new master takes the sockets
+    over), then restarts, host by host, under load."""
     delay = DETECTION + 0.5
     config = f'[lb]\nshutdown_delay = "{int(delay * 1000)}ms"\n'
     apps = [app_host(cluster, f"app{i}", config=config) for i in (1, 2, 3)]
@@ -402,6 +403,9 @@ def test_rolling_reloads_and_restarts_of_the_app_hosts_cost_no_request(cluster):
                                    headers={"Authorization": "Bearer cluster-test-token"})
             assert answer.json()["ok"], answer.text
         reloaded = len(load.results)
+        for app in apps:
+            app.upgrade_strata()
+        upgraded = len(load.results)
         for app in apps:
             stopping = time.monotonic()
             app.stop_strata()
@@ -416,8 +420,9 @@ def test_rolling_reloads_and_restarts_of_the_app_hosts_cost_no_request(cluster):
     finally:
         load.stop()
     failed = failures(load.results)
-    print(f"rolling reload then restart of 3 app hosts: {len(load.results)} requests"
-          f" ({reloaded} through the reloads), {len(failed)} failed")
+    print(f"rolling reload, binary upgrade, then restart of 3 app hosts: {len(load.results)}"
+          f" requests ({reloaded} through the reloads, {upgraded - reloaded} through the"
+          f" upgrades), {len(failed)} failed")
     assert failed == [], collections.Counter(r[2] for r in failed)
 
 
