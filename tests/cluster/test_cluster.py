@@ -196,6 +196,8 @@ def test_app_hosts_join_and_leave_by_dns_without_a_reload(cluster):
         dns.set("app.cluster.test", [app1, app2])
         assert wait_until(lambda: load.served_by("app2", added) > 0, 10)
         joined = time.monotonic() - added
+        # It joined in slow start.
+        assert servers(edge)[f"app/{app2.addr}:8000"]["weight_now"] < 1
         assert wait_until(lambda: load.served_by("app2", added) > 5, 10)
         print(f"\nhost added by DNS: first request after {joined:.2f} s"
               f" (resolve interval {interval} s)")
@@ -309,6 +311,14 @@ def test_a_purge_on_one_app_host_reaches_every_app_host(cluster, tmp_path):
     took = time.monotonic() - started
     assert answer.json()["missed"] == [f"http://{hosts[2].addr}:9000"], answer.json()
     assert took < 0.5, "an unreachable peer is not waited for"
+    missed = [line for line in hosts[0].admin("/metrics").text.splitlines()
+              if 'strata_cluster_purges_total{event="missed_by_peer"}' in line]
+    assert float(missed[0].split()[-1]) >= 1, missed
+    # Only nodes with the cluster's secret may push purges.
+    forged = requests.post(hosts[1].url("/cluster/purge", 9000), timeout=5,
+                           headers={"Authorization": "Bearer cluster-test-token"},
+                           data=b'{"node": 1, "seq": 1, "purge": {"all": true}}')
+    assert forged.status_code == 401, forged.text
     assert cached_page(hosts[0]).text == "app1 v9"
     assert cached_page(hosts[1]).text == "app2 v9"
     hosts[2].heal()
