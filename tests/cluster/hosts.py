@@ -17,10 +17,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-from conftest import STRATA
+from conftest import STRATA, wait_until
 
 HTTP_PORT = 8000
 # Every host's admin listener is on its network address, so it needs a token.
@@ -43,17 +42,20 @@ def missing():
     return None
 
 
+def connectable(addr, port):
+    try:
+        with socket.create_connection((addr, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
 def reachable(addr, port, timeout, process=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            return False
-        try:
-            with socket.create_connection((addr, port), timeout=0.3):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
+    """Whether `addr:port` accepts connections within `timeout` (False at once if `process`
+    exits first)."""
+    exited = lambda: process is not None and process.poll() is not None  # noqa: E731
+    wait_until(lambda: exited() or connectable(addr, port), timeout)
+    return not exited() and connectable(addr, port)
 
 
 class Host:
@@ -139,9 +141,7 @@ class Host:
                 pass
         for process in self.processes:
             process.wait()
-        deadline = time.monotonic() + 10
-        while self.pids() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not self.pids(), 10)
         self.processes = []
 
     def stop_strata(self, timeout=60):
@@ -202,13 +202,11 @@ class Dns:
              "--bind-interfaces", "--local-ttl=0", "--log-queries", "--user=root",
              f"--pid-file={cluster.tmp / 'dnsmasq.pid'}"],
             log=cluster.tmp / "dns.log")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.process.poll() is None:
-            if f"{self.host.addr}:53" in sh("ip", "netns", "exec", self.host.ns, "ss", "-uln",
-                                               check=False).stdout:
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"dnsmasq did not start: {(cluster.tmp / 'dns.log').read_text()}")
+        listening = lambda: f"{self.host.addr}:53" in sh(  # noqa: E731
+            "ip", "netns", "exec", self.host.ns, "ss", "-uln", check=False).stdout
+        if not wait_until(lambda: self.process.poll() is not None or listening(), 10) \
+                or not listening():
+            raise AssertionError(f"dnsmasq did not start: {(cluster.tmp / 'dns.log').read_text()}")
 
     def set(self, name, hosts):
         """`name` resolves to the addresses of `hosts` from now on."""

@@ -83,6 +83,8 @@ class Load:
         self.url = url
         self.headers = headers
         self.results = []
+        # When each client thread sent the request it is waiting for.
+        self.pending = {}
         self.running = True
         self.threads = [threading.Thread(target=self.run) for _ in range(clients)]
         for thread in self.threads:
@@ -90,14 +92,22 @@ class Load:
 
     def run(self):
         session = requests.Session()
+        me = threading.get_ident()
         while self.running:
-            sent = time.monotonic()
+            sent = self.pending[me] = time.monotonic()
             try:
                 response = session.get(self.url, timeout=30, headers=self.headers)
                 outcome, body = response.status_code, response.text
             except requests.RequestException as error:
                 outcome, body = type(error).__name__, ""
             self.results.append((sent, time.monotonic(), outcome, body))
+        self.pending.pop(me, None)
+
+    def settled(self, moment, after=0):
+        """Every request sent before `moment` has its result, and at least `after` were sent
+        since: what happened to requests around an event is all known."""
+        waiting = all(sent > moment for sent in list(self.pending.values()))
+        return waiting and sum(1 for r in self.results if r[0] > moment) >= after
 
     def since(self, moment):
         return [r for r in self.results if r[1] >= moment]
@@ -133,7 +143,8 @@ def test_an_app_host_killed_or_cut_off_costs_at_most_its_requests_in_flight(clus
         apps[1].kill()
         assert wait_until(lambda: not servers(edge)["app2"]["up"], 10)
         detected = time.monotonic() - killed
-        time.sleep(0.5)
+        # Every request sent before it was found down has its answer.
+        assert wait_until(lambda: load.settled(killed + detected), 10)
         failed = failures(load.since(killed))
         in_flight = edge.log().count(cut_short) - before
         print(f"\nkilled app host: {len(failed)} failed requests ({in_flight} were in flight"
@@ -159,7 +170,8 @@ def test_an_app_host_killed_or_cut_off_costs_at_most_its_requests_in_flight(clus
         apps[2].cut()
         assert wait_until(lambda: not servers(edge)["app3"]["up"], 10)
         detected = time.monotonic() - cut
-        time.sleep(TIMEOUT + 0.5)
+        # The requests stuck on it end with `timeout`.
+        assert wait_until(lambda: load.settled(cut + detected), TIMEOUT + 10)
         in_flight = seen["in_flight"] + servers(edge)["app3"]["requests"] - seen["requests"]
         after_cut = load.since(cut)
         failed = failures(after_cut)
@@ -208,8 +220,8 @@ def test_app_hosts_join_and_leave_by_dns_without_a_reload(cluster):
         dns.set("app.cluster.test", [app2])
         assert wait_until(lambda: list(servers(edge)) == [f"app/{app2.addr}:8000"], 10)
         left = time.monotonic()
-        time.sleep(0.5)
-        assert load.served_by("app1", left + 0.2) == 0
+        assert wait_until(lambda: load.settled(left, after=20), 10)
+        assert load.served_by("app1", left) == 0
         print(f"host removed from DNS: gone from the pool after {left - removed:.2f} s")
 
         # DNS fails: the members stay.
@@ -514,7 +526,7 @@ def test_the_pooler_host_rides_out_a_postgres_restart(cluster):
             assert wait_until(lambda: any(r[0] > restarted and r[2] == 200
                                           for r in load.results), 30)
             recovered = time.monotonic()
-            time.sleep(1)
+            assert wait_until(lambda: load.settled(recovered, after=20), 30)
         finally:
             load.stop()
         during = [r for r in load.results if r[1] >= restarting]
