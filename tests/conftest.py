@@ -96,6 +96,20 @@ def wait_until(predicate, timeout=15):
     return False
 
 
+def strata_run(bind, admin, cache, args, config=None, config_path=None, env=None):
+    """The command line and environment of a `strata run` listening on these addresses,
+    with `config` (TOML text) written to `config_path` if given; the caller's own `STRATA_*`
+    variables are left out, `env` added."""
+    command = [str(STRATA), "run", "--bind", bind, "--admin", admin]
+    if config is not None:
+        config_path.write_text(config)
+        command += ["--config", str(config_path)]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
+    full_env["STRATA_CACHE__BIND"] = cache
+    full_env.update(env or {})
+    return command + list(args), full_env
+
+
 class Strata:
     """One running `strata run`."""
 
@@ -104,16 +118,10 @@ class Strata:
         self.admin_port = free_port()
         self.cache_port = free_port()
         self.log_path = tmp_path / f"strata-{self.port}.log"
-        command = [str(STRATA), "run", "--bind", f"127.0.0.1:{self.port}",
-                   "--admin", f"127.0.0.1:{self.admin_port}"]
-        if config is not None:
-            config_path = tmp_path / f"strata-{self.port}.toml"
-            config_path.write_text(config)
-            command += ["--config", str(config_path)]
-        command += list(args)
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
-        full_env["STRATA_CACHE__BIND"] = f"127.0.0.1:{self.cache_port}"
-        full_env.update(env or {})
+        command, full_env = strata_run(
+            f"127.0.0.1:{self.port}", f"127.0.0.1:{self.admin_port}",
+            f"127.0.0.1:{self.cache_port}", args, config=config,
+            config_path=tmp_path / f"strata-{self.port}.toml", env=env)
         self.log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             command, stdout=self.log_file, stderr=subprocess.STDOUT, env=full_env,

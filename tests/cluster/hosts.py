@@ -19,7 +19,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from conftest import STRATA, wait_until
+from conftest import strata_run, wait_until
 
 HTTP_PORT = 8000
 # Every host's admin listener is on its network address, so it needs a token.
@@ -99,17 +99,10 @@ class Host:
         """Runs `strata run` on this host (HTTP on :8000, admin on :9000, the cache on
         :11211, each on the host's address), with `config` (TOML text) if given."""
         tmp = self.cluster.tmp
-        command = [str(STRATA), "run", "--bind", f"{self.addr}:{HTTP_PORT}",
-                   "--admin", f"{self.addr}:{ADMIN_PORT}"]
-        if config is not None:
-            path = tmp / f"{self.name}.toml"
-            path.write_text(config)
-            command += ["--config", str(path)]
-        command += list(args)
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("STRATA_")}
-        full_env["STRATA_CACHE__BIND"] = f"{self.addr}:{CACHE_PORT}"
-        full_env["STRATA_ADMIN__TOKEN"] = ADMIN_TOKEN
-        full_env.update(env or {})
+        command, full_env = strata_run(
+            f"{self.addr}:{HTTP_PORT}", f"{self.addr}:{ADMIN_PORT}", f"{self.addr}:{CACHE_PORT}",
+            args, config=config, config_path=tmp / f"{self.name}.toml",
+            env={"STRATA_ADMIN__TOKEN": ADMIN_TOKEN, **(env or {})})
         self.strata_args = (args, config, env)
         process = self.popen(command, log=self.log_path(), env=full_env, cwd=tmp)
         if wait and not reachable(self.addr, ADMIN_PORT, 60, process):

@@ -17,7 +17,6 @@
 //! A host name in `cache.nodes` stands for every address it resolves to (each `ip:port` a
 //! node), looked up again every `resolve_interval`.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -206,11 +205,11 @@ impl Ring {
     pub fn new(config: &crate::CacheConfig) -> Arc<Self> {
         let mut nodes = Vec::new();
         for (entry, node) in config.nodes.iter().enumerate() {
-            match std::net::ToSocketAddrs::to_socket_addrs(node.as_str()) {
-                Ok(addrs) => {
-                    let addrs: BTreeSet<SocketAddr> = addrs.collect();
-                    nodes.extend(addrs.into_iter().map(|a| Node::new(entry, a)));
-                }
+            let found = strata_core::resolve::split(node)
+                .ok_or_else(|| std::io::Error::other("not host:port"))
+                .and_then(|(host, port)| strata_core::resolve::addresses_now(host, port));
+            match found {
+                Ok(addrs) => nodes.extend(addrs.into_iter().map(|a| Node::new(entry, a))),
                 Err(error) => {
                     tracing::warn!(node = %node, %error, "cache node does not resolve yet")
                 }
@@ -232,11 +231,15 @@ impl Ring {
             let current = self.nodes();
             let mut next = Vec::new();
             for (entry, node) in self.config.nodes.iter().enumerate() {
-                let Ok(addrs) = tokio::net::lookup_host(node.as_str()).await else {
+                let found = match strata_core::resolve::split(node) {
+                    Some((host, port)) => strata_core::resolve::addresses(host, port).await.ok(),
+                    None => None,
+                };
+                let Some(addrs) = found else {
                     next.extend(current.iter().filter(|n| n.entry == entry).cloned());
                     continue;
                 };
-                for addr in addrs.collect::<BTreeSet<_>>() {
+                for addr in addrs {
                     match current.iter().find(|n| n.entry == entry && n.addr == addr) {
                         Some(known) => next.push(known.clone()),
                         None => next.push(Node::new(entry, addr)),

@@ -18,6 +18,7 @@ pub mod duration;
 pub mod listen;
 pub mod logging;
 pub mod metrics;
+pub mod resolve;
 pub mod seam;
 pub mod shutdown;
 pub mod tls;

@@ -9,7 +9,6 @@
 //! finishes the requests it holds. A lookup that fails keeps the members the name had (a DNS
 //! outage must not empty the pool), and is logged.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -159,9 +158,7 @@ impl Members {
                 Source::Local => servers.push(self.server(at, None, None)),
                 Source::Fixed(url) => servers.push(self.server(at, Some(url.clone()), None)),
                 Source::Name { host, port } => {
-                    let found = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), *port))
-                        .map(|addrs| addrs.collect::<BTreeSet<_>>());
-                    match found {
+                    match strata_core::resolve::addresses_now(host, *port) {
                         Ok(addrs) => {
                             servers.extend(addrs.into_iter().map(|a| self.member(at, a)));
                         }
@@ -248,8 +245,8 @@ impl Members {
                 next.extend(had.cloned());
                 continue;
             };
-            let addrs = match tokio::net::lookup_host((host.as_str(), *port)).await {
-                Ok(addrs) => addrs.collect::<BTreeSet<_>>(),
+            let addrs = match strata_core::resolve::addresses(host, *port).await {
+                Ok(addrs) => addrs,
                 Err(error) => {
                     tracing::warn!(
                         pool = %self.backend.name, %host, %error,

@@ -19,9 +19,9 @@
 //! every node, itself included) leaves itself out.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -236,18 +236,15 @@ impl Cluster {
             let Ok(uri) = url.parse::<http::Uri>() else {
                 continue;
             };
-            let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+            let host = uri.host().unwrap_or_default();
             let port = uri.port_u16().unwrap_or(80);
-            let addrs: BTreeSet<SocketAddr> = match host.parse::<IpAddr>() {
-                Ok(ip) => BTreeSet::from([SocketAddr::new(ip, port)]),
-                Err(_) => match tokio::net::lookup_host((host, port)).await {
-                    Ok(found) => found.collect(),
-                    Err(error) => {
-                        tracing::warn!(peer = %url, %error, "cluster peer did not resolve: its addresses are kept");
-                        next.extend(current.iter().filter(|p| p.entry == entry).cloned());
-                        continue;
-                    }
-                },
+            let addrs = match strata_core::resolve::addresses(host, port).await {
+                Ok(addrs) => addrs,
+                Err(error) => {
+                    tracing::warn!(peer = %url, %error, "cluster peer did not resolve: its addresses are kept");
+                    next.extend(current.iter().filter(|p| p.entry == entry).cloned());
+                    continue;
+                }
             };
             for addr in addrs {
                 match current

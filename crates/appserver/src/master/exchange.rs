@@ -346,7 +346,7 @@ async fn next_frame(
             }
             kind::CACHE => {
                 let answer = match shared.memcache.get() {
-                    Some(cache) => cache.execute(payload.clone()).await,
+                    Some(cache) => cache.execute(std::mem::take(payload)).await,
                     None => b"SERVER_ERROR this node runs no cache tier\r\n".to_vec(),
                 };
                 enc.frame(kind::CACHE_REPLY, &answer);
