@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 
 . benches/tools.sh
 need wrk haproxy nginx
-[ -x target/release/strata ] || cargo build --release --locked
-cargo build --release --locked --example fixed_body -p strata-lb
+cargo build --release --locked -p strata
+cargo build --release --locked --example fixed_body --example relay -p strata-lb
 exec python3 benches/lb.py "$@"

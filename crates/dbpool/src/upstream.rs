@@ -8,12 +8,10 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
 
-use strata_core::tls::{ClientTls, ClientTlsStream, Connector};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use strata_core::tls::{ClientTls, Connector};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::DbPoolConfig;
@@ -22,74 +20,7 @@ use crate::config::DbPoolConfig;
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// A connection to the server.
-#[derive(Debug)]
-pub enum ServerStream {
-    Plain(TcpStream),
-    Tls(Box<ClientTlsStream<TcpStream>>),
-}
-
-impl ServerStream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Self::Plain(tcp) => tcp,
-            Self::Tls(tls) => tls.get_ref().0,
-        }
-    }
-
-    /// Whether the idle connection has nothing to say: a server that closed it, or sent
-    /// anything (a FATAL on shutdown), makes it unfit to lend. The socket is only peeked, so
-    /// a TLS record stays for the TLS session to read.
-    pub fn is_quiet(&self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let tcp = self.tcp();
-        if tcp.poll_read_ready(&mut cx).is_pending() {
-            return true;
-        }
-        let mut byte = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut byte);
-        matches!(tcp.poll_peek(&mut cx, &mut buf), Poll::Pending)
-    }
-}
-
-impl AsyncRead for ServerStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+pub use strata_core::tls::ClientStream as ServerStream;
 
 /// The connector for these files, made once and reloaded when they change.
 fn connector(settings: &ClientTls) -> io::Result<Arc<Connector>> {
