@@ -16,6 +16,7 @@
 
 mod h1;
 
+use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -84,19 +85,9 @@ pub fn upstream_tls(
         idle: Mutex::new(Vec::new()),
     });
     HttpService::from_fn(move |request: Request<Body>| {
-        let origin = origin.clone();
-        async move {
-            let request = retarget(request);
-            Ok(match origin.send(request, Instant::now() + timeout).await {
-                Ok(response) => response,
-                Err(UpstreamFailure::Timeout) => failed(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream timed out",
-                    UpstreamFailure::Timeout,
-                ),
-                Err(failure) => failed(StatusCode::BAD_GATEWAY, "upstream unavailable", failure),
-            })
-        }
+        origin
+            .clone()
+            .send(retarget(request), Instant::now() + timeout)
     })
 }
 
@@ -126,7 +117,9 @@ struct Origin {
 /// current request's own deadline. A busy connection touches the runtime's timer wheel about
 /// once per timeout, where a timer per request would arm and disarm an entry every time.
 struct Pooled {
-    conn: h1::Conn,
+    /// Boxed, with the connection's buffers: a request's future holds its connection, and
+    /// moves it in and out of the pool, as one pointer.
+    conn: Box<h1::Conn>,
     timer: Pin<Box<Sleep>>,
 }
 
@@ -191,7 +184,7 @@ impl Origin {
         let limit = deadline.min(Instant::now() + self.connect_timeout);
         match tokio::time::timeout_at(limit, connect).await {
             Ok(Ok(Connected::H1(stream))) => Ok(Connected::Pooled(Pooled {
-                conn: h1::Conn::new(stream),
+                conn: Box::new(h1::Conn::new(stream)),
                 timer: Box::pin(tokio::time::sleep_until(deadline)),
             })),
             Ok(Ok(connected)) => Ok(connected),
@@ -209,15 +202,59 @@ impl Origin {
 
     /// Sends `request` on an idle connection, or a new one; returns the response with a body
     /// that gives the connection back once read to the end.
-    async fn send(
+    ///
+    /// The request is taken apart before the future is made, and every await below is of a
+    /// future that borrows what this one holds: each async fn's arguments get slots of their
+    /// own in its future, so a request handed down by value would be held twice or three
+    /// times in the future, which is boxed per request (the smaller, the cheaper).
+    fn send(
         self: Arc<Self>,
         request: Request<Body>,
         deadline: Instant,
-    ) -> Result<Response<Body>, UpstreamFailure> {
-        if let Some(sender) = self.tls.as_ref().and_then(|_| self.h2_sender()) {
-            return Box::pin(self.send_h2(sender, request, deadline)).await;
-        }
-        let (parts, mut body) = request.into_parts();
+    ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send {
+        let (parts, body) = request.into_parts();
+        self.answer(parts, body, deadline)
+    }
+
+    async fn answer(
+        self: Arc<Self>,
+        parts: http::request::Parts,
+        mut body: Body,
+        deadline: Instant,
+    ) -> Result<Response<Body>, Infallible> {
+        let sent = match self.tls.as_ref().and_then(|_| self.h2_sender()) {
+            Some(sender) => Err(Unsent::H2(sender)),
+            None => self.send_h1(&parts, &mut body, deadline).await,
+        };
+        let failure = match sent {
+            Ok(response) => return Ok(response),
+            Err(Unsent::Failed(failure)) => failure,
+            Err(Unsent::H2(sender)) => {
+                let request = Request::from_parts(parts, body);
+                match Box::pin(self.send_h2(sender, request, deadline)).await {
+                    Ok(response) => return Ok(response),
+                    Err(failure) => failure,
+                }
+            }
+        };
+        Ok(match failure {
+            UpstreamFailure::Timeout => failed(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream timed out",
+                UpstreamFailure::Timeout,
+            ),
+            failure => failed(StatusCode::BAD_GATEWAY, "upstream unavailable", failure),
+        })
+    }
+
+    /// Sends the request over HTTP/1.1, on an idle connection or a new one; a new one may
+    /// turn out to be HTTP/2, and the request is handed back for it.
+    async fn send_h1(
+        self: &Arc<Self>,
+        parts: &http::request::Parts,
+        body: &mut Body,
+        deadline: Instant,
+    ) -> Result<Response<Body>, Unsent> {
         // Sent again after the origin closed on it unanswered: only what cannot have done
         // anything twice (RFC 9110 §9.2.2) and has no body to have lost.
         let again = body.is_end_stream() && idempotent(&parts.method);
@@ -234,20 +271,21 @@ impl Origin {
                         Connected::H2(sender) => {
                             *self.h2.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(sender.clone());
-                            let request = Request::from_parts(parts, body);
-                            return Box::pin(self.send_h2(sender, request, deadline)).await;
+                            return Err(Unsent::H2(sender));
                         }
-                        Connected::H1(_) => return Err(UpstreamFailure::Connect),
+                        Connected::H1(_) => return Err(UpstreamFailure::Connect.into()),
                     }
                 }
             };
             let exchanged = {
                 let Pooled { conn, timer } = &mut pooled;
-                let exchange = std::pin::pin!(exchange(conn, &parts, &mut body));
+                // Boxed (a small allocation): inline, the exchange's state would take this
+                // future past the size the allocator serves from its per-thread cache.
+                let exchange = Box::pin(exchange(conn, parts, body));
                 within(exchange, timer, deadline).await
             };
             let failure = match exchanged {
-                None => return Err(UpstreamFailure::Timeout),
+                None => return Err(UpstreamFailure::Timeout.into()),
                 Some(Ok(head)) => {
                     let h1::Head {
                         parts: mut head,
@@ -274,7 +312,7 @@ impl Origin {
                 }
                 h1::Failure::Unwritten(error) => {
                     tracing::warn!(%error, origin = %self.address, "upstream request failed");
-                    return Err(UpstreamFailure::Connect);
+                    return Err(UpstreamFailure::Connect.into());
                 }
                 h1::Failure::Body(reason) => {
                     // The client's side failed: nothing to hold against the origin.
@@ -286,14 +324,27 @@ impl Origin {
                 }
                 h1::Failure::Closed => {
                     tracing::warn!(origin = %self.address, "upstream closed the connection unanswered");
-                    return Err(UpstreamFailure::Broken);
+                    return Err(UpstreamFailure::Broken.into());
                 }
                 h1::Failure::Broken(reason) => {
                     tracing::warn!(%reason, origin = %self.address, "upstream request failed");
-                    return Err(UpstreamFailure::Broken);
+                    return Err(UpstreamFailure::Broken.into());
                 }
             }
         }
+    }
+}
+
+/// Why [`Origin::send_h1`] returned no response.
+enum Unsent {
+    /// The new connection speaks HTTP/2: the request goes there.
+    H2(http2::SendRequest<Body>),
+    Failed(UpstreamFailure),
+}
+
+impl From<UpstreamFailure> for Unsent {
+    fn from(failure: UpstreamFailure) -> Self {
+        Unsent::Failed(failure)
     }
 }
 

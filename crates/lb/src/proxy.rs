@@ -4,6 +4,7 @@
 //! (idempotent, without a body, within the budget), and direct access to one named server
 //! (`X-Strata-Backend`) for whoever may debug it.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use http::{HeaderName, Method, Request, Response, StatusCode};
@@ -79,8 +80,7 @@ impl Balancer {
     pub fn service(&self, pool: Arc<Pool>) -> HttpService {
         let access = self.access.clone();
         HttpService::from_fn(move |request: Request<Body>| {
-            let (pool, access) = (pool.clone(), access.clone());
-            async move { Ok(forward(pool, &access, request).await) }
+            forward(pool.clone(), access.clone(), request)
         })
     }
 
@@ -137,8 +137,9 @@ impl Balancer {
     }
 }
 
-/// A copy of the request without its (empty) body, for a retry.
-fn copy_head(request: &Request<Body>) -> Option<Request<Body>> {
+/// A copy of the request without its (empty) body, for a retry (boxed: held across the
+/// request's await, inline it would grow every request's future by a request's size).
+fn copy_head(request: &Request<Body>) -> Option<Box<Request<Body>>> {
     let idempotent = matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -151,85 +152,100 @@ fn copy_head(request: &Request<Body>) -> Option<Request<Body>> {
         *copy.version_mut() = request.version();
         *copy.headers_mut() = request.headers().clone();
         *copy.extensions_mut() = request.extensions().clone();
-        copy
+        Box::new(copy)
     })
 }
 
-async fn forward(pool: Arc<Pool>, access: &Access, mut request: Request<Body>) -> Response<Body> {
-    // One pass over the names finds out whether there is anything to remove (there rarely
-    // is), where two removals would hash both names every time.
-    let strata_fields = request
-        .headers()
-        .keys()
-        .any(|name| name.as_str().starts_with("x-strata-"));
-    let (asked, token) = if strata_fields {
-        let headers = request.headers_mut();
-        (
-            headers.remove(&BACKEND_HEADER),
-            headers.remove(&TOKEN_HEADER),
-        )
-    } else {
-        (None, None)
-    };
-    if let Some(asked) = asked {
-        let trusted = request
-            .extensions()
-            .get::<ConnInfo>()
-            .is_some_and(|info| access.trusted.contains(info.remote.ip()));
-        let has_token = access.token.as_deref().is_some_and(|t| {
-            token
-                .as_ref()
-                .is_some_and(|given| given.as_bytes() == t.as_bytes())
-        });
-        if !(trusted || has_token) {
-            return status_response(
-                StatusCode::FORBIDDEN,
-                "asking for one backend server needs a trusted network or the admin token",
-            );
+/// Sends the request to a server of the pool. Returns the response as the seam wants it,
+/// with no async block around it: an async block holding this future would hold it twice
+/// (the future is boxed per request; the smaller, the cheaper).
+async fn forward(
+    pool: Arc<Pool>,
+    access: Arc<Access>,
+    mut request: Request<Body>,
+) -> Result<Response<Body>, Infallible> {
+    Ok('forward: {
+        // One pass over the names finds out whether there is anything to remove (there rarely
+        // is), where two removals would hash both names every time.
+        let strata_fields = request
+            .headers()
+            .keys()
+            .any(|name| name.as_str().starts_with("x-strata-"));
+        let (asked, token) = if strata_fields {
+            let headers = request.headers_mut();
+            (
+                headers.remove(&BACKEND_HEADER),
+                headers.remove(&TOKEN_HEADER),
+            )
+        } else {
+            (None, None)
+        };
+        if let Some(asked) = asked {
+            let trusted = request
+                .extensions()
+                .get::<ConnInfo>()
+                .is_some_and(|info| access.trusted.contains(info.remote.ip()));
+            let has_token = access.token.as_deref().is_some_and(|t| {
+                token
+                    .as_ref()
+                    .is_some_and(|given| given.as_bytes() == t.as_bytes())
+            });
+            if !(trusted || has_token) {
+                break 'forward status_response(
+                    StatusCode::FORBIDDEN,
+                    "asking for one backend server needs a trusted network or the admin token",
+                );
+            }
+            let name = asked.to_str().unwrap_or_default();
+            break 'forward match pool.lease_named(name) {
+                Ok(lease) => {
+                    let response = call(&lease.server().service, request).await;
+                    let response = response.unwrap_or_else(|never| match never {});
+                    lease.finish(is_failure(&response));
+                    response
+                }
+                Err(_) => status_response(StatusCode::NOT_FOUND, "no backend server of that name"),
+            };
         }
-        let name = asked.to_str().unwrap_or_default();
-        return match pool.lease_named(name) {
-            Ok(lease) => {
-                let response = call(&lease.server().service, request).await;
-                let response = response.unwrap_or_else(|never| match never {});
-                lease.finish(is_failure(&response));
-                response
-            }
-            Err(_) => status_response(StatusCode::NOT_FOUND, "no backend server of that name"),
-        };
-    }
-    let mut tried = Vec::new();
-    let mut _permit = None;
-    loop {
-        let lease = match pool.lease(&tried).await {
-            Ok(lease) => lease,
-            Err(refused @ (Refused::QueueFull | Refused::QueueTimeout)) => {
-                return status_response(StatusCode::SERVICE_UNAVAILABLE, &refused.to_string())
-            }
-            Err(refused) => return status_response(StatusCode::BAD_GATEWAY, &refused.to_string()),
-        };
-        // A copy for a retry only where there is a retry to make and a server to make it on.
-        let again = (tried.len() < pool.config.retries as usize && tried.len() + 1 < pool.len())
+        let mut tried = Vec::new();
+        let mut _permit = None;
+        loop {
+            let lease = match pool.lease(&tried).await {
+                Ok(lease) => lease,
+                Err(refused @ (Refused::QueueFull | Refused::QueueTimeout)) => {
+                    break 'forward status_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &refused.to_string(),
+                    )
+                }
+                Err(refused) => {
+                    break 'forward status_response(StatusCode::BAD_GATEWAY, &refused.to_string())
+                }
+            };
+            // A copy for a retry only where there is a retry to make and a server to make it on.
+            let again = (tried.len() < pool.config.retries as usize
+                && tried.len() + 1 < pool.len())
             .then(|| copy_head(&request))
             .flatten();
-        let response = call(&lease.server().service, request).await;
-        let response = response.unwrap_or_else(|never| match never {});
-        let id = lease.server().id;
-        lease.finish(is_failure(&response));
-        let unsent =
-            response.extensions().get::<UpstreamFailure>() == Some(&UpstreamFailure::Connect);
-        match again {
-            Some(copy) if unsent => {
-                let Some(permit) = pool.retry_permit() else {
-                    return response;
-                };
-                _permit = Some(permit);
-                tried.push(id);
-                request = copy;
+            let response = call(&lease.server().service, request).await;
+            let response = response.unwrap_or_else(|never| match never {});
+            let id = lease.server().id;
+            lease.finish(is_failure(&response));
+            let unsent =
+                response.extensions().get::<UpstreamFailure>() == Some(&UpstreamFailure::Connect);
+            match again {
+                Some(copy) if unsent => {
+                    let Some(permit) = pool.retry_permit() else {
+                        break 'forward response;
+                    };
+                    _permit = Some(permit);
+                    tried.push(id);
+                    request = *copy;
+                }
+                _ => break 'forward response,
             }
-            _ => return response,
         }
-    }
+    })
 }
 
 /// What counts against a server: no connection, a broken one, a timeout, or a 502/503/504.

@@ -358,10 +358,16 @@ impl Pool {
     /// pool's queue while every candidate is at its `max_conn`.
     pub async fn lease(self: &Arc<Self>, tried: &[u64]) -> Result<Lease, Refused> {
         match self.try_lease(tried) {
-            Pick::Leased(lease) => return Ok(lease),
-            Pick::Nobody => return Err(Refused::Exhausted),
-            Pick::Busy => {}
+            Pick::Leased(lease) => Ok(lease),
+            Pick::Nobody => Err(Refused::Exhausted),
+            // Boxed: waiting (a timer and a notification) is rare, and inline its state
+            // would grow every request's future.
+            Pick::Busy => Box::pin(self.queue(tried)).await,
         }
+    }
+
+    /// Waits in the pool's queue for a server with room.
+    async fn queue(self: &Arc<Self>, tried: &[u64]) -> Result<Lease, Refused> {
         if self.waiting.load(Ordering::Relaxed) >= self.config.max_queue {
             return Err(Refused::QueueFull);
         }

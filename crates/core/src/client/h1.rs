@@ -46,6 +46,8 @@ const MAX_TRAILERS: usize = 16 * 1024;
 const MAX_TRAILER_FIELDS: usize = 32;
 /// Room made in the read buffer before a read.
 const READ_SIZE: usize = 8 * 1024;
+/// Body pieces up to this size are copied out of the read buffer (see [`take`]).
+const COPY_LIMIT: usize = 2 * 1024;
 /// A request body's first bytes go out in the head's write when they are ready and this
 /// small.
 const COALESCE: usize = 16 * 1024;
@@ -290,7 +292,10 @@ impl Conn {
                 let start = field.value.as_ptr() as usize - base;
                 places.push((name, start, start + field.value.len()));
             }
-            let head = self.buf.split_to(length).freeze();
+            // Copied out (a small allocation, from the allocator's per-thread cache): shared
+            // with the read buffer, the head would keep the buffer from being reused.
+            let head = Bytes::copy_from_slice(&self.buf[..length]);
+            self.buf.advance(length);
             let mut headers = HeaderMap::with_capacity(places.len());
             for (name, start, end) in places.drain(..) {
                 let value = HeaderValue::from_maybe_shared(head.slice(start..end))
@@ -657,7 +662,7 @@ impl Reader {
                         continue;
                     }
                     let n = (conn.buf.len() as u64).min(left);
-                    let data = conn.buf.split_to(n as usize).freeze();
+                    let data = take(&mut conn.buf, n as usize);
                     self.state = match self.state {
                         State::Length(_) if n == left => State::Done,
                         State::Length(_) => State::Length(left - n),
@@ -739,7 +744,8 @@ impl Reader {
                             Err(error) => return Poll::Ready(Some(Err(error))),
                         }
                     }
-                    let data = conn.buf.split().freeze();
+                    let all = conn.buf.len();
+                    let data = take(&mut conn.buf, all);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
             }
@@ -762,6 +768,19 @@ impl Reader {
                 Poll::Ready(Err(error))
             }
         }
+    }
+}
+
+/// The buffer's first `n` bytes. Small pieces are copied, so the read buffer stays the
+/// connection's alone and is used again for the next response: a piece shared with it would
+/// make the next read allocate a buffer of its own. Large ones are handed over as they are.
+fn take(buf: &mut BytesMut, n: usize) -> Bytes {
+    if n <= COPY_LIMIT {
+        let piece = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        piece
+    } else {
+        buf.split_to(n).freeze()
     }
 }
 
