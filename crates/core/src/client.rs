@@ -311,7 +311,8 @@ impl Origin {
                     );
                 }
                 h1::Failure::Unwritten(error) => {
-                    tracing::warn!(%error, origin = %self.address, "upstream request failed");
+                    let reason = format!("the request could not be written: {error}");
+                    tracing::warn!(%reason, origin = %self.address, "upstream request failed");
                     return Err(UpstreamFailure::Connect.into());
                 }
                 h1::Failure::Body(reason) => {
@@ -323,7 +324,8 @@ impl Origin {
                     ));
                 }
                 h1::Failure::Closed => {
-                    tracing::warn!(origin = %self.address, "upstream closed the connection unanswered");
+                    let reason = "the origin closed the connection before answering";
+                    tracing::warn!(%reason, origin = %self.address, "upstream request failed");
                     return Err(UpstreamFailure::Broken.into());
                 }
                 h1::Failure::Broken(reason) => {

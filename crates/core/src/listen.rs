@@ -80,6 +80,26 @@ pub async fn accept_until<L: Accept>(
     }
 }
 
+/// Whether a listener of tier `what` may log an accept failure at `now`: a tier's listeners
+/// (TCP and Unix) fail together when the process is out of file descriptors, and one line a
+/// second from the tier says so.
+fn tier_may_log(what: &str, now: std::time::Instant) -> bool {
+    static LOGGED: std::sync::Mutex<Vec<(String, std::time::Instant)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
+    match logged.iter_mut().find(|(tier, _)| tier == what) {
+        Some((_, at)) if now.duration_since(*at) < Duration::from_secs(1) => false,
+        Some((_, at)) => {
+            *at = now;
+            true
+        }
+        None => {
+            logged.push((what.to_owned(), now));
+            true
+        }
+    }
+}
+
 /// An accept loop's record of failed accepts: how long to pause, and when it last logged.
 #[derive(Debug, Default)]
 pub struct AcceptFailures {
@@ -97,8 +117,13 @@ impl AcceptFailures {
     /// An accept failed with `error`: logs (at most once a second, with the count) and
     /// pauses; false if shutdown was requested meanwhile.
     pub async fn pause(&mut self, what: &str, error: &std::io::Error, shutdown: &Shutdown) -> bool {
-        let pause = self.failed(std::time::Instant::now(), |count| {
-            tracing::warn!(%error, failures = count, "{what}: accept failed");
+        let now = std::time::Instant::now();
+        let pause = self.failed(now, |count| {
+            let turn = tier_may_log(what, now);
+            if turn {
+                tracing::warn!(%error, failures = count, "{what}: accept failed");
+            }
+            turn
         });
         tokio::select! {
             () = tokio::time::sleep(pause) => true,
@@ -110,14 +135,15 @@ impl AcceptFailures {
     const LONGEST_PAUSE: Duration = Duration::from_secs(1);
 
     /// Counts a failure at `now`, calls `log` with the failures since the last line when a
-    /// second has passed since it, and gives the pause before the next accept.
-    fn failed(&mut self, now: std::time::Instant, log: impl FnOnce(u64)) -> Duration {
+    /// second has passed since it (`log` says whether it wrote the line: if not, they are
+    /// counted into the next), and gives the pause before the next accept.
+    fn failed(&mut self, now: std::time::Instant, log: impl FnOnce(u64) -> bool) -> Duration {
         self.unlogged += 1;
         if self
             .logged
             .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+            && log(self.unlogged)
         {
-            log(self.unlogged);
             self.unlogged = 0;
             self.logged = Some(now);
         }
@@ -139,7 +165,10 @@ mod tests {
         // 200 failures over 4 s, 20 ms apart.
         for i in 0..200u64 {
             let now = start + Duration::from_millis(20 * i);
-            pauses.push(failures.failed(now, |count| lines.push(count)));
+            pauses.push(failures.failed(now, |count| {
+                lines.push(count);
+                true
+            }));
         }
         assert_eq!(lines.len(), 4, "{lines:?}");
         assert_eq!(lines[0], 1);
@@ -150,5 +179,28 @@ mod tests {
             *pauses.last().unwrap_or(&Duration::ZERO),
             Duration::from_secs(1)
         );
+    }
+
+    #[test]
+    fn the_listeners_of_one_tier_log_one_line_a_second_between_them() {
+        let start = std::time::Instant::now();
+        let (mut tcp, mut unix) = (AcceptFailures::default(), AcceptFailures::default());
+        let mut lines = Vec::new();
+        for i in 0..100u64 {
+            let now = start + Duration::from_millis(20 * i);
+            for (name, failures) in [("tcp", &mut tcp), ("unix", &mut unix)] {
+                failures.failed(now, |count| {
+                    let turn = tier_may_log("test-tier", now);
+                    if turn {
+                        lines.push((name, count));
+                    }
+                    turn
+                });
+            }
+        }
+        // Two seconds of failures on both: two lines, and no failure left uncounted.
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let counted: u64 = lines.iter().map(|(_, count)| count).sum();
+        assert_eq!(counted + tcp.unlogged + unix.unlogged, 200);
     }
 }

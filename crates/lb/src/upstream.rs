@@ -396,17 +396,18 @@ impl Pool {
             .iter()
             .find(|s| s.name == name)
             .ok_or(Refused::Unknown)?;
-        Ok(self.take(server))
+        Ok(self.take(server, Instant::now()))
     }
 
-    fn take(self: &Arc<Self>, server: &Arc<Server>) -> Lease {
+    /// Lends `server`; `now` is when its request starts.
+    fn take(self: &Arc<Self>, server: &Arc<Server>, now: Instant) -> Lease {
         server.in_flight.fetch_add(1, Ordering::Relaxed);
         server.requests.inc();
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Lease {
             pool: self.clone(),
             server: server.clone(),
-            started: Instant::now(),
+            started: now,
         }
     }
 
@@ -465,7 +466,7 @@ impl Pool {
         }
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         match balance::pick(self.balance, &candidates[..kept], turn) {
-            Some(chosen) => Pick::Leased(self.take(&servers[seen[chosen].index])),
+            Some(chosen) => Pick::Leased(self.take(&servers[seen[chosen].index], now)),
             None if eligible => Pick::Busy,
             None => Pick::Nobody,
         }
