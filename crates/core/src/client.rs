@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
@@ -257,7 +257,7 @@ impl Origin {
     ) -> Result<Response<Body>, Unsent> {
         // Sent again after the origin closed on it unanswered: only what cannot have done
         // anything twice (RFC 9110 §9.2.2) and has no body to have lost.
-        let again = body.is_end_stream() && idempotent(&parts.method);
+        let again = idempotent(&parts.method);
         let mut fresh = false;
         loop {
             let mut pooled = match self.take_idle() {
@@ -306,9 +306,16 @@ impl Origin {
                     tracing::debug!("pooled upstream connection was closed; sending again");
                 }
                 h1::Failure::Closed if !fresh && again => {
+                    // Sent again only with all of its body in hand, as Varnish does.
+                    let Some(sent) = pooled.conn.sent_body() else {
+                        let reason = "the origin closed the connection before answering";
+                        tracing::warn!(%reason, origin = %self.address, "upstream request failed");
+                        return Err(UpstreamFailure::Broken.into());
+                    };
                     tracing::debug!(
                         "upstream closed a pooled connection unanswered; sending again"
                     );
+                    *body = crate::seam::full(sent);
                 }
                 h1::Failure::Unwritten(error) => {
                     let reason = format!("the request could not be written: {error}");
@@ -920,7 +927,7 @@ mod tests {
         // as an origin does that closes an idle connection as a request arrives.
         let answered = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let marks = answered.clone();
-        let (address, _, _) = origin(move |n, _| {
+        let (address, _, seen) = origin(move |n, _| {
             if marks.lock().unwrap().insert(n) {
                 Act::Reply(OK)
             } else {
@@ -936,6 +943,27 @@ mod tests {
             (head.status().as_u16(), body.as_ref()),
             (200, &b"hello"[..])
         );
+        // So is a PUT whose small body went out whole with its head: it is in hand.
+        let put = Request::builder()
+            .method("PUT")
+            .uri("/put")
+            .header("content-length", "3")
+            .body(full("abc"))
+            .unwrap();
+        let (head, body, _) = fetch(&service, put).await;
+        assert_eq!(
+            (head.status().as_u16(), body.as_ref()),
+            (200, &b"hello"[..])
+        );
+        let puts: Vec<Vec<u8>> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.starts_with(b"PUT"))
+            .cloned()
+            .collect();
+        assert_eq!(puts.len(), 2);
+        assert!(puts.iter().all(|r| r.ends_with(b"\r\n\r\nabc")));
         // A POST is not: the origin may have acted on it.
         let post = Request::builder()
             .method("POST")

@@ -155,6 +155,9 @@ pub struct Conn {
     io: Stream,
     buf: BytesMut,
     out: Vec<u8>,
+    /// While `out` holds the whole of the last request sent (its head, then all of a body of
+    /// known length), where its body starts: what [`Conn::sent_body`] gives back.
+    whole: Option<usize>,
     /// Where each field of the head being read lies (kept, as `out` is).
     places: Vec<(HeaderName, usize, usize)>,
 }
@@ -165,6 +168,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
+            whole: None,
             places: Vec::new(),
         }
     }
@@ -194,7 +198,9 @@ impl Conn {
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         let outgoing = encode_head(parts, body, &mut out);
+        let head_length = out.len();
         let mut sender = Sender {
+            whole: outgoing != Outgoing::Chunked,
             out,
             written: 0,
             left: match outgoing {
@@ -218,8 +224,17 @@ impl Conn {
         if result.is_ok() {
             result = poll_fn(|cx| sender.poll_send(self, body, cx)).await;
         }
+        self.whole = sender.whole.then_some(head_length);
         self.out = sender.out;
         result
+    }
+
+    /// The body of the last request sent, when it all went out in one piece with its head
+    /// (an empty body, or a small one that was there at once): a request the origin closed
+    /// on unanswered can be sent again with it.
+    pub fn sent_body(&self) -> Option<Bytes> {
+        let start = self.whole?;
+        Some(Bytes::copy_from_slice(self.out.get(start..)?))
     }
 
     /// Reads the response head to a request with `method`.
@@ -352,6 +367,8 @@ impl Conn {
 
 /// A request on its way out.
 struct Sender {
+    /// Whether `out` has held the whole request (not cleared for more of the body).
+    whole: bool,
     /// Bytes to write: the head, then each piece of body with its framing.
     out: Vec<u8>,
     written: usize,
@@ -384,10 +401,9 @@ impl Sender {
                     Poll::Pending => return self.poll_early(conn, cx),
                 }
             }
-            self.out.clear();
-            self.written = 0;
             self.head_out = true;
             if self.body_done {
+                // `out` keeps what went out: a request sent whole can be sent again.
                 if !self.flushed {
                     match Pin::new(&mut conn.io).poll_flush(cx) {
                         Poll::Ready(Ok(())) => self.flushed = true,
@@ -399,6 +415,9 @@ impl Sender {
                 }
                 return Poll::Ready(Ok(false));
             }
+            self.out.clear();
+            self.written = 0;
+            self.whole = false;
             match self.next_frame(body, cx, usize::MAX) {
                 Ok(true) => {}
                 Ok(false) => return self.poll_early(conn, cx),
@@ -483,6 +502,8 @@ impl Sender {
                 }
                 self.left -= data.len() as u64;
                 self.out.extend_from_slice(data);
+                // All of it: the body is done, whether or not its end has been seen yet.
+                self.body_done = self.left == 0;
             }
             Outgoing::Chunked => {
                 let mut size = data.len();
