@@ -32,8 +32,7 @@ pub fn run(config: Config, load: LoadConfig, upgrade: bool) -> anyhow::Result<Ex
 /// The node's runtime: a thread per CPU the process may run on (its affinity and its cgroup's
 /// CPU quota). With one CPU (a balancer pinned to a core, a container given one CPU) it is a
 /// single-threaded runtime: a multi-threaded one with one worker would add only cross-thread
-/// wake-ups and queue hand-offs, about 3 % of an edge balancer's requests per second and a
-/// third of its p99 (`benches/lb.sh`).
+/// wake-ups and queue hand-offs.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let mut builder = if cpus == 1 {
