@@ -5,16 +5,20 @@ Query parameters: `cc` (Cache-Control), `h` (extra `Name: value` headers, repeat
 `status`, `sleep` (seconds), `size` (body bytes), `validate` (answer 304 when the request's
 `If-None-Match` matches the `ETag` given with `h`); `purge` / `purge_tag` (call
 `strata.purge_url` / `strata.purge_tags` with the value, repeatable; `soft=1` for soft purges;
-the count comes back in `Purged`). Every answer carries `Origin-Time`. While the file named by ORIGIN_DOWN exists every answer is
-503.
+the count comes back in `Purged`). Every answer carries `Origin-Time`; every body names its
+call (worker pid and count), so no two calls give the same body. While the file named by
+ORIGIN_DOWN exists every answer is 503.
 """
 
+import itertools
 import os
 import time
 import urllib.parse
 
 LOG = os.environ.get("ORIGIN_LOG")
 DOWN = os.environ.get("ORIGIN_DOWN")
+# Two workers woken by one timer can read the same microsecond: each body also names its call.
+CALLS = itertools.count(1)
 
 
 def application(environ, start_response):
@@ -51,7 +55,8 @@ def application(environ, start_response):
             start_response("304 Not Modified", [h for h in headers if h[0] != "Content-Type"])
             return []
     size = int(params.get("size", ["0"])[0])
-    stamp = f"{method} {path} {time.time():.6f} cookie={environ.get('HTTP_COOKIE', '')}\n"
+    call = f"{os.getpid()}.{next(CALLS)}"
+    stamp = f"{method} {path} {time.time():.6f} call={call} cookie={environ.get('HTTP_COOKIE', '')}\n"
     body = stamp.encode() + b"x" * max(0, size - len(stamp))
     start_response(f"{status} X", headers)
     if method == "HEAD":
