@@ -601,8 +601,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
-                        let Some((request, unread)) = read_request(&mut stream, &mut buf).await
-                        else {
+                        let Some(request) = read_request(&mut stream, &mut buf).await else {
                             return;
                         };
                         let act = script(index, &request);
@@ -622,7 +621,6 @@ mod tests {
                             }
                             Act::Close => return,
                             Act::ReplyUnread(bytes) => {
-                                let _ = unread;
                                 stream.write_all(bytes).await.unwrap();
                                 std::future::pending::<()>().await;
                             }
@@ -635,9 +633,9 @@ mod tests {
     }
 
     /// Reads one request: its head, then its body as `Content-Length` or chunked framing
-    /// says, decoded, appended after the head. With an `expect-unread` field the body is
-    /// left unread (the second value says so).
-    async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(Vec<u8>, bool)> {
+    /// says, decoded, appended after the head. With an `X-Unread: 1` field the body is left
+    /// unread.
+    async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
         async fn more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
             let mut chunk = [0u8; 65536];
             let n = stream.read(&mut chunk).await.ok()?;
@@ -652,7 +650,7 @@ mod tests {
         let mut request: Vec<u8> = buf.drain(..end).collect();
         let head = String::from_utf8_lossy(&request).to_lowercase();
         if head.contains("x-unread: 1") {
-            return Some((request, true));
+            return Some(request);
         }
         if let Some(line) = head.lines().find(|l| l.starts_with("content-length:")) {
             let n: usize = line[15..].trim().parse().unwrap();
@@ -689,7 +687,7 @@ mod tests {
                 buf.drain(..2);
             }
         }
-        Some((request, false))
+        Some(request)
     }
 
     fn service(address: &str, timeout: Duration) -> HttpService {

@@ -267,30 +267,15 @@ impl Conn {
     fn parse_head(&mut self, method: &Method) -> Result<Option<Head>, Failure> {
         loop {
             let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
-            let mut response = httparse::Response::new(&mut []);
-            let length = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-                &mut response,
-                &self.buf,
-                &mut fields,
-            ) {
-                Ok(httparse::Status::Complete(length)) => length,
-                Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
-                    return Err(broken("the response head is too large"))
+            let (response, length) = match scan(&self.buf, &mut fields)? {
+                Scan::Partial => return Ok(None),
+                Scan::Interim(length) => {
+                    self.buf.advance(length);
+                    continue;
                 }
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(error) => return Err(Failure::Broken(format!("bad response head: {error}"))),
+                Scan::Final(response, length) => (response, length),
             };
             let code = response.code.unwrap_or(0);
-            if (100..200).contains(&code) {
-                if code == 101 {
-                    return Err(broken("the origin switched protocols unasked"));
-                }
-                self.buf.advance(length);
-                if self.buf.is_empty() {
-                    return Ok(None);
-                }
-                continue;
-            }
             let status =
                 StatusCode::from_u16(code).map_err(|_| broken("bad response status code"))?;
             let version = match response.version {
@@ -332,29 +317,15 @@ impl Conn {
     /// out); interim responses are consumed. Pending when nothing more can be told.
     fn poll_early(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
         loop {
-            if !self.buf.is_empty() {
-                let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
-                let mut response = httparse::Response::new(&mut []);
-                match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-                    &mut response,
-                    &self.buf,
-                    &mut fields,
-                ) {
-                    Ok(httparse::Status::Complete(length))
-                        if response
-                            .code
-                            .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
-                    {
-                        self.buf.advance(length);
-                        continue;
-                    }
-                    // A final head, or one that will fail: reading it tells.
-                    Ok(httparse::Status::Complete(_)) | Err(_) => return Poll::Ready(Ok(())),
-                    Ok(httparse::Status::Partial) if self.buf.len() > MAX_HEAD => {
-                        return Poll::Ready(Ok(()))
-                    }
-                    Ok(httparse::Status::Partial) => {}
+            let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
+            match scan(&self.buf, &mut fields) {
+                Ok(Scan::Interim(length)) => {
+                    self.buf.advance(length);
+                    continue;
                 }
+                // A final head, or one that will fail: reading it tells.
+                Ok(Scan::Final(..)) | Err(_) => return Poll::Ready(Ok(())),
+                Ok(Scan::Partial) => {}
             }
             match ready!(self.poll_fill(cx)) {
                 Ok(0) => return Poll::Ready(Ok(())),
@@ -362,6 +333,41 @@ impl Conn {
                 Err(error) => return Poll::Ready(Err(Failure::Broken(error.to_string()))),
             }
         }
+    }
+}
+
+/// What the start of a connection's read buffer holds.
+enum Scan<'h, 'b> {
+    /// Not yet a whole head.
+    Partial,
+    /// An interim (1xx) head of this many bytes, to be skipped.
+    Interim(usize),
+    /// A final head and its length.
+    Final(httparse::Response<'h, 'b>, usize),
+}
+
+/// Reads the response head at the start of `buf`: a 101 (never asked for), a bad head or one
+/// past [`MAX_HEAD`] is a failure.
+fn scan<'h, 'b>(
+    buf: &'b [u8],
+    fields: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> Result<Scan<'h, 'b>, Failure> {
+    let mut response = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        fields,
+    ) {
+        Ok(httparse::Status::Complete(length)) => match response.code.unwrap_or(0) {
+            101 => Err(broken("the origin switched protocols unasked")),
+            100..200 => Ok(Scan::Interim(length)),
+            _ => Ok(Scan::Final(response, length)),
+        },
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            Err(broken("the response head is too large"))
+        }
+        Ok(httparse::Status::Partial) => Ok(Scan::Partial),
+        Err(error) => Err(Failure::Broken(format!("bad response head: {error}"))),
     }
 }
 
