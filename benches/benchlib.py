@@ -54,11 +54,12 @@ def wrk(port, path, seconds, connections=32, scheme="http"):
     return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "errors": errors}
 
 
-def measure(servers, path, rounds, seconds, env, scheme="http", each_round=None):
+def measure(servers, path, rounds, seconds, env, scheme="http", each_round=None, check=None):
     """Starts every server (name -> (port, command)), measures them round-robin, stops them;
     returns name -> median req/s, median p99, total errors, each round's figures and, when
     one of them is "strata", Strata's ratio to it round by round. `each_round`, if given, is
-    called after every round (to measure a ceiling in the same minute as the servers)."""
+    called after every round (to measure a ceiling in the same minute as the servers);
+    `check(name, port)`, if given, once each server answers (to see it serves what is meant)."""
     procs = {}
     try:
         for name, (port, command) in servers.items():
@@ -66,6 +67,8 @@ def measure(servers, path, rounds, seconds, env, scheme="http", each_round=None)
                                            stderr=subprocess.DEVNULL, start_new_session=True)
         for name, (port, _) in servers.items():
             wait_port(port)
+            if check:
+                check(name, port)
             wrk(port, path, 3, scheme=scheme)  # discarded warm-up
         results = {name: [] for name in servers}
         names = list(servers)

@@ -19,8 +19,10 @@ directly is printed too: it only says what wrk and the backend do without the se
 import argparse
 import datetime
 import os
+import ssl
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from benchlib import ROOT, STRATA, free_port, measure, save, table
@@ -39,12 +41,10 @@ defaults
     option http-keep-alive
 frontend plain
     bind 127.0.0.1:{port}
-    default_backend origin
-frontend secure
     bind 127.0.0.1:{tls_port} ssl crt {tmp}/haproxy.pem alpn http/1.1
-    default_backend origin
     acl to_tls path_beg /tls/
     use_backend origin_tls if to_tls
+    default_backend origin
 backend origin
     http-reuse always
     server o 127.0.0.1:{origin}
@@ -174,7 +174,20 @@ def main():
             servers = {name: (ports[name][index], command) for name, command in commands.items()
                        if path == "/" or name != "nginx"}
             servers["relay"] = (ports["relay"][relay_index], relays[relay_index])
-            summary = measure(servers, path, args.rounds, args.seconds, env, scheme=scheme)
+            # The TLS backend answers `t`s, the other `x`s: each proxy must reach the one meant.
+            expected = (b"t" if path == "/tls/" else b"x") * BODY
+
+            def check(name, port, scheme=scheme, path=path, expected=expected):
+                context = ssl._create_unverified_context()
+                with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}{path}", timeout=10,
+                                            context=context) as answer:
+                    body = answer.read()
+                if body != expected:
+                    raise RuntimeError(f"{name} answered {body[:20]!r} on {path}, not from the "
+                                       f"backend the workload is for")
+
+            summary = measure(servers, path, args.rounds, args.seconds, env, scheme=scheme,
+                              check=check)
             direct = (tls_origin, "https") if path == "/tls/" else (origin, "http")
             ceiling = measure({"backend direct": (direct[0], ["sleep", "infinity"])}, "/",
                               args.rounds, args.seconds, env, scheme=direct[1])

@@ -1,6 +1,7 @@
 //! The benchmarks' ceiling for cache hits: a bare hyper HTTP/1.1 server answering every
 //! request with the same body, on the same runtime Strata uses; with a certificate and key,
-//! over TLS (rustls, ALPN `http/1.1`), as a TLS backend.
+//! over TLS (rustls, ALPN `http/1.1`), as a TLS backend. The body is `x` repeated in the clear
+//! and `t` over TLS, so a benchmark can check which of the two answered through a proxy.
 //!
 //! `fixed_body ADDR BYTES [CERT KEY]`
 
@@ -18,7 +19,6 @@ fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:8090".into());
     let size: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1024);
-    let body = Bytes::from(vec![b'x'; size]);
     let tls = match (args.next(), args.next()) {
         (Some(cert), Some(key)) => Some(
             strata_core::tls::acceptor(cert.as_ref(), key.as_ref(), &[b"http/1.1"])
@@ -27,6 +27,7 @@ fn main() -> std::io::Result<()> {
         ),
         _ => None,
     };
+    let body = Bytes::from(vec![if tls.is_some() { b't' } else { b'x' }; size]);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
