@@ -12,6 +12,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,12 +55,40 @@ def wrk(port, path, seconds, connections=32, scheme="http"):
     return {"rps": rps, "p99_ms": float(p99.group(1)) * scale, "errors": errors}
 
 
-def measure(servers, path, rounds, seconds, env, scheme="http", each_round=None, check=None):
+def at_rate(rate, connections=32):
+    """A load for `measure` in place of wrk: `rate` requests/s in all, spread over
+    `connections` HTTP/1.1 connections (h2load `--rps`), so every server is measured at the
+    same offered load, below what the slowest of them can do, and its latencies are compared
+    at equal throughput. p99 is read from h2load's log of every request (its first second, a
+    warm-up, left out)."""
+
+    def load(port, path, seconds, scheme="http"):
+        with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+            out = subprocess.run(
+                ["taskset", "-c", "1", "h2load", "--h1", "-t1", f"-c{connections}",
+                 f"--rps={rate / connections:.1f}", "-D", str(seconds + 1),
+                 f"--log-file={log.name}", f"{scheme}://127.0.0.1:{port}{path}"],
+                capture_output=True, text=True).stdout
+            rows = [line.split("\t") for line in log.read().splitlines() if line.strip()]
+        start = min(int(r[0]) for r in rows) + 1_000_000
+        kept = sorted(int(r[2]) for r in rows if int(r[0]) >= start)
+        errors = sum(1 for r in rows if not r[1].startswith("2"))
+        if m := re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", out):
+            errors += sum(int(x) for x in m.groups())
+        return {"rps": len(kept) / seconds, "p99_ms": kept[int(0.99 * len(kept))] / 1000,
+                "p50_ms": kept[len(kept) // 2] / 1000, "errors": errors}
+
+    return load
+
+
+def measure(servers, path, rounds, seconds, env, scheme="http", each_round=None, check=None,
+            load=wrk):
     """Starts every server (name -> (port, command)), measures them round-robin, stops them;
     returns name -> median req/s, median p99, total errors, each round's figures and, when
     one of them is "strata", Strata's ratio to it round by round. `each_round`, if given, is
     called after every round (to measure a ceiling in the same minute as the servers);
-    `check(name, port)`, if given, once each server answers (to see it serves what is meant)."""
+    `check(name, port)`, if given, once each server answers (to see it serves what is meant);
+    `load` drives each round (wrk by default: as many requests as the server can take)."""
     procs = {}
     try:
         for name, (port, command) in servers.items():
@@ -69,13 +98,13 @@ def measure(servers, path, rounds, seconds, env, scheme="http", each_round=None,
             wait_port(port)
             if check:
                 check(name, port)
-            wrk(port, path, 3, scheme=scheme)  # discarded warm-up
+            load(port, path, 3, scheme=scheme)  # discarded warm-up
         results = {name: [] for name in servers}
         names = list(servers)
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
-                results[name].append(wrk(servers[name][0], path, seconds, scheme=scheme))
+                results[name].append(load(servers[name][0], path, seconds, scheme=scheme))
             if each_round:
                 each_round()
     finally:

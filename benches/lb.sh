@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 . benches/tools.sh
-need wrk haproxy nginx
+need wrk haproxy nginx h2load:nghttp2-client
 cargo build --release --locked -p strata
 cargo build --release --locked --example fixed_body --example relay -p strata-lb
 exec python3 benches/lb.py "$@"
